@@ -4,12 +4,19 @@ nanoseek tests: every fast path against its reference, and the invariants the ma
     python -m pytest -q test_all.py
 """
 import itertools
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import prepare
 from mla import MLA, LatentCache, cache_values_per_token, latent_attention, precompute_rope
 from model import Model, ModelConfig
 from moe import FFN, MoE, balance_loss, experts_reference, max_vio
@@ -354,3 +361,321 @@ def test_generate_with_cache_equals_without():
     without = model.generate(prompt, 40, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
     assert all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())  # generation never counts
+
+
+# -----------------------------------------------------------------------------
+# prepare.py
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def numbered_text(n_lines, seed=0):
+    """Distinct lines (so a line can only have come from one place), with Unicode and odd whitespace."""
+    rng = np.random.default_rng(seed)
+    words = ["thou", "art", "more", "lovely", "and", "temperate", "café", "naïve", "Straße", "東京", "🙂", "ǅ",
+             "e\u0301", "עברית", "\t", "  "]
+    lines = []
+    for i in range(n_lines):
+        body = " ".join(rng.choice(words, size=int(rng.integers(3, 12))))
+        lines.append(f"{i:05d} {body}" + ("  " if i % 7 == 0 else ""))
+        if i % 11 == 0:
+            lines.append("")  # paragraph breaks
+    return "\n".join(lines) + "\n"
+
+
+def run(tmp_path, *args):
+    return prepare.main([f"--data_root={tmp_path / 'data'}", *args])
+
+
+def split_texts(data):
+    return data.decode(data.train.tolist()), data.decode(data.val.tolist())
+
+
+def interleaves(original, a, b):
+    """True when original is exactly a and b cut into whole lines and merged back in order."""
+    i = j = 0
+    for line in original.splitlines(keepends=True):
+        if a.startswith(line, i):
+            i += len(line)
+        elif b.startswith(line, j):
+            j += len(line)
+        else:
+            return False
+    return i == len(a) and j == len(b)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer round trips
+
+
+def test_bpe_roundtrip_shakespeare_unicode_whitespace(tmp_path):
+    plays = [f for f in prepare.shakespeare_files() if f.endswith(("macbeth.md", "the-tempest.md"))]
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    for f in plays:
+        with open(f, encoding="utf-8") as src:
+            text = prepare.markdown_play_to_text(src.read())
+        (corpus / (os.path.basename(f) + ".txt")).write_text(text, encoding="utf-8")
+    out = run(tmp_path, f"--input={corpus}", "--vocab_size=600")
+    encode, decode, eot = prepare.load_tokenizer(out)
+    assert eot == 599 and json.load(open(os.path.join(out, "meta.json")))["vocab_size"] == 600
+    samples = [
+        "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n",
+        "MACBETH:\nIs this a dagger which I see before me,\nThe handle toward my hand? Come, let me clutch thee.\n",
+        "café naïve Straße 東京 🙂👩‍👩‍👧 e\u0301 ǅ עברית \U0001f600 \x00 \x7f",
+        "  leading\ttabs\t\tand  double  spaces  \n\n\n\r\n\r\ttrailing \u00a0nbsp\u2028sep\u3000 ",
+        "", " ", "\n", "<|endoftext|> is plain text inside the corpus",
+    ]
+    for s in samples:
+        ids = encode(s)
+        assert decode(ids) == s, s
+        assert all(0 <= i < 600 for i in ids)
+    assert encode("a<|endoftext|>b").count(eot) == 1  # prompts may use the special token on purpose
+    assert len(encode(samples[1])) < len(samples[1].encode()) / 2  # it learned English merges
+
+
+def test_char_tokenizer_roundtrip_and_unknown_char(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(numbered_text(300), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--tokenizer=char")
+    assert out.endswith("c_char")  # the default name says which tokenizer made it
+    data = prepare.load_data(out)
+    chars = sorted(set(src.read_text(encoding="utf-8")))
+    assert data.vocab_size == len(chars) + 1 and data.eot_token == len(chars)
+    s = "".join(reversed(chars))
+    assert data.decode(data.encode(s)) == s
+    with pytest.raises(ValueError, match="not in this char vocabulary"):
+        data.encode("Z§")
+
+
+# -----------------------------------------------------------------------------
+# bins, meta, split
+
+
+def test_bins_decode_to_split_text_and_split_is_deterministic(tmp_path):
+    text = numbered_text(2000)
+    src = tmp_path / "input.txt"
+    src.write_text(text, encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=400", "--val_fraction=0.1")
+    data = prepare.load_data("input", data_root=str(tmp_path / "data"))
+    meta = data.meta
+    for split in ("train", "val"):
+        size = os.path.getsize(os.path.join(out, f"{split}.bin"))
+        assert size == meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize == len(getattr(data, split)) * 2
+    assert meta["dtype"] == "uint16" and data.train.dtype == np.uint16 and isinstance(data.train, np.memmap)
+    train, val = split_texts(data)
+    # one document, so exactly one end-of-text, at the end of whichever split holds the last piece
+    assert (train + val).count(prepare.EOT) == 1
+    train, val = train.replace(prepare.EOT, ""), val.replace(prepare.EOT, "")
+    assert interleaves(text, train, val)
+    assert 0.07 < len(val.encode()) / len(text.encode()) < 0.13
+    assert meta["bytes"]["val"] == len(val.encode()) and meta["chars"]["train"] == len(train)
+    # same arguments into another folder: identical bytes
+    out2 = prepare.main([f"--data_root={tmp_path / 'again'}", f"--input={src}", "--vocab_size=400"])
+    for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(out2, f), "rb").read()
+
+
+def test_folder_input_splits_by_whole_documents(tmp_path):
+    corpus = tmp_path / "books"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "x.txt").write_text("hidden, skipped\n")
+    (corpus / "skip.bin").write_bytes(b"\x00\x01 not text")
+    docs = {}
+    for k in range(300):  # documents smaller than a piece (val_fraction * total / 20 bytes) stay whole
+        rel = f"sub/doc{k:03d}.md" if k % 3 else f"doc{k:03d}.txt"
+        docs[rel] = f"document {k}\n" + numbered_text(2, seed=k)
+        (corpus / rel).write_text(docs[rel], encoding="utf-8")
+    out = run(tmp_path, f"--input={corpus}", "--vocab_size=300", "--val_fraction=0.2")
+    assert out == str(tmp_path / "data" / "books")
+    data = prepare.load_data(out)
+    train, val = split_texts(data)
+    assert train.endswith(prepare.EOT) and val.endswith(prepare.EOT)
+    got = train.split(prepare.EOT)[:-1] + val.split(prepare.EOT)[:-1]
+    assert sorted(got) == sorted(docs.values())  # every document whole, once, and nothing else
+    in_order = [docs[k] for k in sorted(docs, key=lambda r: os.path.join(str(corpus), r))]
+    assert train.split(prepare.EOT)[:-1] == [d for d in in_order if d in train]  # corpus order kept
+    assert data.meta["documents"] == 300 and 45 <= val.count(prepare.EOT) <= 75
+
+
+def test_pieces_cover_the_file_and_never_split_a_character():
+    import io
+    for text in ["東京🙂é" * 50, numbered_text(30), "a\n\nb" * 40 + "\n"]:
+        raw = text.encode()
+        for piece_bytes in (1, 2, 3, 5, 64, 10_000):
+            pieces = list(prepare.read_pieces(io.BytesIO(raw), piece_bytes))
+            assert b"".join(pieces) == raw and all(pieces)
+            assert all(len(p) <= max(piece_bytes, 1) + 3 for p in pieces)
+            for p in pieces:
+                p.decode("utf-8")  # strict: raises if a piece cut a character in two
+
+
+def test_up_to_date_force_and_changed_input(tmp_path, capsys):
+    src = tmp_path / "t.txt"
+    src.write_text(numbered_text(400), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
+    stamp = os.stat(os.path.join(out, "train.bin")).st_mtime_ns
+    capsys.readouterr()
+    run(tmp_path, f"--input={src}", "--vocab_size=300")
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat(os.path.join(out, "train.bin")).st_mtime_ns == stamp
+    run(tmp_path, f"--input={src}", "--vocab_size=320")  # other arguments: rebuilt
+    assert "up to date" not in capsys.readouterr().out and prepare.load_data(out).vocab_size == 320
+    run(tmp_path, f"--input={src}", "--vocab_size=320", "--force")
+    assert "wrote" in capsys.readouterr().out
+    src.write_text(numbered_text(500), encoding="utf-8")  # changed input: rebuilt
+    run(tmp_path, f"--input={src}", "--vocab_size=320")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_interrupted_run_leaves_previous_data_and_no_tmp(tmp_path, monkeypatch):
+    src = tmp_path / "t.txt"
+    src.write_text(numbered_text(300), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
+    before = prepare.load_data(out).train.tolist()
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "save_tiktoken_file", interrupt)  # after the bins are written, before renames
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, f"--input={src}", "--vocab_size=300", "--force")
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.tiktoken", "train.bin", "val.bin"]
+    assert prepare.load_data(out).train.tolist() == before
+    with pytest.raises(KeyboardInterrupt):  # into a fresh folder: nothing at all is left
+        prepare.main([f"--data_root={tmp_path / 'fresh'}", f"--input={src}", "--vocab_size=300"])
+    assert not os.path.exists(tmp_path / "fresh")
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
+    src = tmp_path / "wide.txt"
+    src.write_text("\n".join("".join(chars[i:i + 60]) for i in range(0, len(chars), 60)) + "\n", encoding="utf-8")
+    data = prepare.load_data(run(tmp_path, f"--input={src}", "--tokenizer=char"))
+    assert data.vocab_size > 65536 and data.meta["dtype"] == "uint32" and data.train.dtype == np.uint32
+    assert data.train.max() >= 65536
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, nothing left behind
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, ["--input={tmp}/missing.txt"], "does not exist"),
+    ("empty", ["--input={tmp}/empty.txt"], "is empty"),
+    ("nodocs", ["--input={tmp}/nodocs"], "no *.txt or *.md files"),
+    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=100"], "too small"),
+    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=20480000"], "too large"),
+    ("ok", ["--input={tmp}/ok.txt", "--val_fraction=0"], "--val_fraction"),
+    ("ok", ["--input={tmp}/ok.txt", "--tokenizer=char", "--vocab_size=500"], "only applies to --tokenizer=bpe"),
+    ("ok", ["--input={tmp}/ok.txt", "--name=../escape"], "plain folder name"),
+    ("tiny", ["--input={tmp}/tiny.txt"], "split came out empty"),
+])
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, make, args, message):
+    if make == "empty":
+        (tmp_path / "empty.txt").write_bytes(b"")
+    elif make == "nodocs":
+        (tmp_path / "nodocs").mkdir()
+        (tmp_path / "nodocs" / "x.csv").write_text("a,b\n")
+    elif make == "ok":
+        (tmp_path / "ok.txt").write_text(numbered_text(100))
+    elif make == "tiny":
+        (tmp_path / "tiny.txt").write_text("x")  # one byte cannot be split in two
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    msg = str(e.value.code)
+    assert message in msg and "\n" not in msg
+    assert not os.path.exists(tmp_path / "data")  # nothing half-written
+
+
+def test_vocab_larger_than_the_text_supports_warns(tmp_path, capsys):
+    src = tmp_path / "small.txt"
+    src.write_text(numbered_text(60))
+    data = prepare.load_data(run(tmp_path, f"--input={src}", "--vocab_size=50000"))
+    assert "only supports" in capsys.readouterr().err
+    assert 257 <= data.vocab_size < 50000 and data.eot_token == data.vocab_size - 1
+    assert data.train.max() < data.vocab_size
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
+    lines = numbered_text(200).encode().splitlines(keepends=True)
+    src = tmp_path / "bad.txt"
+    bad = b"".join(lines[:50]) + b"\xff\xfe" + b"".join(lines[50:150]) + b"caf\xc3(\n" + b"".join(lines[150:])
+    src.write_bytes(bad)
+    # 2 + 1 invalid bytes (a lone 0xc3 is the start of a 2-byte sequence, cut short)
+    data = prepare.load_data(run(tmp_path, f"--input={src}", "--vocab_size=300"))
+    err = capsys.readouterr().err
+    assert re.search(r"replaced 3 bytes of invalid UTF-8", err), err
+    train, val = split_texts(data)
+    assert (train + val).count("\ufffd") == 3
+
+
+def test_gpt2_without_cached_files_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    import tiktoken.registry
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget a gpt2 loaded earlier in this process
+    (tmp_path / "ok.txt").write_text(numbered_text(100))
+    with pytest.raises(SystemExit, match="needs tiktoken's GPT-2 files"):
+        run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_gpt2_kind_is_saved_and_loads_without_the_cache(tmp_path, monkeypatch):
+    # the real GPT-2 files need a network we do not have: stand in a tiny byte-level encoding named gpt2
+    import tiktoken
+    fake = tiktoken.Encoding(name="gpt2", pat_str=r"\s+|\S+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={prepare.EOT: 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
+    (tmp_path / "ok.txt").write_text(numbered_text(100), encoding="utf-8")
+    out = run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
+    monkeypatch.undo()
+    data = prepare.load_data(out)
+    assert out.endswith("ok_gpt2") and data.meta["tokenizer"]["kind"] == "gpt2"
+    assert data.vocab_size == 257 and data.eot_token == 256
+    train, val = split_texts(data)
+    train, val = train.replace(prepare.EOT, ""), val.replace(prepare.EOT, "")
+    assert interleaves((tmp_path / "ok.txt").read_text(encoding="utf-8"), train, val)
+
+
+def test_load_data_missing_says_run_prepare(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        prepare.load_data("nope", data_root=str(tmp_path / "data"))
+    assert str(e.value) == f"no data in {tmp_path / 'data' / 'nope'}: run python prepare.py first"
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--input={tmp_path}/nothing.txt",
+                        f"--data_root={tmp_path}/data"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("--input=") and len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# the default corpus
+
+
+def test_shakespeare_conversion_is_plain_text_with_speakers():
+    files = prepare.shakespeare_files()
+    assert len(files) == 38
+    total = 0
+    for f in files:
+        with open(f, encoding="utf-8") as src:
+            md = src.read()
+        text = prepare.markdown_play_to_text(md)
+        total += len(text)
+        for marker in ("*", "_", "\n#", "\\", " \n", "\t", "[ ]", "[]", "\0"):  # no Markdown markup left
+            assert marker not in text, (f, marker)
+        assert not text.startswith("#")
+        speakers_md = set(s.strip() for s in re.findall(r"^\*\*([^*\n]+)\*\*[ \t]*$", md, re.M))
+        speakers_txt = set(re.findall(r"^([^\n\[][^\n]*):\n", text, re.M))
+        assert speakers_md <= speakers_txt, (f, speakers_md - speakers_txt)
+        assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n")
+    assert 4_500_000 < total < 5_500_000
+    with open([f for f in files if f.endswith("macbeth.md")][0], encoding="utf-8") as src:
+        macbeth = prepare.markdown_play_to_text(src.read())
+    assert macbeth.startswith("Macbeth\n\nACT I\n\nSCENE I. A desert place.\n\n"
+                              "[Thunder and lightning. Enter three Witches]\n\n"
+                              "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n")
+    # a speech resumed after a stage direction gets its speaker again
+    assert "[Exit Sergeant, attended]\n\nDUNCAN:\nWho comes here?\n\n" in macbeth

