@@ -140,10 +140,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.qk_head_dim, bias=False)
         else:  # query compression (V2 eq. 12-13): down to q_lora_rank, normalize, up to all heads
             self.wq_a = nn.Linear(cfg.n_embd, self.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)  # latent norms: 1e-6 whatever norm_eps (DeepSeek, HF)
             self.wq_b = nn.Linear(self.q_lora_rank, cfg.n_head * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(cfg.n_embd, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)  # W_dkv and W_kr
-        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(self.kv_lora_rank, cfg.n_head * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_head * self.v_head_dim, cfg.n_embd, bias=False)
 

@@ -110,7 +110,8 @@ class MoE(nn.Module):
 
     def route(self, x):
         """x (N, d) -> topk_ids (N, K), topk_weights (N, K) float32, scores (N, E) float32 (unbiased)."""
-        logits = self.gate(x).float()
+        # router in fp32 as transformers (and DeepSeek's HF code) run it, so a bf16 model picks the same experts
+        logits = F.linear(x.float(), self.gate.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.expert_bias  # V3 eq. 16: the bias only chooses, it never weights
         if self.n_group > 1:  # group-limited routing: keep the best topk_group groups of experts
@@ -134,7 +135,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         topk_ids, topk_weights, scores = self.route(flat)
         if self.training:  # count only training forward passes: the trainer's bias update reads these
-            self.tokens_per_expert += torch.bincount(topk_ids.flatten(), minlength=self.n_experts)
+            # index_add_, not bincount: bincount on CUDA syncs with the host once per layer (~15% of a step)
+            ids = topk_ids.flatten()
+            self.tokens_per_expert.index_add_(0, ids, torch.ones_like(ids, dtype=self.tokens_per_expert.dtype))
         self.aux_loss = None
         if self.training and (self.seq_aux_alpha > 0 or self.aux_alpha > 0):
             probs = scores / scores.sum(dim=-1, keepdim=True)  # a no-op for softmax, normalizes sigmoid
