@@ -1,0 +1,522 @@
+"""
+Benchmarks of kernels.py's Triton paths against the PyTorch code they replace, on one CUDA GPU. Prints markdown
+tables (the GPU's name first) and writes every number to json_path.
+
+    python bench.py                                  # all sections at the default sizes
+    python bench.py --sections=moe,mla --moe_tokens="(16384,)"
+    python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
+
+Sections:
+  moe    the "small" config's routed experts (64 experts, top-6, 768 -> 384 SwiGLU) at several token counts,
+         forward and forward + backward: kernels.fused_moe vs moe.experts_reference (per-expert loop) vs
+         torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active FLOPs (hidden 6 * 384)
+  mla    one decoding step (one query token) against a long latent cache: kernels.mla_decode vs
+         mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
+         GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
+  train  a whole training step (forward, backward, clip, AdamW, bias update) of the small MoE model vs its dense
+         baseline of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s and MFU
+  balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
+           --balance=bias vs aux (alpha 0.01, 0.001) vs none; final val loss, MaxVio_global, tokens/s, and
+           balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
+  tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
+  profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
+           alone: the profiler slows later launches in the same process)
+balance, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
+(or around CUDA-graph replays where a column says so), the median reported.
+"""
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from configurator import configure
+from mla import MLA, latent_attention
+from model import Model, ModelConfig
+from moe import experts_reference
+
+# -----------------------------------------------------------------------------
+# settings (configurator.py: --key=value)
+sections = "moe,mla,train"       # comma-separated: moe, mla, train, balance, tune, profile
+json_path = "out/bench.json"     # every measured number
+moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
+mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
+                                 # heads, kv_lora_rank, qk_rope_head_dim): the small config, then V2-Lite's layout
+train_batch = 16                 # sequences per training step
+train_seq = 1024                 # tokens per sequence (the small config's block_size)
+train_steps = 10                 # timed steps (after train_warmup)
+train_warmup = 3
+compile = False                  # torch.compile the models of the train section
+balance_dir = "out/balance"      # the balance section's runs (one train.py out_dir each) and balance.png
+balance_args = ""                # extra train.py arguments for every balance run, e.g. "--max_iters=400"
+reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
+seed = 0
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
+configure(settings, sys.argv[1:])
+globals().update(settings)
+
+# -----------------------------------------------------------------------------
+# the GPU and its ceilings
+
+assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
+device = torch.device("cuda")
+gpu = torch.cuda.get_device_name(device)
+# datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s); the first name found in the device's wins
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "GH200": 989e12, "B200": 2250e12, "A100": 312e12}
+PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
+           "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}
+peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+peak_bw = next((v for k, v in PEAK_BW.items() if k in gpu), None)
+results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None) if kernels.HAS_TRITON
+               else None, peak_flops=peak_flops, peak_bw=peak_bw, settings=settings)
+torch.manual_seed(seed)
+
+
+def timeit(fn, reps=reps, warmup=3, inner=1):
+    """Median ms of fn() over reps repeats (each of `inner` back-to-back calls between two CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) / inner for s, e in events)
+    return times[len(times) // 2]
+
+
+def timeit_graph(fn, reps=reps, inner=10):
+    """Median ms per call of fn captured `inner` times in a CUDA graph: GPU time without the launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return timeit(graph.replay, reps=reps) / inner
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def copy_bandwidth():
+    """Measured device-to-device copy of 1 GiB, bytes read + written per second."""
+    src = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = timeit(lambda: dst.copy_(src), reps=10)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
+copy_bw = copy_bandwidth()
+results["copy_bw"] = copy_bw
+print(f"peak bf16 {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
+      f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s (measured)")
+
+# -----------------------------------------------------------------------------
+# MoE layer
+
+
+def grouped_mm_experts(x, topk_ids, topk_weights, w1, w2, w3):
+    """The routed experts through torch._grouped_mm (cuBLAS/CUTLASS grouped GEMMs), permutation in PyTorch."""
+    K = topk_ids.shape[1]
+    flat = topk_ids.flatten()
+    order = flat.argsort(stable=True)
+    token_of_pair = order // K
+    offs = torch.bincount(flat, minlength=w1.shape[0]).cumsum(0).to(torch.int32)
+    xs = x[token_of_pair]
+    h1 = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
+    h3 = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
+    ys = torch._grouped_mm(F.silu(h1) * h3, w2.transpose(-2, -1), offs=offs)
+    ys = ys * topk_weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)
+
+
+def moe_inputs(N, cfg, dtype=torch.bfloat16):
+    E, K, d, I = cfg.n_experts, cfg.top_k, cfg.n_embd, cfg.moe_inter_dim
+    x = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
+    scores = torch.randn(N, E, device=device).sigmoid()  # a fresh router: near-uniform load
+    topk_ids = scores.topk(K, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    topk_weights = (topk_weights / topk_weights.sum(-1, keepdim=True)).requires_grad_()
+    w = lambda *shape: (torch.randn(*shape, device=device) * 0.02).to(dtype).requires_grad_()
+    return x, topk_ids, topk_weights, w(E, I, d), w(E, d, I), w(E, I, d), torch.randn(N, d, device=device, dtype=dtype)
+
+
+def bench_moe():
+    cfg = ModelConfig()  # the small config
+    E, K, d, I = cfg.n_experts, cfg.top_k, cfg.n_embd, cfg.moe_inter_dim
+    print(f"\n## MoE layer: {E} experts, top-{K}, SwiGLU {d} -> {I} per expert, bf16 (forward + backward: grads of x, "
+          f"gate weights and all expert weights)\n")
+    rows, out = [], []
+    for N in moe_tokens:
+        x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
+        wd1 = (torch.randn(K * I, d, device=device) * 0.02).bfloat16().requires_grad_()
+        wd3 = (torch.randn(K * I, d, device=device) * 0.02).bfloat16().requires_grad_()
+        wd2 = (torch.randn(d, K * I, device=device) * 0.02).bfloat16().requires_grad_()
+        methods = {
+            "triton fused_moe": (lambda: kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3]),
+            "moe.py reference (per-expert loop)": (lambda: experts_reference(x, ids, gates, w1, w2, w3),
+                                                   [x, gates, w1, w2, w3]),
+        }
+        if hasattr(torch, "_grouped_mm"):
+            methods["torch._grouped_mm + permutation"] = (lambda: grouped_mm_experts(x, ids, gates, w1, w2, w3),
+                                                          [x, gates, w1, w2, w3])
+        methods[f"dense SwiGLU {d} -> {K * I} (same FLOPs)"] = (
+            lambda: F.linear(F.silu(F.linear(x, wd1)) * F.linear(x, wd3), wd2), [x, wd1, wd2, wd3])
+        with torch.no_grad():
+            y_ref = experts_reference(x, ids, gates, w1, w2, w3).float()
+        flops_fwd = 3 * 2 * N * K * d * I  # three matmuls of the (token, expert) pairs
+        for name, (fwd, params) in methods.items():
+            n_reps = 5 if "reference" in name else reps
+            with torch.no_grad():
+                y = fwd()
+                diff = "" if name.startswith("dense") else f"{((y.float() - y_ref).abs().max() / y_ref.abs().max()).item():.1e}"
+                ms_f = timeit(fwd, reps=n_reps)
+            fb = lambda: torch.autograd.grad(fwd(), params, dy)
+            ms_fb = timeit(fb, reps=n_reps)
+            ms_graph = None
+            if name.startswith(("triton", "dense")):  # the others sync with the host (bincount, .tolist())
+                try:
+                    ms_graph = timeit_graph(fb, inner=3)
+                except Exception as e:
+                    print(f"{name}: no CUDA-graph timing ({type(e).__name__}: {str(e)[:100]})")
+            rec = dict(tokens=N, method=name, fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_tflops=flops_fwd / ms_f / 1e9,
+                       fwd_bwd_tflops=3 * flops_fwd / ms_fb / 1e9, fwd_bwd_graph_ms=ms_graph,
+                       rel_diff_vs_reference=diff)
+            out.append(rec)
+            rows.append([N, name, f"{ms_f:.3f}", f"{ms_fb:.3f}", f"{rec['fwd_bwd_tflops']:.0f}",
+                         f"{ms_graph:.3f}" if ms_graph else "-", diff])
+        del x, ids, gates, w1, w2, w3, dy, wd1, wd2, wd3, methods, y_ref
+        torch.cuda.empty_cache()
+    print(table(["tokens", "method", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd ms, CUDA graph (GPU only)",
+                 "max rel diff of y"], rows))
+    for N in moe_tokens:  # the targets: >= 5x the reference, >= torch._grouped_mm with its permutation
+        t = {r["method"]: r["fwd_bwd_ms"] for r in out if r["tokens"] == N}
+        tri = t["triton fused_moe"]
+        line = f"{N} tokens: fused_moe fwd+bwd is {t['moe.py reference (per-expert loop)'] / tri:.1f}x the reference"
+        if "torch._grouped_mm + permutation" in t:
+            line += f", {t['torch._grouped_mm + permutation'] / tri:.2f}x torch._grouped_mm"
+        print(line)
+    results["moe"] = out
+
+
+# -----------------------------------------------------------------------------
+# MLA decode
+
+
+def bench_mla():
+    print("\n## MLA decode: one query token per sequence against a latent cache, bf16, timed as CUDA-graph replays "
+          "(GPU time, no launch overhead). GB/s = bytes of the cache slice read (+ q, out) / time; the naive path "
+          "moves more (it materializes K and V)\n")
+    rows, out = [], []
+    for B, S, H, C, R in mla_shapes:
+        D = 64 if C <= 256 else 128  # qk_nope_head_dim = v_head_dim: the small config's 64, V2-Lite's 128
+        cfg = ModelConfig(n_head=H, kv_lora_rank=C, qk_rope_head_dim=R, qk_nope_head_dim=D, v_head_dim=D,
+                          n_embd=H * D, block_size=S)
+        attn = MLA(cfg).to(device, torch.bfloat16)
+        cache = torch.randn(B, S + 64, C + R, device=device, dtype=torch.bfloat16)
+        latents = cache[:, :S]  # the strided slice mla.py passes
+        start_pos = S - 1
+        q = torch.randn(B, 1, H, C + R, device=device, dtype=torch.bfloat16)
+        q_nope = torch.randn(B, 1, H, D, device=device, dtype=torch.bfloat16)
+        q_pe = torch.randn(B, 1, H, R, device=device, dtype=torch.bfloat16)
+        scale = cfg.softmax_scale
+        want = latent_attention(q, latents, start_pos, scale, C).float()
+        got = kernels.mla_decode(q, latents, start_pos, scale, C).float()
+        diff = ((got - want).abs().max() / want.abs().max()).item()
+        nbytes = B * S * (C + R) * 2 + B * H * (2 * C + R) * 2
+
+        def absorb(use):
+            attn.use_kernels = use
+            return attn._absorb(q_nope, q_pe, latents, start_pos)
+
+        methods = {
+            "triton mla_decode (attention core)": lambda: kernels.mla_decode(q, latents, start_pos, scale, C),
+            "mla.latent_attention (PyTorch absorbed core)": lambda: latent_attention(q, latents, start_pos, scale, C),
+            "MLA._absorb with kernel (+ W_uk, W_uv)": lambda: absorb(True),
+            "MLA._absorb PyTorch (+ W_uk, W_uv)": lambda: absorb(False),
+            "MLA._naive (K, V materialized + SDPA)": lambda: attn._naive(q_nope, q_pe, latents, start_pos),
+        }
+        with torch.no_grad():
+            for name, fn in methods.items():
+                ms = timeit_graph(fn)
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rec = dict(batch=B, context=S, heads=H, kv_lora_rank=C, rope=R, method=name, ms=ms, gb_s=gbs,
+                           frac_peak=gbs * 1e9 / peak_bw if peak_bw else None, frac_copy=gbs * 1e9 / copy_bw,
+                           rel_diff_kernel_vs_reference=diff)
+                out.append(rec)
+                rows.append([f"{B}x{S}, {H} heads, {C}+{R}", name, f"{ms:.3f}", f"{gbs:.0f}",
+                             f"{100 * rec['frac_peak']:.0f}%" if peak_bw else "-", f"{100 * rec['frac_copy']:.0f}%"])
+        print(f"{B}x{S} {H} heads {C}+{R}: kernel vs reference max rel diff {diff:.1e}")
+        del attn, cache, latents, q, q_nope, q_pe
+        torch.cuda.empty_cache()
+    print(table(["batch x context, layout", "method", "ms", "GB/s", "% of peak HBM", "% of measured copy"], rows))
+    results["mla"] = out
+
+
+# -----------------------------------------------------------------------------
+# training step
+
+
+def make_train_step(cfg):
+    """One optimizer step as train.py takes it: forward and backward under bf16 autocast, clip, fused AdamW, the
+    aux-loss-free bias update. Random tokens. Returns (step, the model)."""
+    torch.manual_seed(seed)
+    raw = Model(cfg).to(device)
+    model = torch.compile(raw) if compile else raw
+    opt = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cuda")
+    data = torch.randint(cfg.vocab_size, (train_batch, train_seq + 1), device=device)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        raw.update_biases(1e-3)
+
+    return step, raw
+
+
+def bench_train():
+    print(f"\n## Training step: batch {train_batch} x {train_seq} tokens, bf16 autocast, fused AdamW"
+          f"{', torch.compile' if compile else ''}\n")
+    variants = {
+        "MoE small (Triton kernels)": ModelConfig(block_size=train_seq),
+        "MoE small (PyTorch reference)": ModelConfig(block_size=train_seq, use_kernels=False),
+        "dense baseline (SwiGLU 3072)": ModelConfig(block_size=train_seq, n_dense_layers=12, dense_inter_dim=3072),
+    }
+    rows, out = [], []
+    for name, cfg in variants.items():
+        step, raw = make_train_step(cfg)
+        n = train_steps if "reference" not in name else max(3, train_steps // 3)
+        ms = timeit(step, reps=n, warmup=train_warmup)
+        tok_s = train_batch * train_seq / (ms * 1e-3)
+        fpt = raw.flops_per_token(train_seq)
+        mfu = fpt * tok_s / peak_flops if peak_flops else None
+        rec = dict(model=name, ms=ms, tokens_per_s=tok_s, mfu=mfu, flops_per_token=fpt,
+                   params=raw.num_params(), active_params=raw.num_params(active=True),
+                   max_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+        out.append(rec)
+        rows.append([name, f"{rec['params'] / 1e6:.0f}M / {rec['active_params'] / 1e6:.0f}M", f"{ms:.1f}",
+                     f"{tok_s:,.0f}", f"{100 * mfu:.1f}%" if mfu else "-"])
+        del raw, step
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(table(["model", "params / active", "ms / step", "tokens/s", "MFU"], rows))
+    t = {r["model"]: r["ms"] for r in out}
+    print(f"MoE (Triton) step / dense step: {t['MoE small (Triton kernels)'] / t['dense baseline (SwiGLU 3072)']:.2f}x")
+    results["train"] = out
+
+
+# -----------------------------------------------------------------------------
+# tile search
+
+
+def kernel_ms(fn, n=5):
+    """GPU time per call of each Triton kernel that fn launches (torch profiler; CPU overhead excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / n / 1e3
+            for e in prof.key_averages() if e.key.startswith(("_moe", "_mla"))}
+
+
+def bench_tune(N=16384):
+    """Per-kernel tile search: for each BLOCK_M, run fused_moe with the i-th candidate of every kernel at once
+    and read each kernel's own GPU time from the profiler; keep the fastest candidate per kernel."""
+    cfg = ModelConfig()
+    x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
+    params = [x, gates, w1, w2, w3]
+    mm = lambda m, n, k, w, s: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    wg = lambda p, q, k, w, s: dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=k, num_warps=w, num_stages=s)
+    cands = {  # kernel key: (profiler name, pass, candidates); the first of each is the current default
+        "up": ("_moe_up_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 8, 4), mm(64, 128, 64, 4, 3),
+                                         mm(128, 128, 32, 8, 4), mm(64, 64, 64, 4, 4), mm(128, 128, 64, 8, 4)]),
+        "down": ("_moe_mm_kernel", "fwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
+                                           mm(64, 256, 64, 8, 3), mm(128, 128, 64, 8, 3), mm(64, 128, 64, 4, 4)]),
+        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(64, 64, 128, 8, 3), mm(64, 64, 64, 4, 4), mm(128, 32, 64, 8, 4),
+                                                     mm(64, 128, 64, 8, 3), mm(64, 32, 128, 4, 3), mm(128, 64, 64, 8, 3)]),
+        "dx": ("_moe_mm_kernel", "bwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 8, 4), mm(128, 256, 32, 8, 4),
+                                         mm(64, 256, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 128, 128, 8, 3)]),
+        "wgrad": ("_moe_wgrad_kernel", "bwd", [wg(128, 128, 64, 8, 3), wg(128, 64, 64, 8, 4), wg(64, 128, 64, 4, 4),
+                                               wg(128, 128, 32, 8, 4), wg(128, 64, 64, 4, 3), wg(64, 128, 64, 8, 3)]),
+    }
+    fwd = lambda: kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    log, best = [], {}
+    print(f"\n## Tile search, fused_moe at {N} tokens: GPU ms per kernel (wgrad: its three launches)")
+    for i in range(max(len(c) for _, _, c in cands.values())):
+        kernels.MOE_TILES.update({k: c[i % len(c)] for k, (_, _, c) in cands.items()})
+        try:
+            f = kernel_ms(fwd)
+            y = fwd()
+            b = kernel_ms(lambda: torch.autograd.grad(y, params, dy, retain_graph=True))
+        except Exception as e:  # a tile that needs more shared memory than there is, say
+            print(f"  candidate {i}: failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        times = {k: (f if p == "fwd" else b).get(name, float("inf")) for k, (name, p, _) in cands.items()}
+        print(f"  candidate {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+        for k, (_, _, c) in cands.items():
+            log.append(dict(key=k, tiles=c[i % len(c)], ms=times[k]))
+            if times[k] < best.get(k, (float("inf"),))[0]:
+                best[k] = (times[k], c[i % len(c)])
+    kernels.MOE_TILES.update({k: best[k][1] for k in cands})
+    ms = timeit(lambda: torch.autograd.grad(fwd(), params, dy))
+    print(f"kernel sum {sum(v[0] for v in best.values()):.3f} ms; fwd+bwd with the best: {ms:.3f} ms\n"
+          f"MOE_TILES = {kernels.MOE_TILES}")
+    del x, ids, gates, w1, w2, w3, dy, params
+    mla_log, mla_best = [], {}
+    default = dict(kernels.MLA_TILES)
+    for B, S, H, C, R in mla_shapes[1:]:
+        q = torch.randn(B, 1, H, C + R, device=device, dtype=torch.bfloat16)
+        kv = torch.randn(B, S, C + R, device=device, dtype=torch.bfloat16)
+        nbytes = B * S * (C + R) * 2
+        for bn, w, s, pps in itertools.product((32, 64), (4, 8), (2, 3), (2, 4)):
+            kernels.MLA_TILES.update(BLOCK_N=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
+            try:
+                ms = timeit_graph(lambda: kernels.mla_decode(q, kv, S - 1, 0.1, C))
+            except Exception as e:
+                print(f"  failed: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            mla_log.append(dict(shape=(B, S, H, C, R), tiles=dict(kernels.MLA_TILES), ms=ms,
+                                gb_s=nbytes / (ms * 1e-3) / 1e9))
+        rows = sorted((r for r in mla_log if r["shape"] == (B, S, H, C, R)), key=lambda r: r["ms"])
+        print(f"MLA decode {B}x{S} {H} heads {C}+{R}, fastest: " + "; ".join(
+            f"{r['tiles']} {r['ms']:.3f} ms {r['gb_s']:.0f} GB/s" for r in rows[:3]))
+        mla_best[(B, S, H, C, R)] = rows[0]["tiles"] if rows else default
+    kernels.MLA_TILES.update(default)
+    results["tune"] = dict(moe=log, moe_best=dict(kernels.MOE_TILES), mla=mla_log,
+                           mla_best={str(k): v for k, v in mla_best.items()})
+
+
+def bench_profile(N=16384):
+    """Where the time goes: the top GPU kernels of fused_moe forward + backward, and of one training step of the
+    MoE model and of the dense baseline (torch profiler, 3 iterations each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def show(title, fn, n=3, rows=18):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n * 1e3
+        gpu = {e.key: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / n / 1e3
+               for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}  # kernels only
+        gpu = sorted(((k, v) for k, v in gpu.items() if v > 0), key=lambda kv: -kv[1])
+        print(f"\n### {title}: {wall:.2f} ms wall per iteration (profiled), GPU kernels {sum(v for _, v in gpu):.2f} ms")
+        print(table(["kernel / op (self GPU time)", "ms per iteration"], [(k[:90], f"{v:.3f}") for k, v in gpu[:rows]]))
+
+    cfg = ModelConfig()
+    x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
+    params = [x, gates, w1, w2, w3]
+    show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3),
+                                                                      params, dy))
+    del x, ids, gates, w1, w2, w3, dy, params
+    for name, cfg in [("MoE small", ModelConfig(block_size=train_seq)),
+                      ("dense baseline", ModelConfig(block_size=train_seq, n_dense_layers=12, dense_inter_dim=3072))]:
+        step, _ = make_train_step(cfg)
+        show(f"training step, {name}", step, rows=25)
+        del step
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# the load-balancing ablation: four train.py runs, one table, one picture
+
+BALANCE_RUNS = {"bias": ["--balance=bias"], "aux 0.01": ["--balance=aux", "--aux_alpha=0.01"],
+                "aux 0.001": ["--balance=aux", "--aux_alpha=0.001"], "none": ["--balance=none"]}
+
+
+def bench_balance():
+    import subprocess
+    logs = {}
+    for name, args in BALANCE_RUNS.items():
+        out_dir = os.path.join(balance_dir, name.replace(" ", ""))
+        cmd = [sys.executable, "train.py", "config/train_balance.py", *args, f"--out_dir={out_dir}",
+               *balance_args.split()]
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            logs[name] = [json.loads(line) for line in f]
+        print(f"  {time.time() - t0:.0f} s", flush=True)
+    rows = []
+    for name, recs in logs.items():
+        ev = [r for r in recs if r["kind"] == "eval"]
+        tr = [r for r in recs if r["kind"] == "train"]
+        late = [r["maxvio_batch"] for r in tr if r["iter"] > tr[-1]["iter"] * 0.75]
+        tok_s = sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]
+        row = dict(balance=name, val_loss=ev[-1]["val_loss"], maxvio_global=ev[-1]["maxvio_global"],
+                   maxvio_batch_last_quarter=sum(late) / len(late), tok_s=tok_s, mfu=tr[-1].get("mfu"),
+                   tokens=ev[-1]["tokens"])
+        rows.append(row)
+    print(table(["balance", "final val loss", "MaxVio_global (val)", "MaxVio_batch (last quarter)", "tokens/s (median)"],
+          [[r["balance"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}", f"{r['maxvio_batch_last_quarter']:.3f}",
+            f"{r['tok_s']:,.0f}"] for r in rows]))
+    print(f"{rows[0]['tokens']:,} training tokens per run")
+    results["balance"] = rows
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: balance.png not drawn")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, recs in logs.items():
+        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
+        tr = [r for r in recs if r["kind"] == "train"]
+        a.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label=name)
+        b.plot([r["tokens"] for r in tr], [r["maxvio_batch"] for r in tr], lw=0.8, label=name)
+    a.set(xlabel="training tokens", ylabel="val loss (nats)", title="val loss")
+    b.set(xlabel="training tokens", ylabel="MaxVio_batch (mean over MoE layers)", yscale="log",
+          title="expert load imbalance")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(title="--balance")
+    fig.suptitle(f"config/train_balance.py, same data, tokens and seed ({gpu})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(balance_dir, "balance.png"), dpi=120)
+    print(f"wrote {os.path.join(balance_dir, 'balance.png')} (and each run's expert_load.png)")
+
+
+# -----------------------------------------------------------------------------
+
+for section in sections.split(","):
+    t0 = time.time()
+    dict(moe=bench_moe, mla=bench_mla, train=bench_train, balance=bench_balance, tune=bench_tune,
+         profile=bench_profile)[section.strip()]()
+    print(f"({section} section: {time.time() - t0:.0f} s)")
+if json_path:
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"wrote {json_path}")
