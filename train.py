@@ -1,0 +1,571 @@
+"""
+Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSeek's load balancing of the experts.
+
+    python prepare.py                                    # data/shakespeare, once
+    python train.py                                      # the CPU default: a few minutes on 2 cores
+    python train.py config/train_small.py --compile      # the GPU "small" reference config (REFERENCE.md section 4)
+    torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
+    python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
+    python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt exactly where it stopped
+    python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
+
+Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
+(configurator.py); every ModelConfig field is one. The resolved settings are printed at start and saved in the
+checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png.
+
+Load balancing (--balance):
+  bias  auxiliary-loss-free (Wang et al. arXiv 2408.15664 Algorithm 1; DeepSeek-V3 section 2.1.2): after every
+        optimizer step, with c_i the tokens routed to expert i by that step's training forward passes (all
+        micro-batches, all ranks), b_i += bias_update_rate * sign(mean(c) - c_i). No gradient touches b.
+  aux   the classic auxiliary loss aux_alpha * sum_i f_i P_i over the batch (DeepSeekMoE eq. 12)
+  none  neither: the router is free to collapse onto a few experts
+seq_aux_alpha (V3's complementary sequence-wise loss) works with any of them. MaxVio (Wang et al. eq. 6) measures
+the result: MaxVio_batch over each training step's tokens, MaxVio_global over all the evaluation batches of val.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import Model, ModelConfig
+from moe import max_vio
+from prepare import load_data
+
+# -----------------------------------------------------------------------------
+# settings; the defaults are config/train_shakespeare_cpu.py: a few minutes on a 2-core CPU, anywhere
+# I/O
+out_dir = "out"                  # ckpt.pt, log.jsonl and the plots go here
+eval_interval = 100              # iters between evaluations (and checkpoints); the last iter is always evaluated
+log_interval = 10                # iters between log lines
+eval_iters = 10                  # batches per split in an evaluation (the same batches every time)
+eval_only = False                # evaluate once and exit
+always_save_checkpoint = True    # save at every evaluation; False: only when val loss improves
+init_from = "scratch"            # "scratch"; "resume" from out_dir/ckpt.pt (continues exactly); or a DeepSeek /
+                                 # Hugging Face folder (config.json + *.safetensors) to fine-tune
+plot = True                      # draw out_dir/loss.png and expert_load.png at the end (needs matplotlib)
+plot_only = False                # only redraw the plots from out_dir/log.jsonl, train nothing
+wandb_log = False                # also log to Weights & Biases (only if wandb is installed)
+wandb_project = "nanoseek"
+wandb_run_name = "run"
+# data
+dataset = "shakespeare"          # data_root/NAME written by prepare.py, or a path to such a folder
+data_root = "data"
+batch_size = 16                  # sequences per micro-batch (per rank)
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all ranks
+# model: every ModelConfig field is a setting (model.py comments each); the CPU default changes the sizes
+for _f in dataclasses.fields(ModelConfig):
+    globals()[_f.name] = _f.default
+vocab_size = None                # None: the data's vocabulary (prepare.py's meta.json)
+block_size = 64
+n_layer = 4
+n_embd = 128
+n_head = 4
+kv_lora_rank = 32
+qk_nope_head_dim = 32
+qk_rope_head_dim = 16
+v_head_dim = 32
+n_dense_layers = 1
+dense_inter_dim = 384            # = (top_k + n_shared) * moe_inter_dim: the MoE layers' active FFN width
+n_experts = 8
+top_k = 2
+n_shared = 1
+moe_inter_dim = 128
+aux_alpha = 0.01                 # classic aux-loss weight; used only with balance="aux" (0 in the model otherwise)
+# load balancing
+balance = "bias"                 # "bias" (aux-loss-free), "aux" (classic auxiliary loss), "none"
+bias_update_rate = 1e-3          # gamma: the bias step per optimizer step (V3, Wang et al.: 0.001)
+# AdamW and the learning-rate schedule (linear warmup, cosine decay to min_lr)
+learning_rate = 2e-3
+max_iters = 400
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                  # clip the global gradient norm to this; 0 = off
+decay_lr = True
+warmup_iters = 30
+lr_decay_iters = None            # None: max_iters
+min_lr = None                    # None: learning_rate / 10
+# system
+device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
+dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
+compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
+seed = 1337
+# -----------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+configure(settings, sys.argv[1:])
+globals().update(settings)
+model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(msg)
+
+
+# settings that no config can repair, one line each, before any work
+if balance not in ("bias", "aux", "none"):
+    fail(f"--balance must be bias, aux or none, got {balance!r}")
+if init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "config.json")):
+    fail(f"--init_from must be scratch, resume or a folder with config.json + *.safetensors, got {init_from!r}")
+if dtype not in ("auto", "float32", "bfloat16", "float16"):
+    fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+if min(batch_size, gradient_accumulation_steps, eval_iters, log_interval, eval_interval) < 1:
+    fail("batch_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval must be >= 1")
+
+# -----------------------------------------------------------------------------
+# plots: train/val loss vs tokens, and the load of every expert of every MoE layer over training.
+# Drawn from log.jsonl at the end of a run, or alone with --plot_only.
+
+
+def plot_run(out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = {}
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            recs[(r["kind"], r["iter"])] = r  # a resumed run rewrites the iters after its checkpoint: last wins
+    train = sorted((r for r in recs.values() if r["kind"] == "train"), key=lambda r: r["iter"])
+    evals = sorted((r for r in recs.values() if r["kind"] == "eval"), key=lambda r: r["iter"])
+    start = next((r for r in recs.values() if r["kind"] == "start"), {})
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train (step)")
+    ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", ms=3, label="train (eval)")
+    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val")
+    if "unigram_entropy" in start:
+        ax.axhline(start["unigram_entropy"], ls="--", c="gray", lw=1, label="unigram entropy")
+    if evals:
+        ax.set_title(f"{out_dir}: final val loss {evals[-1]['val_loss']:.4f}")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+    written = ["loss.png"]
+
+    loads = [r for r in train if "load" in r]
+    if loads:
+        n_layers = len(loads[0]["load"])
+        cols = min(4, n_layers + 1)
+        rows = math.ceil((n_layers + 1) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        x0, x1 = loads[0]["tokens"], loads[-1]["tokens"]
+        for i, ax in enumerate(axes.flat):
+            if i < n_layers:
+                # rows: experts; columns: log intervals; color: log2(tokens / mean) (white = its fair share)
+                grid = np.log2(np.maximum(np.array([r["load"][i] for r in loads]).T, 1e-3))
+                im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest",
+                               extent=(x0, x1, grid.shape[0] - 0.5, -0.5))
+                ax.set_title(f"MoE layer {i}", fontsize=9)
+                ax.set_ylabel("expert", fontsize=8)
+            elif i == n_layers:
+                ax.plot([r["tokens"] for r in loads], [r["maxvio_batch"] for r in loads], lw=0.8,
+                        label="MaxVio_batch")
+                ev = [r for r in evals if "maxvio_global" in r]
+                ax.plot([r["tokens"] for r in ev], [r["maxvio_global"] for r in ev], "o-", ms=3,
+                        label="MaxVio_global (val)")
+                ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+                ax.set_title("MaxVio (mean over layers)", fontsize=9)
+            else:
+                ax.axis("off")
+            ax.tick_params(labelsize=7)
+            ax.xaxis.get_offset_text().set_fontsize(7)
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="log2(tokens / mean)")
+        fig.suptitle(f"{out_dir}: expert load over training tokens (balance={start.get('balance', '?')}; "
+                     "red = overloaded, blue = starved)", fontsize=10)
+        fig.savefig(os.path.join(out_dir, "expert_load.png"), dpi=110)
+        plt.close(fig)
+        written.append("expert_load.png")
+    print(f"plots: {', '.join(os.path.join(out_dir, w) for w in written)}")
+
+
+if plot_only:
+    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        fail(f"no {out_dir}/log.jsonl to plot: train first")
+    plot_run(out_dir)
+    sys.exit()
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK; each process owns one GPU (or a share of the CPU with gloo)
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
+             f"{world_size} ranks")
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+grad_accum = gradient_accumulation_steps // world_size  # micro-batches per rank per step
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
+min_lr = learning_rate / 10 if min_lr is None else min_lr
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+
+
+def say(*args):
+    if master:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# data, model config, checkpoint
+
+data = load_data(dataset, data_root=data_root)  # exits with "run python prepare.py first"
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = None
+if init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # the architecture is the checkpoint's; the runtime switches stay this command's
+    for k, v in ckpt["model_args"].items():
+        if k not in ("use_kernels", "attn_impl"):
+            globals()[k] = v
+elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architecture, this run's context and switches
+    runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
+                   aux_alpha=aux_alpha if balance == "aux" else 0.0)
+    try:
+        pretrained = Model.from_pretrained(init_from, **runtime)
+    except (ValueError, OSError) as e:
+        fail(f"cannot load {init_from}: {e}")
+    for k in model_fields:
+        globals()[k] = getattr(pretrained.config, k)
+if vocab_size is None:
+    vocab_size = data.vocab_size
+if vocab_size < data.vocab_size:
+    fail(f"vocab_size {vocab_size} is smaller than the data's vocabulary ({data.vocab_size} tokens in "
+         f"{data.dir}/meta.json): drop --vocab_size or use a checkpoint made for this data")
+for split, arr in (("train", data.train), ("val", data.val)):
+    if len(arr) <= block_size:
+        fail(f"{data.dir}/{split}.bin has {len(arr)} tokens, not more than block_size {block_size}: "
+             "use a smaller --block_size or more data")
+model_args = {k: globals()[k] for k in model_fields}
+model_args["aux_alpha"] = aux_alpha if balance == "aux" else 0.0
+try:
+    model_config = ModelConfig(**model_args)  # validates: top_k <= n_experts, n_group | n_experts, ...
+except ValueError as e:
+    fail(str(e))
+model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
+for k in ("vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
+    settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
+
+# -----------------------------------------------------------------------------
+# system
+
+torch.manual_seed(seed)  # every rank builds the same initial model (DDP would broadcast it anyway)
+torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+# dense bf16 tensor-core peak (datasheets, no sparsity) per GPU, for MFU; the first name found in the device's wins
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12}
+peak_flops = None
+if device_type == "cuda":
+    gpu_name = torch.cuda.get_device_name(device)
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
+
+
+def get_batch(split, *key):
+    """Random-offset windows of the memmapped bin (nanoGPT's loader). The offsets come from a generator seeded by
+    (seed, key), key = (stream, iter, micro-batch) or (stream, eval batch): any batch can be drawn again, in any
+    order, so a resumed run sees exactly the batches the uninterrupted one would."""
+    arr = data.train if split == "train" else data.val
+    ix = np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([arr[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([arr[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device_type == "cuda":  # pinned host memory: the copy overlaps with the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters (nanoGPT)."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def rng_states():
+    """Every RNG a run might touch, as tensors and plain values (loadable with torch.load(weights_only=True)).
+    The batches do not need them (see get_batch); they are here so that code added later resumes exactly too."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    if device_type == "cuda" and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, balancing state
+
+model = Model(model_config)
+iter_num, best_val_loss = 0, float("inf")
+if ckpt is not None:
+    model.load_state_dict(ckpt["model"])  # expert_bias included: it is a persistent buffer
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    set_rng_states(ckpt["rng"])
+elif init_from not in ("scratch", "resume"):
+    model.load_state_dict(pretrained.state_dict())  # expert biases included: fine-tuning keeps updating them
+    del pretrained
+model.to(device)
+raw_model = model  # the uncompiled, un-DDP'd module: saved, evaluated, its MoE layers read
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+ckpt = None  # free the memory
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+if compile:
+    say("compiling the model...")
+    model = torch.compile(model)
+if ddp:
+    # broadcast_buffers=False: each rank counts its own tokens_per_expert (summed by all_reduce below), and the
+    # expert biases stay identical because every rank applies the same update to the same summed counts
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+moe_layers = raw_model.moe_layers()
+n_moe = len(moe_layers)
+flops_per_token = raw_model.flops_per_token(block_size)
+
+# the unigram baseline: a model that ignores the context can do no better than this entropy
+sample = np.asarray(data.train[:1 << 24])
+p = np.bincount(sample, minlength=vocab_size) / len(sample)
+unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+if master:
+    say("config:\n" + textwrap.fill("  ".join(f"{k}={v!r}" for k, v in settings.items()), 118,
+                                    initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
+    say(f"model: {raw_model.num_params() / 1e6:.2f}M params, {raw_model.num_params(active=True) / 1e6:.2f}M "
+        f"active per token, {n_moe} MoE layers ({n_experts} experts, top-{top_k}, {n_shared} shared), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs/token")
+    say(f"data: {data.dir}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab {data.vocab_size}; "
+        f"unigram entropy {unigram_entropy:.4f} nats (the loss to beat)")
+    say(f"training: {device} {dtype}{' (' + gpu_name + ')' if device_type == 'cuda' else ''}, "
+        f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
+        f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
+wandb_run = None
+if wandb_log and master:
+    try:
+        import wandb
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+    except ImportError:
+        say("wandb_log: wandb is not installed, logging to log.jsonl only")
+
+
+def log(rec):
+    if not master:
+        return
+    log_file.write(json.dumps(rec) + "\n")
+    log_file.flush()
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in rec.items() if not isinstance(v, list)}, step=rec["iter"])
+
+
+def moe_max_vio(counts):
+    """MaxVio of (n_moe, n_experts) counts, averaged over the MoE layers, as a 0-d tensor (no sync)."""
+    return torch.stack([max_vio(c) for c in counts]).mean()
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over the same eval_iters batches of each split, and the tokens each expert gets over all of val's
+    (for MaxVio_global). Runs the uncompiled model in eval mode, where the MoE layers count nothing, so the training
+    counts that drive the bias are untouched; the val counts are read by hooks on the experts' inputs instead."""
+    raw_model.eval()
+    out = {}
+    val_counts = torch.zeros(n_moe, n_experts, device=device)
+
+    def count_hook(i):
+        def hook(module, args):  # Experts.forward(x, topk_ids, topk_weights)
+            val_counts[i] += torch.bincount(args[1].flatten(), minlength=n_experts)
+        return hook
+
+    for split, stream in (("train", 1), ("val", 2)):
+        hooks = [m.experts.register_forward_pre_hook(count_hook(i)) for i, m in enumerate(moe_layers)] \
+            if split == "val" else []
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, stream, k)
+            with ctx:
+                _, loss = raw_model(X, Y)  # eval mode: cross-entropy only, no balance loss
+            losses[k] = loss.item()
+        for h in hooks:
+            h.remove()
+        out[split] = losses.mean().item()
+    raw_model.train()
+    return out, val_counts
+
+
+def save_checkpoint():
+    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+            "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng_states()}
+    tmp = ckpt_path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint whole
+
+
+def stop_if_nonfinite():
+    """The step loss is checked on the device every step (no sync) and read here, at log and eval points only."""
+    bad = first_bad_iter.clone()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() >= 0:
+        kept = f"{ckpt_path} keeps the last good state" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        fail(f"loss became NaN/inf at iter {bad.item()}: stopping; {kept}")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)  # first iter with a non-finite loss
+load_window = torch.zeros(n_moe, n_experts, device=device)  # tokens per expert since the last log line
+micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N ranks see what one rank would
+X, Y = get_batch("train", 0, iter_num, micro)
+log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
+     "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
+t_start = t0 = time.time()
+start_iter, window_iters = iter_num, 0
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    last = iter_num >= max_iters
+    if iter_num % eval_interval == 0 or last or eval_only:
+        stop_if_nonfinite()
+        if master:
+            losses, val_counts = evaluate()
+            rec = {"kind": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
+                   "train_loss": losses["train"], "val_loss": losses["val"]}
+            line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            if n_moe:
+                rec["maxvio_global"] = moe_max_vio(val_counts).item()
+                rec["val_load"] = (val_counts / val_counts.mean(1, keepdim=True)).tolist()
+                line += f", MaxVio_global {rec['maxvio_global']:.3f}"
+            say(line + f" (unigram entropy {unigram_entropy:.4f})")
+            log(rec)
+            if not math.isfinite(losses["val"]):
+                fail(f"val loss is {losses['val']} at iter {iter_num}: stopping without saving")
+            if losses["val"] < best_val_loss or always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and not eval_only:
+                    save_checkpoint()
+        t0, window_iters = time.time(), 0  # evaluation time is not training time
+    if last or eval_only:
+        break
+
+    # one optimizer step: grad_accum micro-batches on each rank
+    step_loss = torch.zeros((), device=device)
+    for micro_step in range(grad_accum):
+        if ddp:  # all-reduce the gradients only on the last micro-batch
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / grad_accum
+        # the next batch loads while the GPU works on this one
+        nxt = (iter_num, micro + micro_step + 1) if micro_step + 1 < grad_accum else (iter_num + 1, micro)
+        X, Y = get_batch("train", 0, *nxt)
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(step_loss), iter_num, first_bad_iter)
+
+    # balancing: the tokens each expert got in this step's training forward passes, all micro-batches and ranks
+    if n_moe:
+        counts = torch.stack([m.tokens_per_expert for m in moe_layers])  # (n_moe, n_experts), a copy
+        if ddp:
+            dist.all_reduce(counts)  # every rank then applies the same update: identical biases
+        if balance == "bias":
+            raw_model.update_biases(bias_update_rate, counts)  # b_i += gamma * sign(mean(c) - c_i); resets counts
+        else:
+            for m in moe_layers:
+                m.tokens_per_expert.zero_()  # counted for MaxVio only
+        load_window += counts
+    iter_num += 1
+    window_iters += 1
+
+    if iter_num % log_interval == 0:
+        stop_if_nonfinite()
+        if master:
+            loss_f = step_loss.item()  # the one sync of a logged step
+            dt = (time.time() - t0) / window_iters
+            t0, window_iters = time.time(), 0
+            rec = {"kind": "train", "iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss_f,
+                   "lr": lr, "ms": dt * 1000, "tok_s": tokens_per_iter / dt}
+            line = (f"iter {iter_num}/{max_iters} | loss {loss_f:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
+                    f"{tokens_per_iter / dt:,.0f} tok/s")
+            if peak_flops:
+                rec["mfu"] = flops_per_token * tokens_per_iter / world_size / dt / peak_flops
+                line += f" | MFU {rec['mfu'] * 100:.1f}%"
+            if n_moe:
+                rec["maxvio_batch"] = moe_max_vio(counts).item()
+                rec["load"] = (load_window / load_window.mean(1, keepdim=True)).tolist()
+                load_window.zero_()
+                line += f" | MaxVio_batch {rec['maxvio_batch']:.3f}"
+            eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
+            say(line + f" | eta {fmt_time(eta)}")
+            log(rec)
+        else:
+            load_window.zero_()
+
+if master:
+    say(f"done: {iter_num} iters in {fmt_time(time.time() - t_start)}, best val loss {best_val_loss:.4f} "
+        f"(unigram entropy {unigram_entropy:.4f}); checkpoint {ckpt_path}")
+    log_file.close()
+if ddp:
+    dist.destroy_process_group()
+
+if plot and master:
+    try:
+        plot_run(out_dir)
+    except ImportError:
+        print("plot: matplotlib is not installed; pip install matplotlib, then python train.py --plot_only")
