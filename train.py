@@ -165,7 +165,8 @@ def plot_run(out_dir):
         n_layers = len(loads[0]["load"])
         cols = min(4, n_layers + 1)
         rows = math.ceil((n_layers + 1) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 0.6), squeeze=False,
+                                 layout="constrained")
         x0, x1 = loads[0]["tokens"], loads[-1]["tokens"]
         for i, ax in enumerate(axes.flat):
             if i < n_layers:
@@ -182,6 +183,8 @@ def plot_run(out_dir):
                 ax.plot([r["tokens"] for r in ev], [r["maxvio_global"] for r in ev], "o-", ms=3,
                         label="MaxVio_global (val)")
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
                 ax.set_title("MaxVio (mean over layers)", fontsize=9)
@@ -189,7 +192,8 @@ def plot_run(out_dir):
                 ax.axis("off")
             ax.tick_params(labelsize=7)
             ax.xaxis.get_offset_text().set_fontsize(7)
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="log2(tokens / mean)")
+        fig.colorbar(im, ax=axes[:, :n_layers].ravel().tolist() if rows == 1 else axes.ravel().tolist(), shrink=0.8,
+                     label="log2(tokens / mean)")
         fig.suptitle(f"{out_dir}: expert load over training tokens (balance={start.get('balance', '?')}; "
                      "red = overloaded, blue = starved)", fontsize=10)
         fig.savefig(os.path.join(out_dir, "expert_load.png"), dpi=110)
