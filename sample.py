@@ -62,11 +62,12 @@ _settings = {k: v for k, v in globals().items()
 # loading
 
 
-def load_model(init_from, out_dir, device, use_kernels=True):
+def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32):
     """-> (model in eval mode on device, encode(str) -> list[int], decode(list[int]) -> str, eot token id).
 
     "resume": out_dir/ckpt.pt from train.py and the tokenizer of the data folder it was trained on.
-    A folder: Model.from_pretrained and the folder's tokenizer (see load_folder_tokenizer).
+    A folder: Model.from_pretrained straight into dtype on device (a big checkpoint never exists in float32), and the
+    folder's tokenizer (see load_folder_tokenizer).
     use_kernels overrides the checkpoint's setting (False: plain PyTorch everywhere).
     """
     if init_from == "resume":
@@ -86,10 +87,10 @@ def load_model(init_from, out_dir, device, use_kernels=True):
         raise SystemExit(f"--init_from={init_from!r} is neither 'resume' (loads {out_dir}/ckpt.pt) nor a folder with "
                          "config.json + *.safetensors")
     try:
-        model = Model.from_pretrained(init_from, use_kernels=use_kernels)
+        model = Model.from_pretrained(init_from, dtype=dtype, device=device, use_kernels=use_kernels)
     except (ValueError, OSError) as e:
         raise SystemExit(f"cannot load {init_from}: {e}")
-    return (model.to(device), *load_folder_tokenizer(init_from))
+    return (model, *load_folder_tokenizer(init_from))
 
 
 def load_folder_tokenizer(path):
@@ -425,7 +426,8 @@ def main(argv=None):
         cases = [(1, 64, 128, 128), (1, 960, 64, 64), (128, 960, 64, 8)]
         return run_bench(ModelConfig(use_kernels=use_kernels), cases, device, ptdtype, seed)
 
-    model, encode, decode, eot = load_model(init_from, out_dir, device, use_kernels)
+    model, encode, decode, eot = load_model(init_from, out_dir, device, use_kernels,
+                                            torch.float32 if save_pretrained else ptdtype)
     if save_pretrained:
         return export(model, init_from, out_dir, save_pretrained)
     cast_weights(model, ptdtype)
