@@ -847,6 +847,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     assert kept["iter_num"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
 
+def test_plots_are_drawn_from_the_log(data_root, tmp_path):
+    """--plot draws loss.png and expert_load.png at the end; --plot_only redraws them from log.jsonl alone."""
+    pytest.importorskip("matplotlib")
+    run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2", "--plot=True")
+    pngs = [tmp_path / "loss.png", tmp_path / "expert_load.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png.unlink()
+    with pytest.raises(SystemExit) as e:  # plot_only exits after drawing
+        run_train(data_root, tmp_path, "--plot_only")
+    assert e.value.code is None and all(png.exists() for png in pngs)
+
+
 def test_init_from_a_deepseek_folder_fine_tunes_it(data_root, tmp_path):
     """Train, export with save_pretrained, fine-tune from the folder: the first evaluation gives the exported model's
     last losses (same eval batches), and the loaded expert biases are where the updates continue from."""
