@@ -847,6 +847,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     assert kept["iter_num"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
 
+def test_ddp_two_ranks_match_one_rank(data_root, tmp_path):
+    """torchrun with 2 CPU ranks (gloo) x 1 micro-batch == 1 rank x 2 micro-batches: the same batches, gradients
+    averaged by DDP instead of summed in place (equal up to float rounding), and expert biases updated from the
+    all-reduced counts, so every rank keeps the same ones."""
+    args = ["--max_iters=6", "--eval_interval=100", "--gradient_accumulation_steps=2", "--bias_update_rate=0.01"]
+    run_train(data_root, tmp_path / "one", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+                        "--dataset=tiny", f"--data_root={data_root}", f"--out_dir={tmp_path / 'two'}", *TRAIN_TINY,
+                        *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 rank(s) x 1 micro-batches" in r.stdout
+    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+    assert any(one[k].abs().sum() > 0 for k in one if k.endswith("expert_bias"))
+
+
 def test_plots_are_drawn_from_the_log(data_root, tmp_path):
     """--plot draws loss.png and expert_load.png at the end; --plot_only redraws them from log.jsonl alone."""
     pytest.importorskip("matplotlib")
