@@ -103,7 +103,8 @@ def load_folder_tokenizer(path):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         eot = tok.eos_token_id if tok.eos_token_id is not None else 0
-        return (lambda s: tok.encode(s, add_special_tokens=False)), tok.decode, eot
+        # encode adds what the tokenizer's template adds (DeepSeek: BOS); decode leaves such special tokens out
+        return tok.encode, (lambda ids: tok.decode(ids, skip_special_tokens=True)), eot
     raise SystemExit(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that "
                      "python prepare.py writes")
 
