@@ -4,7 +4,7 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
     python prepare.py                                    # data/shakespeare, once
     python train.py                                      # the CPU default: a few minutes on 2 cores
     python train.py config/train_small.py --compile      # the GPU "small" reference config (REFERENCE.md section 4)
-    torchrun --standalone --nproc_per_node=8 train.py config/train_small.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
     python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
     python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt exactly where it stopped
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
