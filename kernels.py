@@ -359,7 +359,7 @@ if HAS_TRITON:
 
 # Tiles. ALIGN_M: every expert's run of rows is padded to a multiple of it; each kernel takes tiles of BLOCK_M rows
 # (a divisor of ALIGN_M, so a tile never straddles two experts). GPU values: the fastest found on an H100 by
-# `python bench.py --sections=tune` (KERNEL_NOTES.md); the interpreter gets small ones so the CPU tests cross
+# `python bench.py --sections=tune`; the interpreter gets small ones so the CPU tests cross
 # several tiles, experts and splits.
 MOE_TILES = dict(ALIGN_M=128,
                  up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
