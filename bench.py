@@ -1,9 +1,12 @@
 """
-Benchmarks of kernels.py's Triton paths against the PyTorch code they replace, on one CUDA GPU. Prints markdown
-tables (the GPU's name first) and writes every number to json_path.
+Benchmarks, measured side by side in one run: kernels.py's Triton paths against the PyTorch code they replace,
+the MoE training step against its dense baseline, the load-balancing ablation, checkpoint loading. Prints markdown
+tables (the GPU's name first) and writes every number to json_path. All sections but load need a CUDA GPU.
 
-    python bench.py                                  # all sections at the default sizes
+    python bench.py                                  # moe, mla, train at the default sizes
     python bench.py --sections=moe,mla --moe_tokens="(16384,)"
+    python bench.py --sections=balance               # four train.py runs, ~4 minutes on an H100
+    python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
 Sections:
@@ -18,10 +21,13 @@ Sections:
   balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
            --balance=bias vs aux (alpha 0.01, 0.001) vs none; final val loss, MaxVio_global, tokens/s, and
            balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
+  load     Model.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
+           by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
+           (Linux; runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-balance, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
+balance, load, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
 (or around CUDA-graph replays where a column says so), the median reported.
 """
 import itertools
@@ -42,7 +48,7 @@ from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,train"       # comma-separated: moe, mla, train, balance, tune, profile
+sections = "moe,mla,train"       # comma-separated: moe, mla, train, balance, load, tune, profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
@@ -54,6 +60,8 @@ train_warmup = 3
 compile = False                  # torch.compile the models of the train section
 balance_dir = "out/balance"      # the balance section's runs (one train.py out_dir each) and balance.png
 balance_args = ""                # extra train.py arguments for every balance run, e.g. "--max_iters=400"
+load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
+load_layers = 8                  # DeepSeek-V2-Lite has 27
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
 seed = 0
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
@@ -63,9 +71,11 @@ globals().update(settings)
 # -----------------------------------------------------------------------------
 # the GPU and its ceilings
 
-assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
-device = torch.device("cuda")
-gpu = torch.cuda.get_device_name(device)
+cuda = torch.cuda.is_available()
+if not cuda and set(s.strip() for s in sections.split(",")) - {"load"}:
+    raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only the load section runs without one)")
+device = torch.device("cuda" if cuda else "cpu")
+gpu = torch.cuda.get_device_name(device) if cuda else f"no GPU ({os.cpu_count()} CPU cores)"
 # datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s); the first name found in the device's wins
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
               "GH200": 989e12, "B200": 2250e12, "A100": 312e12}
@@ -126,10 +136,11 @@ def copy_bandwidth():
 
 
 print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
-copy_bw = copy_bandwidth()
-results["copy_bw"] = copy_bw
-print(f"peak bf16 {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
-      f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s (measured)")
+copy_bw = results["copy_bw"] = copy_bandwidth() if cuda else float("nan")
+if cuda:
+    print(f"peak bf16 {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
+          f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s "
+          "(measured)")
 
 # -----------------------------------------------------------------------------
 # MoE layer
@@ -509,11 +520,73 @@ def bench_balance():
 
 
 # -----------------------------------------------------------------------------
+# loading a DeepSeek-format checkpoint: time and memory
+
+
+def make_checkpoint(cfg, path):
+    with torch.device("meta"):
+        m = Model(cfg)
+    m.to(torch.bfloat16).to_empty(device="cpu")  # allocated in bf16: no float32 copy of a big model
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(-0.02, 0.02)
+        for layer in m.moe_layers():
+            layer.expert_bias.zero_()
+    m.save_pretrained(path, max_shard_size=2 * 2**30)
+
+
+def bench_load():
+    import re
+    import threading
+    # DeepSeek-V2-Lite's config.json (softmax routing, 64 experts top-6 + 2 shared, no query compression)
+    cfg = ModelConfig(vocab_size=102400, block_size=4096, n_layer=load_layers, n_embd=2048, n_head=16, q_lora_rank=0,
+                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_dense_layers=1,
+                      dense_inter_dim=10944, n_experts=64, top_k=6, n_shared=2, moe_inter_dim=1408,
+                      score_func="softmax", norm_topk=False)
+    if not os.path.exists(os.path.join(load_dir, "config.json")):  # made in a child: our memory stays untouched
+        import multiprocessing
+        t0 = time.time()
+        child = multiprocessing.get_context("fork").Process(target=make_checkpoint, args=(cfg, load_dir))
+        child.start()
+        child.join()
+        assert child.exitcode == 0, f"writing {load_dir} failed"
+        print(f"wrote {load_dir} in {time.time() - t0:.0f} s")
+    files = [f for f in os.listdir(load_dir) if f.endswith(".safetensors")]
+    size = sum(os.path.getsize(os.path.join(load_dir, f)) for f in files)
+    peak, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
+
+    def watch():  # /proc/self/status every 20 ms: anonymous memory (ours) and file pages (the mmapped safetensors)
+        while not done.is_set():
+            status = open("/proc/self/status").read()
+            for k in peak:
+                peak[k] = max(peak[k], int(re.search(k + r":\s+(\d+)", status)[1]) * 1024)
+            time.sleep(0.02)
+
+    base = int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.time()
+    model = Model.from_pretrained(load_dir, dtype=torch.bfloat16)
+    seconds = time.time() - t0
+    done.set()
+    watcher.join()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = dict(params=model.num_params(), files_gb=size / 1e9, model_gb=nbytes / 1e9, seconds=seconds,
+               peak_anon_gb=(peak["RssAnon"] - base) / 1e9, peak_file_gb=peak["RssFile"] / 1e9)
+    results["load"] = row
+    print(f"\n## Model.from_pretrained: DeepSeek-V2-Lite shapes, {load_layers} layers, bf16, {len(files)} shards\n")
+    print(table(["params", "safetensors GB", "model GB", "load s", "peak anonymous memory GB (above start)",
+                 "peak mmapped file pages GB"],
+                [[f"{row['params'] / 1e9:.2f}B", f"{row['files_gb']:.2f}", f"{row['model_gb']:.2f}",
+                  f"{row['seconds']:.1f}", f"{row['peak_anon_gb']:.2f}", f"{row['peak_file_gb']:.2f}"]]))
+
+
+# -----------------------------------------------------------------------------
 
 for section in sections.split(","):
     t0 = time.time()
-    dict(moe=bench_moe, mla=bench_mla, train=bench_train, balance=bench_balance, tune=bench_tune,
-         profile=bench_profile)[section.strip()]()
+    dict(moe=bench_moe, mla=bench_mla, train=bench_train, balance=bench_balance, load=bench_load,
+         tune=bench_tune, profile=bench_profile)[section.strip()]()
     print(f"({section} section: {time.time() - t0:.0f} s)")
 if json_path:
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
