@@ -490,7 +490,7 @@ def _tiles(x):
 
 
 # No torch.compiler.disable here: torch.compile traces the autograd.Function and the Triton launches, so a compiled
-# model keeps one graph through its MoE layers (python train.py config/train_small.py --compile on an H100: 116.7 ms
+# model no longer breaks its graph at every MoE layer (python train.py config/train_small.py --compile on an H100: 116.7 ms
 # per step, against 144.9 ms with a graph break at every MoE layer).
 def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
     """Same contract as moe.experts_reference: sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]).
