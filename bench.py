@@ -1,11 +1,13 @@
 """
 Benchmarks, measured side by side in one run: kernels.py's Triton paths against the PyTorch code they replace,
-the MoE training step against its dense baseline, the load-balancing ablation, checkpoint loading. Prints markdown
+decoding with the latent cache against a multi-head attention cache, the MoE training step against its dense
+baseline, the load-balancing ablation, checkpoint loading. Prints markdown
 tables (the GPU's name first) and writes every number to json_path. All sections but load need a CUDA GPU.
 
-    python bench.py                                  # moe, mla, train at the default sizes
+    python bench.py                                  # moe, mla, decode, train at the default sizes
+    python bench.py --sections=decode                # tokens/s: latent cache vs MHA cache vs none, graph vs eager
     python bench.py --sections=moe,mla --moe_tokens="(16384,)"
-    python bench.py --sections=balance               # four train.py runs, ~4 minutes on an H100
+    python bench.py --sections=balance               # four train.py runs
     python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
@@ -16,12 +18,17 @@ Sections:
   mla    one decoding step (one query token) against a long latent cache: kernels.mla_decode vs
          mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
          GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
+  decode the small config at random bf16 weights through Model.generate_stream (greedy): decode tokens/s, ms and
+         kernels per step, prefill ms, cache MiB and peak memory for the latent cache, a standard per-head K/V
+         cache of the same model (MHACache below: same function, bigger cache) and no cache, each with and without
+         the CUDA graph; the bandwidth a batch-1 step reaches; latent vs MHA at decode_long; and the largest batch
+         that decodes at decode_context in decode_budget_gib GiB, for each cache, with its tokens/s
   train  a whole training step (forward, backward, clip, AdamW, bias update) of the small MoE model vs its dense
          baseline of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s and MFU
   balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
            --balance=bias vs aux (alpha 0.01, 0.001) vs none; final val loss, MaxVio_global, tokens/s, and
            balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
-  load     Model.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
+  load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
@@ -30,6 +37,7 @@ Sections:
 balance, load, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
 (or around CUDA-graph replays where a column says so), the median reported.
 """
+import dataclasses
 import itertools
 import json
 import math
@@ -41,14 +49,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from configurator import configure
-from mla import MLA, latent_attention
-from model import Model, ModelConfig
+import hf
+from configurator import configure, read_config_file
+from mla import MLA, apply_rope, cache_values_per_token, latent_attention
+from model import CUDAGraphStep, Model, ModelConfig, peak_flops
 from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,train"       # comma-separated: moe, mla, train, balance, load, tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, train, balance, load, tune, profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
@@ -58,6 +67,10 @@ train_seq = 1024                 # tokens per sequence (the small config's block
 train_steps = 10                 # timed steps (after train_warmup)
 train_warmup = 3
 compile = False                  # torch.compile the models of the train section
+decode_cases = ((1, 64, 128), (128, 960, 64))  # (batch, prompt, new tokens) through Model.generate_stream
+decode_long = (64, 4096)         # (batch, context): latent vs MHA cache at a long context
+decode_context = 8192            # the context of the largest-batch comparison
+decode_budget_gib = 40           # ... in this much GPU memory
 balance_dir = "out/balance"      # the balance section's runs (one train.py out_dir each) and balance.png
 balance_args = ""                # extra train.py arguments for every balance run, e.g. "--max_iters=400"
 load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
@@ -65,27 +78,24 @@ load_layers = 8                  # DeepSeek-V2-Lite has 27
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
 seed = 0
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
-configure(settings, sys.argv[1:])
-globals().update(settings)
-
-# -----------------------------------------------------------------------------
-# the GPU and its ceilings
-
+SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_small.py")
+PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
+           "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}  # HBM datasheet bytes/s; the first name found wins
 cuda = torch.cuda.is_available()
-if not cuda and set(s.strip() for s in sections.split(",")) - {"load"}:
-    raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only the load section runs without one)")
 device = torch.device("cuda" if cuda else "cpu")
 gpu = torch.cuda.get_device_name(device) if cuda else f"no GPU ({os.cpu_count()} CPU cores)"
-# datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s); the first name found in the device's wins
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-              "GH200": 989e12, "B200": 2250e12, "A100": 312e12}
-PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
-           "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}
-peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+peak = peak_flops(device)
 peak_bw = next((v for k, v in PEAK_BW.items() if k in gpu), None)
-results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None) if kernels.HAS_TRITON
-               else None, peak_flops=peak_flops, peak_bw=peak_bw, settings=settings)
-torch.manual_seed(seed)
+results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None), peak_flops=peak,
+               peak_bw=peak_bw)
+copy_bw = float("nan")  # measured in main()
+
+
+def small_config(**overrides):
+    """The model of config/train_small.py (the GPU "small" reference) with GPT-2's vocabulary, and overrides."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = {k: v for k, v in read_config_file(SMALL).items() if k in names}
+    return ModelConfig(**{"vocab_size": 50304, **cfg, **overrides})
 
 
 def timeit(fn, reps=reps, warmup=3, inner=1):
@@ -135,13 +145,6 @@ def copy_bandwidth():
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
-copy_bw = results["copy_bw"] = copy_bandwidth() if cuda else float("nan")
-if cuda:
-    print(f"peak bf16 {peak_flops / 1e12 if peak_flops else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
-          f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s "
-          "(measured)")
-
 # -----------------------------------------------------------------------------
 # MoE layer
 
@@ -173,7 +176,7 @@ def moe_inputs(N, cfg, dtype=torch.bfloat16):
 
 
 def bench_moe():
-    cfg = ModelConfig()  # the small config
+    cfg = small_config()
     E, K, d, I = cfg.n_experts, cfg.top_k, cfg.n_embd, cfg.moe_inter_dim
     print(f"\n## MoE layer: {E} experts, top-{K}, SwiGLU {d} -> {I} per expert, bf16 (forward + backward: grads of x, "
           f"gate weights and all expert weights)\n")
@@ -285,6 +288,219 @@ def bench_mla():
 
 
 # -----------------------------------------------------------------------------
+# decoding: the latent cache against a standard multi-head attention cache and no cache, same model and weights
+
+
+class MHACache:
+    """Per-head keys and values of every layer, materialized once per token, as a model without MLA caches them.
+    k: (n_layer, B, max_len, n_head, qk_head_dim), v: (n_layer, B, max_len, n_head, v_head_dim)."""
+
+    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
+        self.k = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.qk_head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.v_head_dim, device=device, dtype=dtype)
+
+    def nbytes(self):
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
+def mha_attention(attn, x, cos, sin, k_cache, v_cache, start_pos):
+    """What MLA computes, the pre-MLA way: the new tokens' per-head K and V are built from their latents (wkv_b)
+    and appended to a K/V cache, then ordinary attention over it. Same function as MLA.forward, bigger cache.
+    start_pos: an int, or a 0-d device tensor (a captured step: every cache row read, the later ones masked)."""
+    B, T, _ = x.shape
+    H, C, R, D = attn.n_head, attn.kv_lora_rank, attn.qk_rope_head_dim, attn.qk_nope_head_dim
+    q = attn.wq(x) if attn.q_lora_rank == 0 else attn.wq_b(attn.q_norm(attn.wq_a(x)))
+    q_nope, q_pe = q.view(B, T, H, attn.qk_head_dim).split([D, R], dim=-1)
+    q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)  # (B, T, H, qk_head_dim)
+    c_kv, k_pe = attn.wkv_a(x).split([C, R], dim=-1)
+    k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).expand(B, T, H, R)  # the shared RoPE key, copied per head
+    k_nope, v = attn.wkv_b(attn.kv_norm(c_kv)).view(B, T, H, D + attn.v_head_dim).split([D, attn.v_head_dim], dim=-1)
+    k_new = torch.cat([k_nope, k_pe], dim=-1)
+    if isinstance(start_pos, torch.Tensor):
+        positions = start_pos + torch.arange(T, device=x.device)
+        k_cache.index_copy_(1, positions, k_new)
+        v_cache.index_copy_(1, positions, v)
+        mask = torch.arange(k_cache.shape[1], device=x.device)[None, :] <= positions[:, None]
+        k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, H, S, dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=attn.softmax_scale)
+    else:
+        assert T == 1 or start_pos == 0, "several new tokens only at the start (prefill)"
+        end = start_pos + T
+        k_cache[:B, start_pos:end], v_cache[:B, start_pos:end] = k_new, v
+        k, v = k_cache[:B, :end].transpose(1, 2), v_cache[:B, :end].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, scale=attn.softmax_scale)
+    return out.transpose(1, 2).flatten(2)  # (B, T, H * v_head_dim)
+
+
+def mha_step(model, tokens, pos, cache):
+    """Model.decode_step with an MHACache in place of the latent cache: last position's logits (B, vocab)."""
+    T = tokens.shape[1]
+    if isinstance(pos, torch.Tensor):
+        positions = pos + torch.arange(T, device=tokens.device)
+        cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    else:
+        cos, sin = model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T]
+    x = model.embed(tokens)
+    for i, layer in enumerate(model.layers):
+        x = x + layer.attn.wo(mha_attention(layer.attn, layer.attn_norm(x), cos, sin, cache.k[i], cache.v[i], pos))
+        x = x + layer.ffn(layer.ffn_norm(x))
+    return model.head(model.norm(x[:, -1:]))[:, -1].float()
+
+
+def make_cache(model, kind, batch, max_len):
+    """(cache, step) of one kind for Model.generate_stream: the latent cache or the MHA baseline."""
+    p = model.embed.weight
+    if kind == "latent":
+        return model.new_cache(batch, max_len), None
+    return MHACache(model.config, batch, max_len, p.device, p.dtype), lambda t, pos, c: mha_step(model, t, pos, c)
+
+
+def kernel_launches(fn):
+    """GPU kernels one call of fn launches (torch profiler): what a CUDA graph of it replays as nodes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.key.startswith(("Memcpy", "Memset", "cudaGraph")))
+
+
+@torch.no_grad()
+def decode_rate(model, kind, batch, prompt, new, graph, reps=2):
+    """Greedy generation through Model.generate_stream: (decode tokens/s after the first token, ms per step,
+    prefill ms, peak GiB while decoding, cache bytes), the best of reps runs."""
+    idx = torch.randint(model.config.vocab_size, (batch, prompt), device=device)
+    best = None
+    for _ in range(reps):
+        cache, step = make_cache(model, kind, batch, prompt + new) if kind != "none" else (None, None)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        steps = model.generate_stream(idx, new, temperature=0, use_cache=kind != "none", cuda_graph=graph,
+                                      cache=cache, step=step)
+        next(steps)  # the prefill (no cache: the first full forward)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in steps:  # no sync inside: the loop queues work as fast as the host can
+            pass
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        run = (batch * (new - 1) / (t2 - t1), 1e3 * (t2 - t1) / (new - 1), 1e3 * (t1 - t0),
+               torch.cuda.max_memory_allocated() / 2**30, cache.nbytes() if cache is not None else 0)
+        best = run if best is None or run[0] > best[0] else best
+        del cache, steps
+    return best
+
+
+@torch.no_grad()
+def long_context_rate(model, kind, batch, context, new=32):
+    """Decode steps at a long context without a long prefill: the cache is filled with random rows up to
+    `context` (their values do not change the work of a step), then `new` graph-replayed steps from there.
+    Returns (tokens/s, ms per step, peak GiB, cache bytes)."""
+    cache, step = make_cache(model, kind, batch, context + new)
+    for t in ([cache.kv] if kind == "latent" else [cache.k, cache.v]):
+        t.normal_()
+    step = step or model.decode_step
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    replay = CUDAGraphStep(lambda tokens, p: step(tokens, p, cache), batch, device, context)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(new):
+        tokens = replay(tokens).argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    nbytes = cache.nbytes()
+    del replay, cache
+    torch.cuda.empty_cache()
+    return batch * new / seconds, 1e3 * seconds / new, peak, nbytes
+
+
+def max_batch(model, kind, context, budget_gib):
+    """The largest batch whose decoding at `context` fits in budget_gib of GPU memory: the peak is linear in the
+    batch (weights + batch x (cache + activations)), so two small measured runs give the line, and a run at the
+    predicted batch checks it (stepping down while it does not fit)."""
+    (_, _, p8, _), (_, _, p16, _) = (long_context_rate(model, kind, b, context, new=2) for b in (8, 16))
+    per_seq = (p16 - p8) / 8
+    batch = int((budget_gib - (p8 - 8 * per_seq)) / per_seq)
+    while batch > 1:
+        rate = long_context_rate(model, kind, batch, context)
+        if rate[2] <= budget_gib:
+            return batch, rate
+        batch = int(batch * 0.95)
+    raise SystemExit(f"decode: not even batch 1 fits {budget_gib} GiB at context {context}")
+
+
+def bench_decode():
+    """Issue targets: batch-1 and batch-128 tokens/s, latent vs MHA at 64 x 4096, the largest batch in 40 GB at
+    8192 context, launches per step, the bandwidth a batch-1 step reaches."""
+    cfg = small_config(block_size=decode_context + 64)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Model(cfg)
+    for p in model.parameters():  # as sample.py runs it: bf16 weights, the router in fp32
+        if not any(p is m.gate.weight for m in model.moe_layers()):
+            p.data = p.data.to(torch.bfloat16)
+    model.eval()
+    elt = 2
+    mla_vals, _ = cache_values_per_token(cfg)
+    mha_vals = cfg.n_layer * cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim)
+    rows = []
+    print(f"\n## Decoding: the small config at random weights, bf16, greedy; cache bytes per token: latent "
+          f"{mla_vals * elt:,}, MHA (this model's per-head K and V) {mha_vals * elt:,}\n")
+    for batch, prompt, new in decode_cases:
+        for kind, graph in (("latent", True), ("latent", False), ("mha", True), ("mha", False), ("none", False)):
+            n = new if kind != "none" else min(new, 16)
+            tok_s, ms, prefill_ms, peak_gib, nbytes = decode_rate(model, kind, batch, prompt, n, graph)
+            rows.append(dict(batch=batch, context=f"{prompt} + {n}", cache=kind, graph=graph, tok_s=tok_s,
+                             ms_per_step=ms, prefill_ms=prefill_ms, peak_gib=peak_gib, cache_mib=nbytes / 2**20))
+            print(f"batch {batch} prompt {prompt} new {n} {kind} graph={graph}: {tok_s:,.0f} tok/s", file=sys.stderr)
+    # launches per decode step (eager; a graph replays the same kernels as nodes) and batch-1 bandwidth
+    launches = {}
+    for kind in ("latent", "mha"):
+        cache, step = make_cache(model, kind, 1, 128)
+        step = step or model.decode_step
+        tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+        step(tok, 64, cache)
+        launches[kind] = kernel_launches(lambda: step(tok, 64, cache))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.weight.nbytes
+    idle = cfg.n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.moe_inter_dim * elt
+    step_bytes = weights - idle  # what a batch-1 step must read: every weight but the experts it does not use
+    b1 = next(r for r in rows if r["batch"] == 1 and r["cache"] == "latent" and r["graph"])
+    b1_bw = (step_bytes + mla_vals * elt * 192) / (b1["ms_per_step"] * 1e-3)
+    for r in rows:
+        r["launches"] = launches.get(r["cache"], "")
+    print(table(["batch", "prompt + new", "cache", "CUDA graph", "decode tok/s", "ms / step", "kernels / step",
+                 "prefill ms", "cache MiB", "peak GiB"],
+                [[r["batch"], r["context"], r["cache"], "yes" if r["graph"] else "no", f"{r['tok_s']:,.0f}",
+                  f"{r['ms_per_step']:.2f}", r["launches"], f"{r['prefill_ms']:.0f}", f"{r['cache_mib']:,.1f}",
+                  f"{r['peak_gib']:.2f}"] for r in rows]))
+    print(f"\nbatch-1 step (latent, graph): reads {step_bytes / 1e6:.0f} MB of weights (all but the "
+          f"{cfg.n_experts - cfg.top_k} unused experts per MoE layer) + its cache in {b1['ms_per_step']:.3f} ms: "
+          f"{b1_bw / 1e9:,.0f} GB/s, {100 * b1_bw / copy_bw:.0f}% of the measured device copy"
+          + (f", {100 * b1_bw / peak_bw:.0f}% of the datasheet peak" if peak_bw else ""))
+    long = {}
+    for kind in ("latent", "mha"):
+        B, ctx = decode_long
+        long[kind] = long_context_rate(model, kind, B, ctx)
+    print(f"\n{decode_long[0]} x {decode_long[1]} context (graph, random cache rows): latent "
+          f"{long['latent'][0]:,.0f} tok/s ({long['latent'][1]:.2f} ms/step, cache {long['latent'][3] / 2**30:.2f} GiB), "
+          f"MHA {long['mha'][0]:,.0f} tok/s ({long['mha'][1]:.2f} ms/step, cache {long['mha'][3] / 2**30:.2f} GiB): "
+          f"latent {long['latent'][0] / long['mha'][0]:.2f}x")
+    fit = {kind: max_batch(model, kind, decode_context, decode_budget_gib) for kind in ("latent", "mha")}
+    print(table(["cache", f"largest batch at {decode_context} context in {decode_budget_gib} GiB", "decode tok/s",
+                 "ms / step", "peak GiB"],
+                [[k, b, f"{r[0]:,.0f}", f"{r[1]:.2f}", f"{r[2]:.2f}"] for k, (b, r) in fit.items()]))
+    print(f"latent / MHA: {fit['latent'][0] / fit['mha'][0]:.2f}x the batch, "
+          f"{fit['latent'][1][0] / fit['mha'][1][0]:.2f}x the tokens/s")
+    results["decode"] = dict(rows=rows, launches=launches, step_bytes=step_bytes, batch1_bandwidth=b1_bw,
+                             long={k: dict(zip(["tok_s", "ms", "peak_gib", "cache_bytes"], v)) for k, v in long.items()},
+                             max_batch={k: dict(batch=b, tok_s=r[0], ms=r[1], peak_gib=r[2]) for k, (b, r) in fit.items()})
+
+
+# -----------------------------------------------------------------------------
 # training step
 
 
@@ -314,9 +530,9 @@ def bench_train():
     print(f"\n## Training step: batch {train_batch} x {train_seq} tokens, bf16 autocast, fused AdamW"
           f"{', torch.compile' if compile else ''}\n")
     variants = {
-        "MoE small (Triton kernels)": ModelConfig(block_size=train_seq),
-        "MoE small (PyTorch reference)": ModelConfig(block_size=train_seq, use_kernels=False),
-        "dense baseline (SwiGLU 3072)": ModelConfig(block_size=train_seq, n_dense_layers=12, dense_inter_dim=3072),
+        "MoE small (Triton kernels)": small_config(block_size=train_seq),
+        "MoE small (PyTorch reference)": small_config(block_size=train_seq, use_kernels=False),
+        "dense baseline (SwiGLU 3072)": small_config(block_size=train_seq, n_dense_layers=12),
     }
     rows, out = [], []
     for name, cfg in variants.items():
@@ -325,7 +541,7 @@ def bench_train():
         ms = timeit(step, reps=n, warmup=train_warmup)
         tok_s = train_batch * train_seq / (ms * 1e-3)
         fpt = raw.flops_per_token(train_seq)
-        mfu = fpt * tok_s / peak_flops if peak_flops else None
+        mfu = fpt * tok_s / peak if peak else None
         rec = dict(model=name, ms=ms, tokens_per_s=tok_s, mfu=mfu, flops_per_token=fpt,
                    params=raw.num_params(), active_params=raw.num_params(active=True),
                    max_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
@@ -361,7 +577,7 @@ def kernel_ms(fn, n=5):
 def bench_tune(N=16384):
     """Per-kernel tile search: for each BLOCK_M, run fused_moe with the i-th candidate of every kernel at once
     and read each kernel's own GPU time from the profiler; keep the fastest candidate per kernel."""
-    cfg = ModelConfig()
+    cfg = small_config()
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
     params = [x, gates, w1, w2, w3]
     mm = lambda m, n, k, w, s: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
@@ -445,14 +661,14 @@ def bench_profile(N=16384):
         print(f"\n### {title}: {wall:.2f} ms wall per iteration (profiled), GPU kernels {sum(v for _, v in gpu):.2f} ms")
         print(table(["kernel / op (self GPU time)", "ms per iteration"], [(k[:90], f"{v:.3f}") for k, v in gpu[:rows]]))
 
-    cfg = ModelConfig()
+    cfg = small_config()
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
     params = [x, gates, w1, w2, w3]
     show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3),
                                                                       params, dy))
     del x, ids, gates, w1, w2, w3, dy, params
-    for name, cfg in [("MoE small", ModelConfig(block_size=train_seq)),
-                      ("dense baseline", ModelConfig(block_size=train_seq, n_dense_layers=12, dense_inter_dim=3072))]:
+    for name, cfg in [("MoE small", small_config(block_size=train_seq)),
+                      ("dense baseline", small_config(block_size=train_seq, n_dense_layers=12))]:
         step, _ = make_train_step(cfg)
         show(f"training step, {name}", step, rows=25)
         del step
@@ -532,7 +748,7 @@ def make_checkpoint(cfg, path):
             p.uniform_(-0.02, 0.02)
         for layer in m.moe_layers():
             layer.expert_bias.zero_()
-    m.save_pretrained(path, max_shard_size=2 * 2**30)
+    hf.save_pretrained(m, path, max_shard_size=2 * 2**30)
 
 
 def bench_load():
@@ -566,7 +782,7 @@ def bench_load():
     watcher = threading.Thread(target=watch)
     watcher.start()
     t0 = time.time()
-    model = Model.from_pretrained(load_dir, dtype=torch.bfloat16)
+    model = hf.from_pretrained(load_dir, dtype=torch.bfloat16)
     seconds = time.time() - t0
     done.set()
     watcher.join()
@@ -574,7 +790,7 @@ def bench_load():
     row = dict(params=model.num_params(), files_gb=size / 1e9, model_gb=nbytes / 1e9, seconds=seconds,
                peak_anon_gb=(peak["RssAnon"] - base) / 1e9, peak_file_gb=peak["RssFile"] / 1e9)
     results["load"] = row
-    print(f"\n## Model.from_pretrained: DeepSeek-V2-Lite shapes, {load_layers} layers, bf16, {len(files)} shards\n")
+    print(f"\n## hf.from_pretrained: DeepSeek-V2-Lite shapes, {load_layers} layers, bf16, {len(files)} shards\n")
     print(table(["params", "safetensors GB", "model GB", "load s", "peak anonymous memory GB (above start)",
                  "peak mmapped file pages GB"],
                 [[f"{row['params'] / 1e9:.2f}B", f"{row['files_gb']:.2f}", f"{row['model_gb']:.2f}",
@@ -583,13 +799,32 @@ def bench_load():
 
 # -----------------------------------------------------------------------------
 
-for section in sections.split(","):
-    t0 = time.time()
-    dict(moe=bench_moe, mla=bench_mla, train=bench_train, balance=bench_balance, load=bench_load,
-         tune=bench_tune, profile=bench_profile)[section.strip()]()
-    print(f"({section} section: {time.time() - t0:.0f} s)")
-if json_path:
-    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"wrote {json_path}")
+def main(argv):
+    global copy_bw
+    configure(settings, argv)
+    globals().update(settings)
+    names = [s.strip() for s in sections.split(",")]
+    if not cuda and set(names) - {"load"}:
+        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only the load section runs without one)")
+    results["settings"] = settings
+    torch.manual_seed(seed)
+    print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
+    if cuda:
+        copy_bw = results["copy_bw"] = copy_bandwidth()
+        print(f"peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
+              f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s "
+              "(measured)")
+    for section in names:
+        t0 = time.time()
+        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, train=bench_train, balance=bench_balance,
+             load=bench_load, tune=bench_tune, profile=bench_profile)[section]()
+        print(f"({section} section: {time.time() - t0:.0f} s)")
+    if json_path:
+        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

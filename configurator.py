@@ -51,18 +51,22 @@ def _check_key(key, settings):
         _fail(f"unknown setting --{key}{hint}")
 
 
+def read_config_file(path):
+    """The settings a config file assigns (names starting with _ are its own). A config file may start from
+    another one with exec(open(...).read()): __file__ is its own path."""
+    scope = {}
+    with open(path) as f:
+        exec(f.read(), {"__file__": path}, scope)
+    return {k: v for k, v in scope.items() if not k.startswith("_")}
+
+
 def configure(settings, argv):
     """Update the dict `settings` in place from config files and --key=value arguments, in order."""
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain Python assigning some of the settings
             if not os.path.isfile(arg):
-                _fail(f"no config file {arg}: pass a path like config/train_shakespeare_cpu.py or --key=value")
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), {}, scope)
-            for key, value in scope.items():
-                if key.startswith("_"):
-                    continue
+                _fail(f"no config file {arg}: pass a path like config/train_small.py or --key=value")
+            for key, value in read_config_file(arg).items():
                 _check_key(key, settings)
                 settings[key] = value
             continue

@@ -24,9 +24,9 @@ MLA decode (flash-decoding): each program takes one sequence, a tile of its (que
 split of the keys; it reads every latent row [c_kv ; k_pe] once for all heads (MQA), keeps an online softmax in
 fp32, and writes a partial output and its log-sum-exp. A second kernel combines the splits.
 """
-import functools
 import math
 import os
+import types
 import warnings
 
 import torch
@@ -35,21 +35,21 @@ try:
     import triton
     import triton.language as tl
     HAS_TRITON = True
-except ImportError:
+except ImportError:  # the kernels below are still defined (as plain functions), never launched: usable() is False
     HAS_TRITON = False
-
-enabled = True  # the module's own switch: False sends every caller to the PyTorch reference (A/B tests)
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 _warned = False
 
 
 def usable(x):
-    """Take the Triton path for this tensor? On CUDA with Triton importable and `enabled`. CPU tests run the
-    kernels directly under TRITON_INTERPRET=1."""
+    """Take the Triton path for this tensor? On CUDA with Triton importable. CPU tests run the kernels directly
+    under TRITON_INTERPRET=1; the model's switch is ModelConfig.use_kernels."""
     global _warned
     if x.is_cuda and not HAS_TRITON and not _warned:
         warnings.warn("kernels.py: Triton is not importable, using the (much slower) PyTorch reference paths")
         _warned = True
-    return HAS_TRITON and enabled and x.is_cuda
+    return HAS_TRITON and x.is_cuda
 
 
 def _precision(dtype):
@@ -57,316 +57,327 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-if HAS_TRITON:
-    # Triton's CPU interpreter (3.9) multiplies bf16 operands of tl.dot as raw bit patterns; upcast there only.
-    UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Triton's CPU interpreter (3.9) multiplies bf16 operands of tl.dot as raw bit patterns; upcast there only.
+UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-    @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr):
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # -------------------------------------------------------------------------
-    # Fused MoE kernels. Rows r of the padded, expert-sorted layout: sorted_pair[r] is the pair index
-    # p = token * K + k (n_pairs for padding), block_expert[r // BLOCK_M] the tile's expert (-1: past the end).
+# -------------------------------------------------------------------------
+# Fused MoE kernels. Rows r of the padded, expert-sorted layout: sorted_pair[r] is the pair index
+# p = token * K + k (n_pairs for padding), block_expert[r // BLOCK_M] the tile's expert (-1: past the end).
 
-    @triton.jit
-    def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr, pad_ptr, n_pairs, n_blocks,
-                          n_search, E, ALIGN_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
-        """From the stably sorted expert ids: each expert's run of rows padded to ALIGN_M, the padded row of
-        every pair (sorted_pair), the expert of every block of ALIGN_M rows, pad_start / pad_end. Every program
-        finds the E run boundaries itself (a vectorized binary search), then places BLOCK pairs and BLOCK blocks."""
-        pid = tl.program_id(0)
-        e = tl.arange(0, BLOCK_E)
-        lo, lo_next = tl.zeros((BLOCK_E,), tl.int32), tl.zeros((BLOCK_E,), tl.int32)
-        hi, hi_next = tl.zeros((BLOCK_E,), tl.int32) + n_pairs, tl.zeros((BLOCK_E,), tl.int32) + n_pairs
-        for _ in range(n_search):  # lower bounds of e and e + 1 in sorted_e
-            mid = (lo + hi) // 2
-            less = tl.load(sorted_e_ptr + mid, mask=lo < hi, other=0) < e
-            lo, hi = tl.where((lo < hi) & less, mid + 1, lo), tl.where((lo < hi) & ~less, mid, hi)
-            mid = (lo_next + hi_next) // 2
-            less = tl.load(sorted_e_ptr + mid, mask=lo_next < hi_next, other=0) < e + 1
-            lo_next = tl.where((lo_next < hi_next) & less, mid + 1, lo_next)
-            hi_next = tl.where((lo_next < hi_next) & ~less, mid, hi_next)
-        is_expert = e < E
-        padded = tl.where(is_expert, (lo_next - lo + ALIGN_M - 1) // ALIGN_M * ALIGN_M, 0)
-        pad_end = tl.cumsum(padded, axis=0)
-        pad_start = pad_end - padded
-        if pid == 0:
-            tl.store(pad_ptr + e, pad_start, mask=is_expert)
-            tl.store(pad_ptr + E + e, pad_end, mask=is_expert)
-        i = pid * BLOCK + tl.arange(0, BLOCK)  # sorted positions -> padded rows
-        i_ok = i < n_pairs
-        ei = tl.load(sorted_e_ptr + i, mask=i_ok, other=0)
-        shift = tl.sum(tl.where(ei[:, None] == e[None, :], (pad_start - lo)[None, :], 0), axis=1)  # (pad_start - first)[ei]
-        tl.store(sorted_pair_ptr + i + shift, tl.load(order_ptr + i, mask=i_ok, other=0), mask=i_ok)
-        b = pid * BLOCK + tl.arange(0, BLOCK)  # blocks of rows -> their expert: the count of runs ending at or before
-        start = b * ALIGN_M
-        owner = tl.sum(((pad_end[None, :] <= start[:, None]) & is_expert[None, :]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
+@triton.jit
+def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr, pad_ptr, n_pairs, n_blocks,
+                      n_search, E, ALIGN_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """From the stably sorted expert ids: each expert's run of rows padded to ALIGN_M, the padded row of
+    every pair (sorted_pair), the expert of every block of ALIGN_M rows, pad_start / pad_end. Every program
+    finds the E run boundaries itself (a vectorized binary search), then places BLOCK pairs and BLOCK blocks."""
+    pid = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    lo, lo_next = tl.zeros((BLOCK_E,), tl.int32), tl.zeros((BLOCK_E,), tl.int32)
+    hi, hi_next = tl.zeros((BLOCK_E,), tl.int32) + n_pairs, tl.zeros((BLOCK_E,), tl.int32) + n_pairs
+    for _ in range(n_search):  # lower bounds of e and e + 1 in sorted_e
+        mid = (lo + hi) // 2
+        less = tl.load(sorted_e_ptr + mid, mask=lo < hi, other=0) < e
+        lo, hi = tl.where((lo < hi) & less, mid + 1, lo), tl.where((lo < hi) & ~less, mid, hi)
+        mid = (lo_next + hi_next) // 2
+        less = tl.load(sorted_e_ptr + mid, mask=lo_next < hi_next, other=0) < e + 1
+        lo_next = tl.where((lo_next < hi_next) & less, mid + 1, lo_next)
+        hi_next = tl.where((lo_next < hi_next) & ~less, mid, hi_next)
+    is_expert = e < E
+    padded = tl.where(is_expert, (lo_next - lo + ALIGN_M - 1) // ALIGN_M * ALIGN_M, 0)
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    if pid == 0:
+        tl.store(pad_ptr + e, pad_start, mask=is_expert)
+        tl.store(pad_ptr + E + e, pad_end, mask=is_expert)
+    i = pid * BLOCK + tl.arange(0, BLOCK)  # sorted positions -> padded rows
+    i_ok = i < n_pairs
+    ei = tl.load(sorted_e_ptr + i, mask=i_ok, other=0)
+    shift = tl.sum(tl.where(ei[:, None] == e[None, :], (pad_start - lo)[None, :], 0), axis=1)  # (pad_start - first)[ei]
+    tl.store(sorted_pair_ptr + i + shift, tl.load(order_ptr + i, mask=i_ok, other=0), mask=i_ok)
+    b = pid * BLOCK + tl.arange(0, BLOCK)  # blocks of rows -> their expert: the count of runs ending at or before
+    start = b * ALIGN_M
+    owner = tl.sum(((pad_end[None, :] <= start[:, None]) & is_expert[None, :]).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
 
-    @triton.jit
-    def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_expert_ptr,
-                       n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_a,
-                       ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
-        """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3]."""
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(I, BLOCK_N)
-        pid_m, pid_n = pid // n_tiles, pid % n_tiles
-        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
-        if expert < 0:
-            return
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+@triton.jit
+def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_expert_ptr,
+                   n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_a,
+                   ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3]."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles
+    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    if expert < 0:
+        return
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair < n_pairs
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]  # gather: the prologue permutes
+    w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k
+        xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & (offs_n[None, :] < I)
+        acc1 = _dot(xt, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, PRECISION)
+        acc3 = _dot(xt, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, PRECISION)
+        x_ptrs += BLOCK_K
+        w_off += BLOCK_K
+    a = acc1 * tl.sigmoid(acc1) * acc3
+    n_ok = (offs_n < I)[None, :]
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
+    tl.store(h_ptrs, acc1.to(h_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(h_ptrs + I, acc3.to(h_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(a_ptr + rows[:, None] * stride_a + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=n_ok)
+
+@triton.jit
+def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        at = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(at, wt, acc, PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+@triton.jit
+def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, block_expert_ptr,
+                   n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out,
+                   TWO: tl.constexpr, MUL_GATE: tl.constexpr,
+                   ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """out[pair] = (gate[pair] *) a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
+    pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
+    (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles
+    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    if expert < 0:
+        return
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair < n_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
+    w_off = expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _mm_loop(acc, a_ptrs, w_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
+    if TWO:
+        acc = _mm_loop(acc, a_ptrs + K, w2nd_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
+    if MUL_GATE:  # V3 eq. 12: g_i FFN_i(u), applied before the scatter
+        acc = acc * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+@triton.jit
+def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, sorted_pair_ptr,
+                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
+                         stride_h, stride_dh, stride_ga,
+                         ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Backward through the down projection and the SwiGLU, one tile of I:
+    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
+    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles
+    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    if expert < 0:
+        return
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair < n_pairs
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < I
+    # the epilogue's operands, loaded before the main loop so that their latency hides behind it
+    g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
+    h1 = tl.load(h_ptrs, mask=n_ok[None, :], other=0.0)
+    h3 = tl.load(h_ptrs + I, mask=n_ok[None, :], other=0.0)
+    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k
+        dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(dyt, wt, acc, PRECISION)
+        dy_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+    h1, h3 = h1.to(tl.float32), h3.to(tl.float32)
+    sig = tl.sigmoid(h1)
+    silu = h1 * sig
+    a = silu * h3
+    tl.store(dg_ptr + pid_n * n_pairs + pair, tl.sum(acc * a, axis=1), mask=valid)  # dL/dg = dy . (a W2^T)
+    tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], (a * g[:, None]).to(ga_ptr.dtype.element_ty),
+             mask=n_ok[None, :])
+    da = acc * g[:, None]
+    dh_ptrs = dh_ptr + rows[:, None] * stride_dh + offs_n[None, :]
+    tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])  # dh3 = da silu(h1)
+    dh1 = da * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
+    tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+@triton.jit
+def _moe_wgrad_kernel(l_ptr, l2_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
+                      n_pairs, top_k, P, Q, stride_l, stride_r, stride_oe, stride_op,
+                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, TWO: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """out[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
+    (dy or x) instead of the sorted row. TWO: also out2[e] = sum L2[row]^T R[row], sharing the loads of R
+    (dW1 and dW3 both read x[tok]). An expert with no tokens writes zeros."""
+    expert = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_tiles = tl.cdiv(Q, BLOCK_Q)
+    pid_p, pid_q = pid // n_tiles, pid % n_tiles
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
+    p_ok, q_ok = offs_p < P, offs_q < Q
+    lo = tl.load(pad_start_ptr + expert)
+    hi = tl.load(pad_end_ptr + expert)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        rows = (start + offs_k).to(tl.int64)
         pair = tl.load(sorted_pair_ptr + rows)
         valid = pair < n_pairs
         tok = (pair // top_k).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]  # gather: the prologue permutes
-        w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            k_ok = offs_k < D - k
-            xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & (offs_n[None, :] < I)
-            acc1 = _dot(xt, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, PRECISION)
-            acc3 = _dot(xt, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, PRECISION)
-            x_ptrs += BLOCK_K
-            w_off += BLOCK_K
-        a = acc1 * tl.sigmoid(acc1) * acc3
-        n_ok = (offs_n < I)[None, :]
-        h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
-        tl.store(h_ptrs, acc1.to(h_ptr.dtype.element_ty), mask=n_ok)
-        tl.store(h_ptrs + I, acc3.to(h_ptr.dtype.element_ty), mask=n_ok)
-        tl.store(a_ptr + rows[:, None] * stride_a + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        for k in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k
-            at = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _dot(at, wt, acc, PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        return acc
-
-    @triton.jit
-    def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, block_expert_ptr,
-                       n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out,
-                       TWO: tl.constexpr, MUL_GATE: tl.constexpr,
-                       ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
-        """out[pair] = (gate[pair] *) a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
-        pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
-        (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = pid // n_tiles, pid % n_tiles
-        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
-        if expert < 0:
-            return
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        pair = tl.load(sorted_pair_ptr + rows)
-        valid = pair < n_pairs
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
-        a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
-        w_off = expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _mm_loop(acc, a_ptrs, w_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
+        l_rows = tok if GATHER_L else rows
+        r_rows = tok if GATHER_R else rows
+        l_off = l_rows[:, None] * stride_l + offs_p[None, :]
+        l_mask = valid[:, None] & p_ok[None, :]
+        rt = tl.load(r_ptr + r_rows[:, None] * stride_r + offs_q[None, :], mask=valid[:, None] & q_ok[None, :],
+                     other=0.0)
+        acc = _dot(tl.trans(tl.load(l_ptr + l_off, mask=l_mask, other=0.0)), rt, acc, PRECISION)
         if TWO:
-            acc = _mm_loop(acc, a_ptrs + K, w2nd_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
-        if MUL_GATE:  # V3 eq. 12: g_i FFN_i(u), applied before the scatter
-            acc = acc * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
-        out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+            acc2 = _dot(tl.trans(tl.load(l2_ptr + l_off, mask=l_mask, other=0.0)), rt, acc2, PRECISION)
+    out_off = expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+    if TWO:
+        tl.store(out2_ptr + out_off, acc2.to(out2_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
-    @triton.jit
-    def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, sorted_pair_ptr,
-                             block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
-                             stride_h, stride_dh, stride_ga,
-                             ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PRECISION: tl.constexpr):
-        """Backward through the down projection and the SwiGLU, one tile of I:
-        da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
-        da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1)."""
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(I, BLOCK_N)
-        pid_m, pid_n = pid // n_tiles, pid % n_tiles
-        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
-        if expert < 0:
-            return
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        pair = tl.load(sorted_pair_ptr + rows)
-        valid = pair < n_pairs
-        tok = (pair // top_k).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < I
-        # the epilogue's operands, loaded before the main loop so that their latency hides behind it
-        g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
-        h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
-        h1 = tl.load(h_ptrs, mask=n_ok[None, :], other=0.0)
-        h3 = tl.load(h_ptrs + I, mask=n_ok[None, :], other=0.0)
-        dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
-        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            k_ok = offs_k < D - k
-            dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _dot(dyt, wt, acc, PRECISION)
-            dy_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wd
-        h1, h3 = h1.to(tl.float32), h3.to(tl.float32)
-        sig = tl.sigmoid(h1)
-        silu = h1 * sig
-        a = silu * h3
-        tl.store(dg_ptr + pid_n * n_pairs + pair, tl.sum(acc * a, axis=1), mask=valid)  # dL/dg = dy . (a W2^T)
-        tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], (a * g[:, None]).to(ga_ptr.dtype.element_ty),
-                 mask=n_ok[None, :])
-        da = acc * g[:, None]
-        dh_ptrs = dh_ptr + rows[:, None] * stride_dh + offs_n[None, :]
-        tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])  # dh3 = da silu(h1)
-        dh1 = da * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
-        tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
+# -------------------------------------------------------------------------
+# MLA decode kernels
 
-    @triton.jit
-    def _moe_wgrad_kernel(l_ptr, l2_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
-                          n_pairs, top_k, P, Q, stride_l, stride_r, stride_oe, stride_op,
-                          GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, TWO: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
-        """out[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
-        (dy or x) instead of the sorted row. TWO: also out2[e] = sum L2[row]^T R[row], sharing the loads of R
-        (dW1 and dW3 both read x[tok]). An expert with no tokens writes zeros."""
-        expert = tl.program_id(0)
-        pid = tl.program_id(1)
-        n_tiles = tl.cdiv(Q, BLOCK_Q)
-        pid_p, pid_q = pid // n_tiles, pid % n_tiles
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        offs_k = tl.arange(0, BLOCK_K)
-        p_ok, q_ok = offs_p < P, offs_q < Q
-        lo = tl.load(pad_start_ptr + expert)
-        hi = tl.load(pad_end_ptr + expert)
-        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_K):
-            rows = (start + offs_k).to(tl.int64)
-            pair = tl.load(sorted_pair_ptr + rows)
-            valid = pair < n_pairs
-            tok = (pair // top_k).to(tl.int64)
-            l_rows = tok if GATHER_L else rows
-            r_rows = tok if GATHER_R else rows
-            l_off = l_rows[:, None] * stride_l + offs_p[None, :]
-            l_mask = valid[:, None] & p_ok[None, :]
-            rt = tl.load(r_ptr + r_rows[:, None] * stride_r + offs_q[None, :], mask=valid[:, None] & q_ok[None, :],
-                         other=0.0)
-            acc = _dot(tl.trans(tl.load(l_ptr + l_off, mask=l_mask, other=0.0)), rt, acc, PRECISION)
-            if TWO:
-                acc2 = _dot(tl.trans(tl.load(l2_ptr + l_off, mask=l_mask, other=0.0)), rt, acc2, PRECISION)
-        out_off = expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :]
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
-        if TWO:
-            tl.store(out2_ptr + out_off, acc2.to(out2_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
-
-    # -------------------------------------------------------------------------
-    # MLA decode kernels
-
-    @triton.jit
-    def _mla_decode_kernel(q_ptr, kv_ptr, o_ptr, lse_ptr, M, H, start_pos, end, chunk, scale_log2,
-                           stride_qb, stride_qm, stride_kvb, stride_kvs, stride_ob, stride_os, stride_om,
-                           stride_lb, stride_ls, C: tl.constexpr, R: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_R: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr):
-        """One (sequence, tile of query rows, split of keys): online softmax over keys [lo, hi), the latents
-        read once for all heads. Row m is query token m // H, head m % H; it sees keys s <= start_pos + m // H."""
-        b = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        split = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        last_key = start_pos + offs_m // H
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_r = tl.arange(0, BLOCK_R)
-        c_ok, r_ok = offs_c < C, offs_r < R
-        q_ptrs = q_ptr + b * stride_qb + offs_m[:, None] * stride_qm
-        q_c = tl.load(q_ptrs + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        q_r = tl.load(q_ptrs + C + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+@triton.jit
+def _mla_decode_kernel(q_ptr, kv_ptr, o_ptr, lse_ptr, pos_ptr, M, H, chunk, scale_log2,
+                       stride_qb, stride_qm, stride_kvb, stride_kvs, stride_ob, stride_os, stride_om,
+                       stride_lb, stride_ls, C: tl.constexpr, R: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """One (sequence, tile of query rows, split of keys): online softmax over keys [lo, hi), the latents
+    read once for all heads. Row m is query token m // H, head m % H; it sees keys s <= start_pos + m // H.
+    start_pos is read from pos_ptr (device memory), so a captured CUDA graph replays at any position; a split
+    that starts past the last key writes an empty result (lse = -inf), which the combine weighs 0."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    start_pos = tl.load(pos_ptr)
+    end = start_pos + M // H  # one past the last key any query row sees
+    last_key = start_pos + offs_m // H
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    c_ok, r_ok = offs_c < C, offs_r < R
+    q_ptrs = q_ptr + b * stride_qb + offs_m[:, None] * stride_qm
+    q_c = tl.load(q_ptrs + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    q_r = tl.load(q_ptrs + C + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    if FP32:
+        q_c, q_r = q_c.to(tl.float32), q_r.to(tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a row with no visible key stays NaN-free
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for s in range(lo, hi, BLOCK_N):
+        keys = s + offs_n
+        n_ok = keys < hi
+        kv_ptrs = kv_ptr + b * stride_kvb + keys.to(tl.int64)[:, None] * stride_kvs
+        k_c = tl.load(kv_ptrs + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # c_kv: key and value
+        k_r = tl.load(kv_ptrs + C + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # k_pe
         if FP32:
-            q_c, q_r = q_c.to(tl.float32), q_r.to(tl.float32)
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, end)
-        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a row with no visible key stays NaN-free
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
-        for s in range(lo, hi, BLOCK_N):
-            keys = s + offs_n
-            n_ok = keys < hi
-            kv_ptrs = kv_ptr + b * stride_kvb + keys.to(tl.int64)[:, None] * stride_kvs
-            k_c = tl.load(kv_ptrs + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)  # c_kv: key and value
-            k_r = tl.load(kv_ptrs + C + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # k_pe
-            if FP32:
-                k_c, k_r = k_c.to(tl.float32), k_r.to(tl.float32)
-            scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            scores = _dot(q_c, tl.trans(k_c), scores, PRECISION)
-            scores = _dot(q_r, tl.trans(k_r), scores, PRECISION) * scale_log2
-            visible = n_ok[None, :] & (keys[None, :] <= last_key[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = _dot(p.to(k_c.dtype), k_c, acc * alpha[:, None], PRECISION)
-            m_i = m_new
-        empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
-        o_ptrs = o_ptr + b * stride_ob + split * stride_os + offs_m[:, None] * stride_om + offs_c[None, :]
-        tl.store(o_ptrs, out, mask=m_ok[:, None] & c_ok[None, :])
-        tl.store(lse_ptr + b * stride_lb + split * stride_ls + offs_m, lse, mask=m_ok)
+            k_c, k_r = k_c.to(tl.float32), k_r.to(tl.float32)
+        scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        scores = _dot(q_c, tl.trans(k_c), scores, PRECISION)
+        scores = _dot(q_r, tl.trans(k_r), scores, PRECISION) * scale_log2
+        visible = n_ok[None, :] & (keys[None, :] <= last_key[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(k_c.dtype), k_c, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
+    o_ptrs = o_ptr + b * stride_ob + split * stride_os + offs_m[:, None] * stride_om + offs_c[None, :]
+    tl.store(o_ptrs, out, mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(lse_ptr + b * stride_lb + split * stride_ls + offs_m, lse, mask=m_ok)
 
-    @triton.jit
-    def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_os, stride_om,
-                            stride_lb, stride_ls, stride_outb, stride_outm, C: tl.constexpr,
-                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        """out[b, m] = sum_split exp2(lse_split - lse) o_split: the splits' softmaxes merged exactly."""
-        b = tl.program_id(0).to(tl.int64)
-        m = tl.program_id(1)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_c = tl.arange(0, BLOCK_C)
-        s_ok = offs_s < n_splits
-        lse = tl.load(lse_ptr + b * stride_lb + offs_s * stride_ls + m, mask=s_ok, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always holds key 0, so the max is finite
-        w = w / tl.sum(w, axis=0)
-        o = tl.load(o_ptr + b * stride_ob + offs_s[:, None] * stride_os + m * stride_om + offs_c[None, :],
-                    mask=s_ok[:, None] & (offs_c < C)[None, :], other=0.0)
-        out = tl.sum(o * w[:, None], axis=0)
-        tl.store(out_ptr + b * stride_outb + m * stride_outm + offs_c, out.to(out_ptr.dtype.element_ty),
-                 mask=offs_c < C)
+@triton.jit
+def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_os, stride_om,
+                        stride_lb, stride_ls, stride_outb, stride_outm, C: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, m] = sum_split exp2(lse_split - lse) o_split: the splits' softmaxes merged exactly."""
+    b = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    s_ok = offs_s < n_splits
+    lse = tl.load(lse_ptr + b * stride_lb + offs_s * stride_ls + m, mask=s_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always holds key 0, so the max is finite
+    w = w / tl.sum(w, axis=0)
+    o = tl.load(o_ptr + b * stride_ob + offs_s[:, None] * stride_os + m * stride_om + offs_c[None, :],
+                mask=s_ok[:, None] & (offs_c < C)[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0)
+    tl.store(out_ptr + b * stride_outb + m * stride_outm + offs_c, out.to(out_ptr.dtype.element_ty),
+             mask=offs_c < C)
 
 
 # -----------------------------------------------------------------------------
 # Fused MoE: routing metadata, the autograd Function, the entry point
 
 # Tiles. ALIGN_M: every expert's run of rows is padded to a multiple of it; each kernel takes tiles of BLOCK_M rows
-# (a divisor of ALIGN_M, so a tile never straddles two experts). GPU values: the fastest found on an H100 by
-# `python bench.py --sections=tune`; the interpreter gets small ones so the CPU tests cross
-# several tiles, experts and splits.
+# (a divisor of ALIGN_M, so a tile never straddles two experts). MOE_TILES: training-sized batches, the values
+# `python bench.py --sections=tune` picked. SMALL_TILES: a few (token, expert) pairs per expert (decoding), where
+# 128-row tiles would be nearly all padding: 16-row tiles, narrow N tiles so enough programs stream the weights.
+# The interpreter gets small ones so the CPU tests cross several tiles, experts and splits.
 MOE_TILES = dict(ALIGN_M=128,
                  up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                  down=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                  down_bwd=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
                  dx=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                  wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3))
+SMALL_TILES = dict(ALIGN_M=16,
+                   up=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                   down=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                   down_bwd=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                   dx=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                   wgrad=dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=4, num_stages=3))
+SMALL_PAIRS = 4096  # up to this many (token, expert) pairs take SMALL_TILES
 INTERPRET_TILES = dict(ALIGN_M=32, up=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
                        down=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), down_bwd=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
                        dx=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), wgrad=dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=16))
@@ -377,40 +388,47 @@ def moe_align(topk_ids, n_experts, align_m):
 
     Returns sorted_pair (n_blocks * align_m,) int32: the pair p = token * K + k at each padded row (N*K for
     padding); block_expert (n_blocks,) int32: the expert of each block of align_m rows (-1 past the end);
-    pad_start, pad_end (E,) int32: each expert's rows. n_blocks = cdiv(N*K, align_m) + E bounds the padded
-    length, so nothing waits for the GPU; one sort and one small kernel (few launches: the host is the bottleneck
-    of a layer at small token counts)."""
+    pad_start, pad_end (E,) int32: each expert's rows. n_blocks = cdiv(N*K, align_m) + min(E, N*K) bounds the
+    padded length (at most N*K experts get a pair, each adds under align_m rows of padding), so nothing waits for
+    the GPU; one sort and one small kernel."""
     n_pairs = topk_ids.numel()
     sorted_e, order = topk_ids.flatten().to(torch.int32).sort(stable=True)  # stable: tokens ascend in each run
-    n_blocks = triton.cdiv(n_pairs, align_m) + n_experts
+    n_blocks = triton.cdiv(n_pairs, align_m) + min(n_experts, n_pairs)
     sorted_pair = torch.full((n_blocks * align_m,), n_pairs, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=topk_ids.device)
     pad = torch.empty(2, n_experts, dtype=torch.int32, device=topk_ids.device)
     BLOCK_E = triton.next_power_of_2(n_experts)
     BLOCK = max(16, 8192 // BLOCK_E)  # the (BLOCK, BLOCK_E) one-hot tiles stay small
     _moe_align_kernel[(triton.cdiv(max(n_pairs, n_blocks), BLOCK),)](
-        sorted_e, order, sorted_pair, block_expert, pad, n_pairs, n_blocks, n_pairs.bit_length(), n_experts,
-        ALIGN_M=align_m, BLOCK_E=BLOCK_E, BLOCK=BLOCK, **({"num_warps": 8} if topk_ids.is_cuda else {}))
+        sorted_e, order, sorted_pair, block_expert, pad, n_pairs=n_pairs, n_blocks=n_blocks,
+        n_search=n_pairs.bit_length(), E=n_experts, ALIGN_M=align_m, BLOCK_E=BLOCK_E, BLOCK=BLOCK,
+        **({"num_warps": 8} if topk_ids.is_cuda else {}))
     return sorted_pair, block_expert, pad[0], pad[1]
 
 
-def _launch_mm(a, w, w2nd, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_strides, mul_gate, tiles, prec):
+def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, mul_gate, w2nd=None):
+    """out[pair] = (gate *) a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3)."""
     t = tiles["dx" if w2nd is not None else "down"]
     grid = (sorted_pair.numel() // t["BLOCK_M"] * triton.cdiv(N, t["BLOCK_N"]),)
+    stride_we, stride_wk, stride_wn = w_strides
     _moe_mm_kernel[grid](a, w, w if w2nd is None else w2nd, out, gate, sorted_pair, block_expert,
-                         n_pairs, K, N, a.stride(0), *w_strides, out.stride(0),
-                         TWO=w2nd is not None, MUL_GATE=mul_gate, ALIGN_M=tiles["ALIGN_M"], PRECISION=prec, **t)
+                         n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we, stride_wk=stride_wk,
+                         stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None, MUL_GATE=mul_gate,
+                         ALIGN_M=tiles["ALIGN_M"], PRECISION=prec, **t)
 
 
-def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, top_k, gather_l, gather_r, tiles, prec,
+def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, top_k, tiles, prec, gather_l, gather_r,
                   left2=None, out2=None):
+    """out[e] = sum over expert e's rows of left^T right (gather_*: that side is read at the row's token);
+    with left2, also out2[e] = sum left2^T right."""
     t = tiles["wgrad"]
     E, P, Q = out.shape
     grid = (E, triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]))
     two = left2 is not None
     _moe_wgrad_kernel[grid](left, left2 if two else left, right, out, out2 if two else out, sorted_pair, pad_start,
-                            pad_end, n_pairs, top_k, P, Q, left.stride(0), right.stride(0), out.stride(0),
-                            out.stride(1), GATHER_L=gather_l, GATHER_R=gather_r, TWO=two, PRECISION=prec, **t)
+                            pad_end, n_pairs=n_pairs, top_k=top_k, P=P, Q=Q, stride_l=left.stride(0),
+                            stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
+                            GATHER_L=gather_l, GATHER_R=gather_r, TWO=two, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -425,7 +443,7 @@ class _FusedMoE(torch.autograd.Function):
         K = topk_ids.shape[1]
         E, I, _ = w1.shape
         n_pairs = N * K
-        tiles, prec = _tiles(x), _precision(dtype)
+        tiles, prec = _tiles(x, n_pairs), _precision(dtype)
         xc = x.to(dtype).contiguous()
         w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
         sorted_pair, block_expert, pad_start, pad_end = moe_align(topk_ids, E, tiles["ALIGN_M"])
@@ -440,8 +458,8 @@ class _FusedMoE(torch.autograd.Function):
                              PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
-        _launch_mm(a, w2c, None, out, gate, sorted_pair, block_expert, n_pairs, I, D,
-                   (w2c.stride(0), 1, w2c.stride(1)), True, tiles, prec)
+        _launch_mm(a, w2c, out, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
+                   w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, mul_gate=True)
         ctx.save_for_backward(xc, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
         ctx.top_k, ctx.dtypes = K, (x.dtype, topk_weights.dtype, w1.dtype, w2.dtype, w3.dtype)
         return out.view(N, K, D).sum(dim=1, dtype=x.dtype)  # the K experts of each token; fp32 sum
@@ -453,7 +471,7 @@ class _FusedMoE(torch.autograd.Function):
         N, D = x.shape
         E, I, _ = w1.shape
         n_pairs = N * K
-        tiles, prec = _tiles(x), _precision(x.dtype)
+        tiles, prec = _tiles(x, n_pairs), _precision(x.dtype)
         dy = dy.to(x.dtype).contiguous()
         rows = sorted_pair.numel()
         t = tiles["down_bwd"]
@@ -469,29 +487,31 @@ class _FusedMoE(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx_pair = torch.empty(n_pairs, D, device=x.device, dtype=x.dtype)
             # W1_e is (I, d): element [k over I, n over d] at k * d + n
-            _launch_mm(dh, w1, w3, dx_pair, gate, sorted_pair, block_expert, n_pairs, I, D,
-                       (w1.stride(0), w1.stride(1), 1), False, tiles, prec)
+            _launch_mm(dh, w1, dx_pair, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
+                       w_strides=(w1.stride(0), w1.stride(1), 1), tiles=tiles, prec=prec, mul_gate=False, w2nd=w3)
             dx = dx_pair.view(N, K, D).sum(dim=1, dtype=x_dtype)
         if ctx.needs_input_grad[2]:
             dg = dg_part.sum(dim=0).view(N, K).to(g_dtype)
         args = (sorted_pair, pad_start, pad_end, n_pairs, K)
         if ctx.needs_input_grad[4]:  # dW2_e = sum dy[tok]^T (g a)
             dw2 = torch.empty(w2.shape, device=x.device, dtype=w2_dtype)
-            _launch_wgrad(dy, ga, dw2, *args, True, False, tiles, prec)
+            _launch_wgrad(dy, ga, dw2, *args, tiles, prec, gather_l=True, gather_r=False)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:  # dW1_e, dW3_e = sum dh1^T x[tok], sum dh3^T x[tok]
             dw1 = torch.empty(w1.shape, device=x.device, dtype=w1_dtype)
             dw3 = torch.empty(w3.shape, device=x.device, dtype=w3_dtype)
-            _launch_wgrad(dh[:, :I], x, dw1, *args, False, True, tiles, prec, left2=dh[:, I:], out2=dw3)
+            _launch_wgrad(dh[:, :I], x, dw1, *args, tiles, prec, gather_l=False, gather_r=True, left2=dh[:, I:],
+                          out2=dw3)
         return dx, None, dg, dw1, dw2, dw3, None
 
 
-def _tiles(x):
-    return MOE_TILES if x.is_cuda else INTERPRET_TILES
+def _tiles(x, n_pairs):
+    if not x.is_cuda:
+        return INTERPRET_TILES
+    return SMALL_TILES if n_pairs <= SMALL_PAIRS else MOE_TILES
 
 
 # No torch.compiler.disable here: torch.compile traces the autograd.Function and the Triton launches, so a compiled
-# model no longer breaks its graph at every MoE layer (python train.py config/train_small.py --compile on an H100: 116.7 ms
-# per step, against 144.9 ms with a graph break at every MoE layer).
+# model does not break its graph at every MoE layer (README, "Training step").
 def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
     """Same contract as moe.experts_reference: sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]).
 
@@ -509,25 +529,32 @@ def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
 # BLOCK_N keys per step (halved until num_stages of them fit in shared memory); programs_per_sm and min_keys set
 # the split count: about programs_per_sm programs per SM, but no split shorter than min_keys keys.
 MLA_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2, min_keys=256)
+_SMS = {}
 
 
-@functools.lru_cache
 def _num_sms(device):
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
 
 
-@torch.compiler.disable
 def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
     """Same contract as mla.latent_attention: q (B, T, H, C + R) absorbed queries at positions start_pos..;
     kv (B, S, C + R) latents (a strided slice of the cache is fine), S >= start_pos + T. Returns (B, T, H, C).
 
+    start_pos: an int, or a one-element integer tensor on q's device. With a tensor nothing about the launch
+    depends on its value (the grid and the splits follow S, the kernel reads the position from memory): the call
+    can be captured in a CUDA graph once and replayed at every decoding step.
     Split-KV (flash-decoding): the keys are cut into n_splits chunks so that B * splits programs fill the GPU
     even at batch 1; n_splits=None picks it (tests force it)."""
     B, T, H, CR = q.shape
     C, R = kv_lora_rank, CR - kv_lora_rank
-    end = start_pos + T
+    if isinstance(start_pos, torch.Tensor):
+        pos, end = start_pos.reshape(1), kv.shape[1]  # end: the most keys any step can see
+    else:
+        pos, end = torch.full((1,), start_pos, dtype=torch.int64, device=q.device), start_pos + T
     M = T * H  # query rows: (token, head)
     q = q.contiguous().view(B, M, CR)
     if kv.stride(-1) != 1:
@@ -549,12 +576,14 @@ def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
     lse = torch.empty(B, n_splits, M, device=q.device, dtype=torch.float32)
     extra = dict(num_warps=MLA_TILES["num_warps"], num_stages=stages) if q.is_cuda else {}
     _mla_decode_kernel[(B, m_tiles, n_splits)](
-        q, kv, o_part, lse, M, H, start_pos, end, chunk, softmax_scale * math.log2(math.e),
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse.stride(0), lse.stride(1), C=C, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
+        q, kv, o_part, lse, pos, M=M, H=H, chunk=chunk, scale_log2=softmax_scale * math.log2(math.e),
+        stride_qb=q.stride(0), stride_qm=q.stride(1), stride_kvb=kv.stride(0), stride_kvs=kv.stride(1),
+        stride_ob=o_part.stride(0), stride_os=o_part.stride(1), stride_om=o_part.stride(2), stride_lb=lse.stride(0),
+        stride_ls=lse.stride(1), C=C, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         FP32=fp32, PRECISION=_precision(torch.float32 if fp32 else q.dtype), **extra)
     out = torch.empty(B, M, C, device=q.device, dtype=q.dtype)
-    _mla_combine_kernel[(B, M)](o_part, lse, out, n_splits, M, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                                lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), C=C,
+    _mla_combine_kernel[(B, M)](o_part, lse, out, n_splits=n_splits, M=M, stride_ob=o_part.stride(0),
+                                stride_os=o_part.stride(1), stride_om=o_part.stride(2), stride_lb=lse.stride(0),
+                                stride_ls=lse.stride(1), stride_outb=out.stride(0), stride_outm=out.stride(1), C=C,
                                 BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_C=BLOCK_C)
     return out.view(B, T, H, C)

@@ -94,7 +94,7 @@ class LatentCache:
 def cache_values_per_token(cfg):
     """Values cached per token over all layers: (MLA, standard multi-head attention with the same heads)."""
     mla = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    mha = cfg.n_layer * 2 * cfg.n_head * cfg.v_head_dim  # a K and a V per head (REFERENCE.md section 1)
+    mha = cfg.n_layer * 2 * cfg.n_head * cfg.v_head_dim  # a K and a V per head (DeepSeek-V2 Table 1)
     return mla, mha
 
 
@@ -107,13 +107,16 @@ def latent_attention(q, kv, start_pos, softmax_scale, kv_lora_rank):
 
     q:  (B, T, H, C + R)  [W_uk^T q_nope ; q_pe] per head, query t sits at position start_pos + t
     kv: (B, S, C + R)     cached [c_kv ; k_pe], S >= start_pos + T (rows past that are ignored)
+    start_pos: an int, or a 0-d tensor (a captured decoding step: all S rows are read, the later ones masked)
     returns (B, T, H, C): sum_s softmax(q . kv_s) c_kv_s, causal.
     """
-    T, end = q.shape[1], start_pos + q.shape[1]
-    kv = kv[:, :end]
+    T = q.shape[1]
+    if not isinstance(start_pos, torch.Tensor):
+        kv = kv[:, :start_pos + T]
     scores = torch.einsum("bthc,bsc->bhts", q.float(), kv.float()) * softmax_scale
-    if T > 1:  # query t may see keys s <= start_pos + t
-        future = torch.arange(end, device=q.device)[None, :] > (start_pos + torch.arange(T, device=q.device))[:, None]
+    if T > 1 or isinstance(start_pos, torch.Tensor):  # query t may see keys s <= start_pos + t
+        keys = torch.arange(kv.shape[1], device=q.device)
+        future = keys[None, :] > (start_pos + torch.arange(T, device=q.device))[:, None]
         scores = scores.masked_fill(future, float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("bhts,bsc->bthc", probs, kv[..., :kv_lora_rank].float())
@@ -149,7 +152,9 @@ class MLA(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         """x (B, T, n_embd) at positions start_pos..start_pos+T-1; cos, sin (T, R/2) for those positions.
-        cache: this layer's (B, max_len, C + R) slice of a LatentCache, or None (training: attend over x only)."""
+        cache: this layer's (B, max_len, C + R) slice of a LatentCache, or None (training: attend over x only).
+        start_pos: an int, or a 0-d device tensor (a decoding step captured in a CUDA graph: the cache row is
+        written and read by position on the device, and nothing on the host depends on its value)."""
         B, T, _ = x.shape
         H, C, R, D = self.n_head, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -159,12 +164,17 @@ class MLA(nn.Module):
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key shared by all heads
         latents = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, C + R): all that is ever cached
+        on_device = isinstance(start_pos, torch.Tensor)
         if cache is not None:
-            cache[:B, start_pos:start_pos + T] = latents
-            latents = cache[:B, :start_pos + T]
+            if on_device:
+                cache[:B].index_copy_(1, start_pos + torch.arange(T, device=x.device), latents)
+                latents = cache[:B]  # every row; the ones past the position are masked
+            else:
+                cache[:B, start_pos:start_pos + T] = latents
+                latents = cache[:B, :start_pos + T]
         impl = self.attn_impl
         if impl == "auto":
-            impl = "naive" if start_pos == 0 else "absorb"
+            impl = "absorb" if on_device or start_pos > 0 else "naive"
         if impl == "naive":
             out = self._naive(q_nope, q_pe, latents, start_pos)
         else:
@@ -180,7 +190,7 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, dim)
-        if start_pos == 0 and S == T:
+        if not isinstance(start_pos, torch.Tensor) and start_pos == 0 and S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # queries sit at start_pos.., keys at 0..: the causal mask is offset
             mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]

@@ -24,13 +24,10 @@ The split is deterministic: the corpus is cut into pieces (whole documents, or c
 and each piece goes to val when that keeps val's share of the bytes closest to --val_fraction.
 A second run with the same arguments and unchanged input says "up to date" and exits (--force rebuilds).
 
-train.py and sample.py share the loader at the bottom:
-    from prepare import load_data, load_tokenizer
-    data = load_data('shakespeare')     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
+train.py and sample.py read the result through data.py (load_data, load_tokenizer).
 """
 
 import argparse
-import base64
 import functools
 import hashlib
 import io
@@ -39,12 +36,11 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-EOT = "<|endoftext|>"  # the one special token, appended after every document
+from data import EOT, bins_match_meta, char_encoder, read_meta, save_tiktoken_file, tiktoken_encoding
+
 FORMAT_VERSION = 1  # bump when the output for the same arguments changes, so old data is rebuilt
 MIN_BPE_VOCAB = 257  # 256 byte tokens + the end-of-text token
 MAX_VOCAB = 1_000_000  # far beyond anything useful here; catches a typo like --vocab_size=20480000
@@ -361,53 +357,12 @@ def gpt2_tokenizer():
     return dict(enc._mergeable_ranks), enc._pat_str, enc.eot_token
 
 
-def tiktoken_encoding(ranks, pattern, eot, name="nanoseek"):
-    try:
-        import tiktoken
-    except ImportError:
-        raise SystemExit("the tokenizer needs tiktoken: pip install tiktoken")
-    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: eot})
-
-
 def char_vocab(docs, args):
     """Every distinct character of the whole corpus (val too, so val can always be encoded), sorted."""
     chars = set()
     for _, _, text, _ in iter_pieces(docs, args.val_fraction):
         chars.update(text)
     return "".join(sorted(chars))
-
-
-def char_encoder(chars):
-    """chars (sorted) -> encode(text) -> np.uint32 ids, vectorized: the id of a character is its rank in chars."""
-    codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
-
-    def encode(text):
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(codes, points).astype(np.uint32)
-        known = ids < len(codes)
-        known[known] = codes[ids[known]] == points[known]
-        if not known.all():
-            bad = text[int(np.argmin(known))]
-            raise ValueError(f"character {bad!r} is not in this char vocabulary ({len(chars)} characters)")
-        return ids
-    return encode
-
-
-def save_tiktoken_file(ranks, path):
-    """tiktoken's own format, one "base64(token) rank" per line (tiktoken.load.load_tiktoken_bpe reads it)."""
-    with open(path, "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
-
-
-def load_tiktoken_file(path):
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
 
 
 # -----------------------------------------------------------------------------
@@ -587,91 +542,6 @@ def main(argv=None):
     print(f"  meta.json  {len(docs)} documents, {n_chars:,} characters -> {n_tokens:,} tokens, val fraction "
           f"{counts['val']['bytes'] / max(total_bytes, 1):.3f} of bytes, {n_tokens / seconds:,.0f} tokens/s overall")
     return out_dir
-
-
-prepare = main  # prepare.prepare(["--input=...", "--data_root=..."]) reads well from tests and notebooks
-
-
-# -----------------------------------------------------------------------------
-# the loader shared by train.py and sample.py
-
-
-@dataclass
-class Data:
-    dir: str  # data_root/NAME
-    meta: dict  # meta.json
-    vocab_size: int  # embedding rows needed (includes the end-of-text token)
-    train: np.ndarray  # np.memmap of token ids, 1-D, meta["dtype"]
-    val: np.ndarray
-    encode: Callable[[str], list]  # str -> list[int]
-    decode: Callable[[list], str]  # list[int] -> str
-    eot_token: int  # id of <|endoftext|>, which ends every document in the bins
-
-
-def read_meta(data_dir):
-    try:
-        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def bins_match_meta(data_dir, meta):
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.exists(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
-            return False
-    return os.path.exists(os.path.join(data_dir, meta["tokenizer"]["file"]))
-
-
-def load_tokenizer(data_dir):
-    """-> (encode(str) -> list[int], decode(list[int]) -> str, eot id) for the tokenizer saved in data_dir."""
-    meta = read_meta(data_dir)
-    if meta is None:
-        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
-    tok = meta["tokenizer"]
-    eot = meta["eot_token"]
-    path = os.path.join(data_dir, tok["file"])
-    if not os.path.exists(path):
-        raise SystemExit(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
-    if tok["kind"] == "char":
-        with open(path, encoding="utf-8") as f:
-            chars = json.load(f)["chars"]
-        to_ids = char_encoder(chars)
-        itos = list(chars) + [EOT]
-
-        def encode(text):
-            return to_ids(text).tolist()
-
-        def decode(ids):
-            return "".join(itos[i] for i in ids)
-        return encode, decode, eot
-    enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
-
-    def encode(text):
-        return enc.encode(text, allowed_special={EOT})  # a prompt may contain <|endoftext|> on purpose
-    return encode, enc.decode, eot
-
-
-def load_data(name_or_dir, data_root="data"):
-    """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
-    data_dir = name_or_dir if os.sep in name_or_dir or "/" in name_or_dir else os.path.join(data_root, name_or_dir)
-    meta = read_meta(data_dir)
-    if meta is None or not all(os.path.exists(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")):
-        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
-    if not bins_match_meta(data_dir, meta):
-        raise SystemExit(f"the bins in {data_dir} do not match its meta.json (changed or cut short?): "
-                         "run python prepare.py --force")
-    encode, decode, eot = load_tokenizer(data_dir)
-    bins = {}
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        # np.memmap refuses empty files; an empty split is still a valid (if useless) array
-        empty = meta["tokens"][split] == 0
-        bins[split] = np.zeros(0, meta["dtype"]) if empty else np.memmap(path, dtype=meta["dtype"], mode="r")
-    return Data(dir=data_dir, meta=meta, vocab_size=meta["vocab_size"], train=bins["train"], val=bins["val"],
-                encode=encode, decode=decode, eot_token=eot)
 
 
 if __name__ == "__main__":

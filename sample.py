@@ -7,32 +7,29 @@ Sample from a trained nanoseek model, decoding with MLA's latent KV cache (DeepS
     python sample.py --init_from=path/to/hf_folder         # a DeepSeek-V2/V3-format checkpoint folder
     python sample.py --save_pretrained=out/hf              # export out/ckpt.pt for transformers, then exit
     python sample.py --no_cache                            # recompute the whole sequence every step, to compare
+    python sample.py --cuda_graph=False                    # GPU: decode eagerly, one launch per kernel
     python sample.py --show_routing --routing_layer=6      # the routed experts of every token in one MoE layer
-    python sample.py --bench                               # tokens/s: latent cache vs MHA cache vs none (GPU)
 
-Decoding: the prompt goes through the model once (naive MLA: K and V materialized from the latents, one SDPA)
-and fills a preallocated cache that holds [c_kv ; k_pe] per token per layer and nothing else; then each new token
-attends to it with absorbed MLA (W_uk folded into the query, W_uv applied after the weighted sum of latents).
-All num_samples samples decode together, one row of the batch each, in one cache: the cache is
-kv_lora_rank + qk_rope_head_dim values per token per layer, so a batch fits where a multi-head cache would not.
-The first sample is streamed to stdout as it is generated, the others follow when the batch is done; the counts,
-tokens/s and cache bytes (next to a standard multi-head attention cache of the same model) go to stderr.
-When the cache is full (block_size), the last half of the context is prefilled again and decoding goes on.
-Weights run in --dtype (bf16 on a GPU: half the bytes per decoded token); the router, the expert biases and the
-RoPE tables stay fp32. --bench times the latent cache against a per-head K/V cache of the same model and no cache.
+This file is the command line around Model.generate_stream (model.py): the prompt goes through the model once and
+fills a preallocated cache that holds [c_kv ; k_pe] per token per layer and nothing else, then each new token
+attends to it with absorbed MLA. On a GPU the decoding step runs as one CUDA graph replay. All num_samples samples
+decode together, one row of the batch each. The first sample is streamed to stdout as it is generated, the others
+follow when the batch is done; the counts, tokens/s and cache bytes (next to a standard multi-head attention cache
+of the same model) go to stderr. Weights run in --dtype (bf16 on a GPU); the router, the expert biases and the
+RoPE tables stay fp32. The decode benchmark (latent cache vs MHA cache vs none) is `python bench.py --sections=decode`.
 """
-import json
 import os
 import sys
 import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
+import hf
 from configurator import configure
-from mla import apply_rope, cache_values_per_token
-from model import Model, ModelConfig, sample_next
+from data import data_dir, load_tokenizer
+from mla import cache_values_per_token
+from model import DTYPES, Model, ModelConfig
 
 # -----------------------------------------------------------------------------
 # settings: defaults, overridden by config files and --key=value (configurator.py)
@@ -48,13 +45,12 @@ top_p = 1.0  # nucleus sampling: the smallest set of tokens with this much mass;
 seed = 1337  # the same seed gives the same samples
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", "mps"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
-compile = False  # torch.compile the model's forward (prefill and the decode step)
 use_kernels = True  # kernels.py's Triton paths where they apply; False: plain PyTorch (overrides the checkpoint)
+cuda_graph = True  # on CUDA with use_kernels: capture the decoding step once in a CUDA graph and replay it
 no_cache = False  # recompute the whole sequence every step instead of decoding against the latent cache
-show_routing = False  # print the routed experts of every token of the first sample in one MoE layer
+show_routing = False  # print the routed experts of every token of the first sample in one MoE layer (eager decoding)
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
-bench = False  # time latent cache vs MHA cache vs no cache on the random-weight "small" config; prints a table
 _settings = {k: v for k, v in globals().items()
              if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
 
@@ -63,11 +59,12 @@ _settings = {k: v for k, v in globals().items()
 
 
 def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32):
-    """-> (model in eval mode on device, encode(str) -> list[int], decode(list[int]) -> str, eot token id).
+    """-> (model in eval mode on device, encode(str) -> list[int], decode(list[int]) -> str, eot token id, the
+    folder the tokenizer came from).
 
     "resume": out_dir/ckpt.pt from train.py and the tokenizer of the data folder it was trained on.
-    A folder: Model.from_pretrained straight into dtype on device (a big checkpoint never exists in float32), and the
-    folder's tokenizer (see load_folder_tokenizer).
+    A folder: hf.from_pretrained straight into dtype on device (a big checkpoint never exists in float32), and the
+    folder's tokenizer (hf.load_tokenizer).
     use_kernels overrides the checkpoint's setting (False: plain PyTorch everywhere).
     """
     if init_from == "resume":
@@ -78,56 +75,16 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
         model = Model(ModelConfig(**{**ckpt["model_args"], "use_kernels": use_kernels}))
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # saved from a compiled model
         model.load_state_dict(state)
-        from prepare import load_tokenizer
-        dataset, data_root = ckpt["config"]["dataset"], ckpt["config"].get("data_root", "data")
-        data_dir = dataset if "/" in dataset or os.sep in dataset else os.path.join(data_root, dataset)  # as load_data
-        encode, decode, eot = load_tokenizer(data_dir)
-        return model.to(device).eval(), encode, decode, eot
+        tokenizer_dir = data_dir(ckpt["config"]["dataset"], ckpt["config"].get("data_root", "data"))
+        return (model.to(device).eval(), *load_tokenizer(tokenizer_dir), tokenizer_dir)
     if not os.path.isfile(os.path.join(init_from, "config.json")):
         raise SystemExit(f"--init_from={init_from!r} is neither 'resume' (loads {out_dir}/ckpt.pt) nor a folder with "
                          "config.json + *.safetensors")
     try:
-        model = Model.from_pretrained(init_from, dtype=dtype, device=device, use_kernels=use_kernels)
+        model = hf.from_pretrained(init_from, dtype=dtype, device=device, use_kernels=use_kernels)
     except (ValueError, OSError) as e:
         raise SystemExit(f"cannot load {init_from}: {e}")
-    return (model, *load_folder_tokenizer(init_from))
-
-
-def load_folder_tokenizer(path):
-    """A checkpoint folder's tokenizer: prepare.py's (meta.json + its file, as --save_pretrained writes them), or a
-    Hugging Face tokenizer.json read by transformers (local files only)."""
-    if os.path.exists(os.path.join(path, "meta.json")):
-        from prepare import load_tokenizer
-        return load_tokenizer(path)
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        eot = tok.eos_token_id if tok.eos_token_id is not None else 0
-        # encode adds what the tokenizer's template adds (DeepSeek: BOS); decode leaves such special tokens out
-        return tok.encode, (lambda ids: tok.decode(ids, skip_special_tokens=True)), eot
-    raise SystemExit(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that "
-                     "python prepare.py writes")
-
-
-def export(model, init_from, out_dir, path):
-    """--save_pretrained: the model in the transformers DeepSeek layout, and the tokenizer files next to it."""
-    import shutil
-    model.save_pretrained(path)
-    if init_from == "resume":
-        cfg = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["config"]
-        dataset, data_root = cfg["dataset"], cfg.get("data_root", "data")
-        src = dataset if "/" in dataset or os.sep in dataset else os.path.join(data_root, dataset)
-    else:
-        src = init_from
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "meta.json"]
-    if os.path.exists(os.path.join(src, "meta.json")):
-        with open(os.path.join(src, "meta.json")) as f:
-            names.append(json.load(f)["tokenizer"]["file"])  # prepare.py's tokenizer file
-    for name in names:
-        if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(path):
-            shutil.copy(os.path.join(src, name), path)
-    print(f"wrote {path}: config.json, safetensors and the tokenizer; load it with "
-          f"python sample.py --init_from={path} or transformers' AutoModelForCausalLM.from_pretrained", file=sys.stderr)
+    return (model, *hf.load_tokenizer(init_from), init_from)
 
 
 def cast_weights(model, dtype):
@@ -158,110 +115,6 @@ def read_prompt(start, encode, eot, block_size):
               f"keeping the last {block_size}", file=sys.stderr)
         ids = ids[-block_size:]
     return ids
-
-
-# -----------------------------------------------------------------------------
-# the baseline cache: the same model with a standard multi-head attention cache (--bench and the tests)
-
-
-class MHACache:
-    """Per-head keys and values of every layer, materialized once per token, as a model without MLA caches them.
-    k: (n_layer, B, max_len, n_head, qk_head_dim), v: (n_layer, B, max_len, n_head, v_head_dim)."""
-
-    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
-        self.k = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.qk_head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.v_head_dim, device=device, dtype=dtype)
-
-    def nbytes(self):
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
-
-
-def mha_attention(attn, x, cos, sin, k_cache, v_cache, start_pos):
-    """What MLA computes, the pre-MLA way: the new tokens' per-head K and V are built from their latents and
-    appended to a K/V cache, then ordinary attention over it. Same function as MLA.forward, bigger cache."""
-    B, T, _ = x.shape
-    H, C, R, D = attn.n_head, attn.kv_lora_rank, attn.qk_rope_head_dim, attn.qk_nope_head_dim
-    assert T == 1 or start_pos == 0, "several new tokens only at the start (prefill)"
-    q = attn.wq(x) if attn.q_lora_rank == 0 else attn.wq_b(attn.q_norm(attn.wq_a(x)))
-    q_nope, q_pe = q.view(B, T, H, attn.qk_head_dim).split([D, R], dim=-1)
-    q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)  # (B, T, H, qk_head_dim)
-    c_kv, k_pe = attn.wkv_a(x).split([C, R], dim=-1)
-    k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).expand(B, T, H, R)  # the shared RoPE key, copied per head
-    k_nope, v = attn.wkv_b(attn.kv_norm(c_kv)).view(B, T, H, D + attn.v_head_dim).split([D, attn.v_head_dim], dim=-1)
-    end = start_pos + T
-    k_cache[:B, start_pos:end] = torch.cat([k_nope, k_pe], dim=-1)
-    v_cache[:B, start_pos:end] = v
-    k, v = k_cache[:B, :end].transpose(1, 2), v_cache[:B, :end].transpose(1, 2)  # (B, H, S, dim)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, scale=attn.softmax_scale)
-    return out.transpose(1, 2).flatten(2)  # (B, T, H * v_head_dim)
-
-
-def mha_forward(model, idx, cache, start_pos):
-    """Model.forward with an MHACache in place of the latent cache; returns logits (B, T, vocab)."""
-    T = idx.shape[1]
-    cos, sin = model.rope_cos[start_pos:start_pos + T], model.rope_sin[start_pos:start_pos + T]
-    x = model.embed(idx)
-    for i, layer in enumerate(model.layers):
-        x = x + layer.attn.wo(mha_attention(layer.attn, layer.attn_norm(x), cos, sin, cache.k[i], cache.v[i], start_pos))
-        x = x + layer.ffn(layer.ffn_norm(x))
-    return model.head(model.norm(x))
-
-
-# -----------------------------------------------------------------------------
-# generation
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache="latent", generator=None,
-             forward=None, info=None):
-    """Yield the next (B, 1) tokens one step at a time, for the batch of prompts idx (B, T).
-
-    cache="latent": prefill the prompts once into a LatentCache ([c_kv ; k_pe] per token per layer, nothing else),
-                    then feed one token per step; MLA attends to the cache absorbed (attn_impl "auto").
-    cache="mha":    the same, with a standard per-head K/V cache (MHACache): the baseline.
-    cache="none":   recompute the whole sequence (its last block_size tokens) every step, as nanoGPT does.
-    A full cache (block_size) is refilled with the last half of the context at positions 0.. and decoding goes on.
-    forward: a compiled model to call instead of model; info: a dict that receives the cache and its nbytes.
-    """
-    forward = forward or model
-    B, T = idx.shape
-    block_size = model.config.block_size
-    seq = idx
-    if cache == "none":
-        for _ in range(max_new_tokens):
-            nxt = sample_next(forward(seq[:, -block_size:])[0][:, -1], temperature, top_k, top_p, generator)
-            yield nxt
-            seq = torch.cat([seq, nxt], dim=1)
-        return
-    max_len = min(T + max_new_tokens, block_size)
-    p = model.embed.weight
-    # each step returns the last position's logits (B, vocab) as a copy, so the prefill's (B, T, vocab) is freed
-    if cache == "latent":
-        kv = model.new_cache(B, max_len)  # in the weights' dtype
-
-        def step(tokens, pos):
-            return forward(tokens, cache=kv, start_pos=pos)[0][:, -1].clone()
-    elif cache == "mha":
-        kv = MHACache(model.config, B, max_len, p.device, p.dtype)
-
-        def step(tokens, pos):
-            return mha_forward(model, tokens, kv, pos)[:, -1].clone()
-    else:
-        raise ValueError(f"cache must be latent, mha or none, got {cache!r}")
-    if info is not None:
-        info.update(cache=kv, cache_bytes=kv.nbytes(), cache_len=max_len)
-    logits, pos = step(seq, 0), T  # prefill
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        yield nxt
-        if i == max_new_tokens - 1:
-            break
-        seq = torch.cat([seq, nxt], dim=1)
-        if pos == max_len:  # cache full: keep the last half of the context, at positions 0.. (RoPE is absolute)
-            keep = max(block_size // 2, 1)
-            logits, pos = step(seq[:, -keep:], 0), keep
-        else:
-            logits, pos = step(nxt, pos), pos + 1
 
 
 # -----------------------------------------------------------------------------
@@ -335,79 +188,9 @@ def print_routing(layer_id, moe, tokens, ids, weights, decode, n_prompt):
         print(f"{e:6d} {n:6d}  {share:27s} {top}")
 
 
-# -----------------------------------------------------------------------------
-# benchmark: the latent cache against a standard MHA cache and no cache, same model, same weights
-
-
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def run_bench(cfg, cases, device, dtype, seed=1337, repeats=2):
-    """Decode tokens/s, memory and cache bytes of one random-weight model for each case (batch, prompt length, new
-    tokens, new tokens without a cache) and each cache kind, greedy. Returns the rows; prints a markdown table."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = cast_weights(Model(cfg), dtype).eval()
-    on_cuda = str(device).startswith("cuda")
-    rows = []
-    for batch, prompt_len, new, new_no_cache in cases:
-        idx = torch.randint(cfg.vocab_size, (batch, prompt_len), device=device)
-        for kind in ("latent", "mha", "none"):
-            n = new if kind != "none" else new_no_cache
-            list(generate(model, idx, 2, temperature=0, cache=kind))  # warm-up
-            runs = []
-            for _ in range(repeats):
-                info = {}
-                if on_cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                t0 = time.perf_counter()
-                steps = generate(model, idx, n, temperature=0, cache=kind, info=info)
-                out = [next(steps)]  # the prefill (without a cache: the first full forward)
-                sync(device)
-                t1 = time.perf_counter()
-                prefill_peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                out += list(steps)  # n - 1 decode steps; no sync inside but the MoE's own
-                sync(device)
-                t2 = time.perf_counter()
-                decode_peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
-                runs.append((batch * (n - 1) / (t2 - t1), 1000 * (t2 - t1) / (n - 1), 1000 * (t1 - t0),
-                             decode_peak / 2**30, prefill_peak / 2**30))
-            best = max(runs)
-            cache_bytes = info.get("cache_bytes", 0)
-            rows.append(dict(batch=batch, prompt=prompt_len, new=n, cache=kind, rates=[r[0] for r in runs],
-                             ms_per_step=best[1], prefill_ms=best[2], decode_peak_gib=best[3], prefill_peak_gib=best[4],
-                             bytes_per_token=cache_bytes // (batch * info["cache_len"]) if cache_bytes else 0,
-                             cache_mib=cache_bytes / 2**20))
-            print(f"batch {batch} prompt {prompt_len} new {n} {kind}: " + " / ".join(f"{r[0]:,.0f}" for r in runs)
-                  + " tok/s", file=sys.stderr)
-    name = torch.cuda.get_device_name(device) if on_cuda else "CPU"
-    print(f"\n{name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')} weights, "
-          f"use_kernels={cfg.use_kernels}, random weights: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, "
-          f"n_head {cfg.n_head}, kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim {cfg.qk_rope_head_dim}, "
-          f"{cfg.n_experts} experts top-{cfg.top_k} + {cfg.n_shared} shared, block_size {cfg.block_size}. Greedy; "
-          f"decode tok/s = batch x (new - 1) / time after the first token, {repeats} runs; the other columns from the "
-          f"faster run; peak = max_memory_allocated during decode / during prefill")
-    print("\n| batch | prompt + new | cache | cache bytes/token | cache MiB | decode tok/s (runs) | ms/step | prefill ms "
-          "| peak GiB decode / prefill |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['prompt']} + {r['new']} | {r['cache']} | {r['bytes_per_token']:,} | "
-              f"{r['cache_mib']:,.1f} | " + " / ".join(f"{x:,.0f}" for x in r["rates"])
-              + f" | {r['ms_per_step']:.1f} | {r['prefill_ms']:.0f} | {r['decode_peak_gib']:.2f} / {r['prefill_peak_gib']:.2f} |")
-    mla, mha = cache_values_per_token(cfg)
-    kv_heads = cfg.n_layer * cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim)
-    elt = torch.empty(0, dtype=dtype).element_size()
-    print(f"\ncache values per token over all layers: latent {mla} ({mla * elt:,} bytes); the MHA cache above, this "
-          f"model's per-head K ({cfg.qk_head_dim}) and V ({cfg.v_head_dim}), {kv_heads} ({kv_heads * elt:,} bytes); "
-          f"a standard MHA of {cfg.n_head} heads x {cfg.v_head_dim}, {mha} ({mha * elt:,} bytes)")
-    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -419,23 +202,23 @@ def main(argv=None):
     print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={device} but no CUDA GPU is visible: pass --device=cpu")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    ptdtype = DTYPES.get(dtype)
     if ptdtype is None:
-        raise SystemExit(f"--dtype={dtype} is not one of float32, bfloat16, float16")
+        raise SystemExit(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
     torch.manual_seed(seed)
-    if bench:  # the GPU "small" config (ModelConfig's defaults) at random weights
-        cases = [(1, 64, 128, 128), (1, 960, 64, 64), (128, 960, 64, 8)]
-        return run_bench(ModelConfig(use_kernels=use_kernels), cases, device, ptdtype, seed)
-
-    model, encode, decode, eot = load_model(init_from, out_dir, device, use_kernels,
-                                            torch.float32 if save_pretrained else ptdtype)
+    model, encode, decode, eot, tokenizer_dir = load_model(init_from, out_dir, device, use_kernels,
+                                                           torch.float32 if save_pretrained else ptdtype)
     if save_pretrained:
-        return export(model, init_from, out_dir, save_pretrained)
+        hf.save_pretrained(model, save_pretrained)
+        hf.copy_tokenizer(tokenizer_dir, save_pretrained)
+        print(f"wrote {save_pretrained}: config.json, safetensors and the tokenizer; load it with python sample.py "
+              f"--init_from={save_pretrained} or transformers' AutoModelForCausalLM.from_pretrained", file=sys.stderr)
+        return
     cast_weights(model, ptdtype)
     cfg = model.config
-    if compile and show_routing:
-        print("note: --show_routing runs uncompiled (it wraps a layer's route())", file=sys.stderr)
-    forward = torch.compile(model, dynamic=True) if compile and not show_routing else model
+    graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing
+    if cuda_graph and device.startswith("cuda") and show_routing:
+        print("note: --show_routing decodes eagerly (it records each step's routing on the host)", file=sys.stderr)
     prompt = read_prompt(start, encode, eot, cfg.block_size)
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     generator = torch.Generator(device).manual_seed(seed)
@@ -449,13 +232,14 @@ def main(argv=None):
         recorder = RoutingRecorder(model.layers[layer_id].ffn, num_samples)
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
-    info, new, first = {}, [], list(prompt)
+    new, first = [], list(prompt)
     shown = decode(first)
     print(shown, end="", flush=True)
+    cache = None if no_cache else model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
     sync(device)
     t0 = t_first = time.perf_counter()
-    steps = generate(model, idx, max_new_tokens, temperature, top_k or None, top_p, "none" if no_cache else "latent",
-                     generator, forward, info)
+    steps = model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, generator,
+                                  use_cache=not no_cache, cuda_graph=graph, cache=cache)
     for nxt in steps:
         if not new:
             sync(device)
@@ -483,7 +267,8 @@ def main(argv=None):
     decode_rate = num_samples * (len(new) - 1) / max(seconds - (t_first - t0), 1e-9) if len(new) > 1 else 0.0
     print(f"prompt {len(prompt)} tokens x {num_samples} samples, generated {len(new)} x {num_samples} = {n_new} tokens "
           f"in {seconds:.2f} s: {n_new / seconds:,.1f} tokens/s ({decode_rate:,.1f} tokens/s after the first, "
-          f"which took {1000 * (t_first - t0):.0f} ms){', no cache' if no_cache else ''}", file=sys.stderr)
+          f"which took {1000 * (t_first - t0):.0f} ms){', no cache' if no_cache else ''}"
+          f"{', CUDA graph' if graph else ''}", file=sys.stderr)
     mla, mha = cache_values_per_token(cfg)
     elt = ptdtype.itemsize
     positions = num_samples * min(len(prompt) + max_new_tokens, cfg.block_size)
@@ -492,10 +277,10 @@ def main(argv=None):
         print(f"cache: none (recomputed every step); the latent cache would be {mla * positions * elt:,} bytes, "
               f"a standard multi-head attention cache {mha_bytes:,} bytes", file=sys.stderr)
     else:
-        print(f"cache: {info['cache_bytes']:,} bytes of latents [c_kv ; k_pe] ({mla} values per token over "
+        print(f"cache: {cache.nbytes():,} bytes of latents [c_kv ; k_pe] ({mla} values per token over "
               f"{cfg.n_layer} layers, {dtype}); a standard multi-head attention cache of the same model "
               f"({cfg.n_layer} layers x 2 x {cfg.n_head} heads x {cfg.v_head_dim}) would need {mha_bytes:,} bytes, "
-              f"{mha_bytes / info['cache_bytes']:.1f}x as much", file=sys.stderr)
+              f"{mha_bytes / cache.nbytes():.1f}x as much", file=sys.stderr)
     return out
 
 

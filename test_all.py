@@ -21,21 +21,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from safetensors.torch import load_file, save_file
 
-import kernels
-import prepare
-import sample
-from mla import MLA, LatentCache, cache_values_per_token, latent_attention, precompute_rope
-from model import Model, ModelConfig, config_from_hf, hf_to_ours
-from moe import FFN, MoE, balance_loss, experts_reference, max_vio
+from model import Model, ModelConfig
 
 
 def assert_close(name, got, want, atol):
     diff = (got.float() - want.float()).abs().max().item()
     print(f"{name}: max abs diff {diff:.2e}")
     assert diff <= atol, f"{name}: max abs diff {diff:.2e} > {atol:.0e}"
+
+
+def small_config(**kw):
+    """The GPU "small" reference model (config/train_small.py), as bench.py builds it."""
+    import bench
+    return bench.small_config(**kw)
 
 
 def tiny_config(**kw):
@@ -47,7 +46,330 @@ def tiny_config(**kw):
 
 
 # -----------------------------------------------------------------------------
+# prepare.py
+
+import data as data_py  # "data" is the tests' usual name for a loaded dataset
+import prepare
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def numbered_text(n_lines, seed=0):
+    """Distinct lines (so a line can only have come from one place), with Unicode and odd whitespace."""
+    rng = np.random.default_rng(seed)
+    words = ["thou", "art", "more", "lovely", "and", "temperate", "café", "naïve", "Straße", "東京", "🙂", "ǅ",
+             "e\u0301", "עברית", "\t", "  "]
+    lines = []
+    for i in range(n_lines):
+        body = " ".join(rng.choice(words, size=int(rng.integers(3, 12))))
+        lines.append(f"{i:05d} {body}" + ("  " if i % 7 == 0 else ""))
+        if i % 11 == 0:
+            lines.append("")  # paragraph breaks
+    return "\n".join(lines) + "\n"
+
+
+def run(tmp_path, *args):
+    return prepare.main([f"--data_root={tmp_path / 'data'}", *args])
+
+
+def split_texts(data):
+    return data.decode(data.train.tolist()), data.decode(data.val.tolist())
+
+
+def interleaves(original, a, b):
+    """True when original is exactly a and b cut into whole lines and merged back in order."""
+    i = j = 0
+    for line in original.splitlines(keepends=True):
+        if a.startswith(line, i):
+            i += len(line)
+        elif b.startswith(line, j):
+            j += len(line)
+        else:
+            return False
+    return i == len(a) and j == len(b)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer round trips
+
+
+def test_bpe_roundtrip_shakespeare_unicode_whitespace(tmp_path):
+    plays = [f for f in prepare.shakespeare_files() if f.endswith(("macbeth.md", "the-tempest.md"))]
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    for f in plays:
+        with open(f, encoding="utf-8") as src:
+            text = prepare.markdown_play_to_text(src.read())
+        (corpus / (os.path.basename(f) + ".txt")).write_text(text, encoding="utf-8")
+    out = run(tmp_path, f"--input={corpus}", "--vocab_size=600")
+    encode, decode, eot = data_py.load_tokenizer(out)
+    assert eot == 599 and json.load(open(os.path.join(out, "meta.json")))["vocab_size"] == 600
+    samples = [
+        "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n",
+        "MACBETH:\nIs this a dagger which I see before me,\nThe handle toward my hand? Come, let me clutch thee.\n",
+        "café naïve Straße 東京 🙂👩‍👩‍👧 e\u0301 ǅ עברית \U0001f600 \x00 \x7f",
+        "  leading\ttabs\t\tand  double  spaces  \n\n\n\r\n\r\ttrailing \u00a0nbsp\u2028sep\u3000 ",
+        "", " ", "\n", "<|endoftext|> is plain text inside the corpus",
+    ]
+    for s in samples:
+        ids = encode(s)
+        assert decode(ids) == s, s
+        assert all(0 <= i < 600 for i in ids)
+    assert encode("a<|endoftext|>b").count(eot) == 1  # prompts may use the special token on purpose
+    assert len(encode(samples[1])) < len(samples[1].encode()) / 2  # it learned English merges
+
+
+def test_char_tokenizer_roundtrip_and_unknown_char(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(numbered_text(300), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--tokenizer=char")
+    assert out.endswith("c_char")  # the default name says which tokenizer made it
+    data = data_py.load_data(out)
+    chars = sorted(set(src.read_text(encoding="utf-8")))
+    assert data.vocab_size == len(chars) + 1 and data.eot_token == len(chars)
+    s = "".join(reversed(chars))
+    assert data.decode(data.encode(s)) == s
+    with pytest.raises(ValueError, match="not in this char vocabulary"):
+        data.encode("Z§")
+
+
+# -----------------------------------------------------------------------------
+# bins, meta, split
+
+
+def test_bins_decode_to_split_text_and_split_is_deterministic(tmp_path):
+    text = numbered_text(2000)
+    src = tmp_path / "input.txt"
+    src.write_text(text, encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=400", "--val_fraction=0.1")
+    data = data_py.load_data("input", data_root=str(tmp_path / "data"))
+    meta = data.meta
+    for split in ("train", "val"):
+        size = os.path.getsize(os.path.join(out, f"{split}.bin"))
+        assert size == meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize == len(getattr(data, split)) * 2
+    assert meta["dtype"] == "uint16" and data.train.dtype == np.uint16 and isinstance(data.train, np.memmap)
+    train, val = split_texts(data)
+    # one document, so exactly one end-of-text, at the end of whichever split holds the last piece
+    assert (train + val).count(data_py.EOT) == 1
+    train, val = train.replace(data_py.EOT, ""), val.replace(data_py.EOT, "")
+    assert interleaves(text, train, val)
+    assert 0.07 < len(val.encode()) / len(text.encode()) < 0.13
+    assert meta["bytes"]["val"] == len(val.encode()) and meta["chars"]["train"] == len(train)
+    # same arguments into another folder: identical bytes
+    out2 = prepare.main([f"--data_root={tmp_path / 'again'}", f"--input={src}", "--vocab_size=400"])
+    for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(out2, f), "rb").read()
+
+
+def test_folder_input_splits_by_whole_documents(tmp_path):
+    corpus = tmp_path / "books"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "x.txt").write_text("hidden, skipped\n")
+    (corpus / "skip.bin").write_bytes(b"\x00\x01 not text")
+    docs = {}
+    for k in range(300):  # documents smaller than a piece (val_fraction * total / 20 bytes) stay whole
+        rel = f"sub/doc{k:03d}.md" if k % 3 else f"doc{k:03d}.txt"
+        docs[rel] = f"document {k}\n" + numbered_text(2, seed=k)
+        (corpus / rel).write_text(docs[rel], encoding="utf-8")
+    out = run(tmp_path, f"--input={corpus}", "--vocab_size=300", "--val_fraction=0.2")
+    assert out == str(tmp_path / "data" / "books")
+    data = data_py.load_data(out)
+    train, val = split_texts(data)
+    assert train.endswith(data_py.EOT) and val.endswith(data_py.EOT)
+    got = train.split(data_py.EOT)[:-1] + val.split(data_py.EOT)[:-1]
+    assert sorted(got) == sorted(docs.values())  # every document whole, once, and nothing else
+    in_order = [docs[k] for k in sorted(docs, key=lambda r: os.path.join(str(corpus), r))]
+    assert train.split(data_py.EOT)[:-1] == [d for d in in_order if d in train]  # corpus order kept
+    assert data.meta["documents"] == 300 and 45 <= val.count(data_py.EOT) <= 75
+
+
+def test_pieces_cover_the_file_and_never_split_a_character():
+    import io
+    for text in ["東京🙂é" * 50, numbered_text(30), "a\n\nb" * 40 + "\n"]:
+        raw = text.encode()
+        for piece_bytes in (1, 2, 3, 5, 64, 10_000):
+            pieces = list(prepare.read_pieces(io.BytesIO(raw), piece_bytes))
+            assert b"".join(pieces) == raw and all(pieces)
+            assert all(len(p) <= max(piece_bytes, 1) + 3 for p in pieces)
+            for p in pieces:
+                p.decode("utf-8")  # strict: raises if a piece cut a character in two
+
+
+def test_up_to_date_force_and_changed_input(tmp_path, capsys):
+    src = tmp_path / "t.txt"
+    src.write_text(numbered_text(400), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
+    stamp = os.stat(os.path.join(out, "train.bin")).st_mtime_ns
+    capsys.readouterr()
+    run(tmp_path, f"--input={src}", "--vocab_size=300")
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat(os.path.join(out, "train.bin")).st_mtime_ns == stamp
+    run(tmp_path, f"--input={src}", "--vocab_size=320")  # other arguments: rebuilt
+    assert "up to date" not in capsys.readouterr().out and data_py.load_data(out).vocab_size == 320
+    run(tmp_path, f"--input={src}", "--vocab_size=320", "--force")
+    assert "wrote" in capsys.readouterr().out
+    src.write_text(numbered_text(500), encoding="utf-8")  # changed input: rebuilt
+    run(tmp_path, f"--input={src}", "--vocab_size=320")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_interrupted_run_leaves_previous_data_and_no_tmp(tmp_path, monkeypatch):
+    src = tmp_path / "t.txt"
+    src.write_text(numbered_text(300), encoding="utf-8")
+    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
+    before = data_py.load_data(out).train.tolist()
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "save_tiktoken_file", interrupt)  # after the bins are written, before renames
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, f"--input={src}", "--vocab_size=300", "--force")
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.tiktoken", "train.bin", "val.bin"]
+    assert data_py.load_data(out).train.tolist() == before
+    with pytest.raises(KeyboardInterrupt):  # into a fresh folder: nothing at all is left
+        prepare.main([f"--data_root={tmp_path / 'fresh'}", f"--input={src}", "--vocab_size=300"])
+    assert not os.path.exists(tmp_path / "fresh")
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
+    src = tmp_path / "wide.txt"
+    src.write_text("\n".join("".join(chars[i:i + 60]) for i in range(0, len(chars), 60)) + "\n", encoding="utf-8")
+    data = data_py.load_data(run(tmp_path, f"--input={src}", "--tokenizer=char"))
+    assert data.vocab_size > 65536 and data.meta["dtype"] == "uint32" and data.train.dtype == np.uint32
+    assert data.train.max() >= 65536
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, nothing left behind
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, ["--input={tmp}/missing.txt"], "does not exist"),
+    ("empty", ["--input={tmp}/empty.txt"], "is empty"),
+    ("nodocs", ["--input={tmp}/nodocs"], "no *.txt or *.md files"),
+    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=100"], "too small"),
+    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=20480000"], "too large"),
+    ("ok", ["--input={tmp}/ok.txt", "--val_fraction=0"], "--val_fraction"),
+    ("ok", ["--input={tmp}/ok.txt", "--tokenizer=char", "--vocab_size=500"], "only applies to --tokenizer=bpe"),
+    ("ok", ["--input={tmp}/ok.txt", "--name=../escape"], "plain folder name"),
+    ("tiny", ["--input={tmp}/tiny.txt"], "split came out empty"),
+])
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, make, args, message):
+    if make == "empty":
+        (tmp_path / "empty.txt").write_bytes(b"")
+    elif make == "nodocs":
+        (tmp_path / "nodocs").mkdir()
+        (tmp_path / "nodocs" / "x.csv").write_text("a,b\n")
+    elif make == "ok":
+        (tmp_path / "ok.txt").write_text(numbered_text(100))
+    elif make == "tiny":
+        (tmp_path / "tiny.txt").write_text("x")  # one byte cannot be split in two
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    msg = str(e.value.code)
+    assert message in msg and "\n" not in msg
+    assert not os.path.exists(tmp_path / "data")  # nothing half-written
+
+
+def test_vocab_larger_than_the_text_supports_warns(tmp_path, capsys):
+    src = tmp_path / "small.txt"
+    src.write_text(numbered_text(60))
+    data = data_py.load_data(run(tmp_path, f"--input={src}", "--vocab_size=50000"))
+    assert "only supports" in capsys.readouterr().err
+    assert 257 <= data.vocab_size < 50000 and data.eot_token == data.vocab_size - 1
+    assert data.train.max() < data.vocab_size
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
+    lines = numbered_text(200).encode().splitlines(keepends=True)
+    src = tmp_path / "bad.txt"
+    bad = b"".join(lines[:50]) + b"\xff\xfe" + b"".join(lines[50:150]) + b"caf\xc3(\n" + b"".join(lines[150:])
+    src.write_bytes(bad)
+    # 2 + 1 invalid bytes (a lone 0xc3 is the start of a 2-byte sequence, cut short)
+    data = data_py.load_data(run(tmp_path, f"--input={src}", "--vocab_size=300"))
+    err = capsys.readouterr().err
+    assert re.search(r"replaced 3 bytes of invalid UTF-8", err), err
+    train, val = split_texts(data)
+    assert (train + val).count("\ufffd") == 3
+
+
+def test_gpt2_without_cached_files_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    import tiktoken.registry
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget a gpt2 loaded earlier in this process
+    (tmp_path / "ok.txt").write_text(numbered_text(100))
+    with pytest.raises(SystemExit, match="needs tiktoken's GPT-2 files"):
+        run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_gpt2_kind_is_saved_and_loads_without_the_cache(tmp_path, monkeypatch):
+    # the real GPT-2 files need a network we do not have: stand in a tiny byte-level encoding named gpt2
+    import tiktoken
+    fake = tiktoken.Encoding(name="gpt2", pat_str=r"\s+|\S+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={data_py.EOT: 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
+    (tmp_path / "ok.txt").write_text(numbered_text(100), encoding="utf-8")
+    out = run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
+    monkeypatch.undo()
+    data = data_py.load_data(out)
+    assert out.endswith("ok_gpt2") and data.meta["tokenizer"]["kind"] == "gpt2"
+    assert data.vocab_size == 257 and data.eot_token == 256
+    train, val = split_texts(data)
+    train, val = train.replace(data_py.EOT, ""), val.replace(data_py.EOT, "")
+    assert interleaves((tmp_path / "ok.txt").read_text(encoding="utf-8"), train, val)
+
+
+def test_load_data_missing_says_run_prepare(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data_py.load_data("nope", data_root=str(tmp_path / "data"))
+    assert str(e.value) == f"no data in {tmp_path / 'data' / 'nope'}: run python prepare.py first"
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--input={tmp_path}/nothing.txt",
+                        f"--data_root={tmp_path}/data"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("--input=") and len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# the default corpus
+
+
+def test_shakespeare_conversion_is_plain_text_with_speakers():
+    files = prepare.shakespeare_files()
+    assert len(files) == 38
+    total = 0
+    for f in files:
+        with open(f, encoding="utf-8") as src:
+            md = src.read()
+        text = prepare.markdown_play_to_text(md)
+        total += len(text)
+        for marker in ("*", "_", "\n#", "\\", " \n", "\t", "[ ]", "[]", "\0"):  # no Markdown markup left
+            assert marker not in text, (f, marker)
+        assert not text.startswith("#")
+        speakers_md = set(s.strip() for s in re.findall(r"^\*\*([^*\n]+)\*\*[ \t]*$", md, re.M))
+        speakers_txt = set(re.findall(r"^([^\n\[][^\n]*):\n", text, re.M))
+        assert speakers_md <= speakers_txt, (f, speakers_md - speakers_txt)
+        assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n")
+    assert 4_500_000 < total < 5_500_000
+    with open([f for f in files if f.endswith("macbeth.md")][0], encoding="utf-8") as src:
+        macbeth = prepare.markdown_play_to_text(src.read())
+    assert macbeth.startswith("Macbeth\n\nACT I\n\nSCENE I. A desert place.\n\n"
+                              "[Thunder and lightning. Enter three Witches]\n\n"
+                              "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n")
+    # a speech resumed after a stage direction gets its speaker again
+    assert "[Exit Sergeant, attended]\n\nDUNCAN:\nWho comes here?\n\n" in macbeth
+
+
+# -----------------------------------------------------------------------------
 # MLA
+
+from mla import MLA, LatentCache, cache_values_per_token, latent_attention, precompute_rope
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
@@ -100,12 +422,12 @@ def test_cache_holds_only_latents():
 
 
 def test_cache_ratio_matches_reference():
-    # DeepSeek-V2 (REFERENCE.md section 1): 512 + 64 = 576 values per token per layer vs 2 * 128 * 128 for MHA
+    # DeepSeek-V2 section 2.1: 512 + 64 = 576 values per token per layer vs 2 * 128 * 128 for MHA
     v2 = ModelConfig(n_layer=1, n_embd=5120, n_head=128, kv_lora_rank=512, qk_nope_head_dim=128,
                      qk_rope_head_dim=64, v_head_dim=128)
     assert cache_values_per_token(v2) == (576, 32768)
     # the GPU "small" reference config: 256 + 32 = 288 vs 2 * 12 * 64 = 1536 per layer, 5.33x smaller
-    mla, mha = cache_values_per_token(ModelConfig())
+    mla, mha = cache_values_per_token(small_config())
     assert (mla, mha) == (12 * 288, 12 * 1536)
     assert math.isclose(mha / mla, 16 / 3)
 
@@ -124,6 +446,8 @@ def test_yarn_changes_only_long_wavelengths_and_scale():
 
 # -----------------------------------------------------------------------------
 # DeepSeekMoE
+
+from moe import FFN, MoE, balance_loss, experts_reference, max_vio
 
 
 def moe_layer(seed=0, **kw):
@@ -298,6 +622,190 @@ def test_max_vio():
 
 
 # -----------------------------------------------------------------------------
+# kernels.py against its PyTorch references: Triton's interpreter on CPU (TRITON_INTERPRET=1), real sizes on a GPU
+
+import kernels
+
+
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton does not import here")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU tests need TRITON_INTERPRET=1 set before triton is imported")
+needs_cuda = pytest.mark.skipif(not (kernels.HAS_TRITON and torch.cuda.is_available()
+                                     and os.environ.get("TRITON_INTERPRET") != "1"),
+                                reason="needs CUDA and Triton compiling for it (run without TRITON_INTERPRET=1)")
+
+
+def rel_err(name, got, want):
+    """max |got - want| / max |want|, printed; NaN never passes."""
+    diff = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    print(f"{name}: max abs diff {diff:.2e} (max |ref| {scale:.2e})")
+    return diff / max(scale, 1e-30)
+
+
+def moe_inputs(N, K, E, d, I, dtype, device, empty_expert=None, seed=0, w_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    scores = torch.randn(N, E, generator=g)
+    if empty_expert is not None:
+        scores[:, empty_expert] = -1e9  # never chosen: the kernels must leave its gradients at zero
+    topk_ids = scores.topk(K, dim=-1).indices
+    topk_weights = torch.rand(N, K, generator=g) + 0.1
+    w1 = torch.randn(E, I, d, generator=g) / d ** 0.5
+    w2 = torch.randn(E, d, I, generator=g) / I ** 0.5
+    w3 = torch.randn(E, I, d, generator=g) / d ** 0.5
+    dy = torch.randn(N, d, generator=g)
+    cast = lambda t, dt=dtype: t.to(device=device, dtype=dt).requires_grad_()
+    w_dtype = w_dtype or dtype
+    return (cast(x), topk_ids.to(device), topk_weights.to(device).requires_grad_(), cast(w1, w_dtype),
+            cast(w2, w_dtype), cast(w3, w_dtype), dy.to(device=device, dtype=dtype))
+
+
+def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtype=None):
+    """fused_moe's output and all five gradients against autograd through experts_reference in float64.
+    w_dtype=float32 with bf16 x is the autocast case: fp32 parameters cast inside, fp32 gradients out."""
+    x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, device, empty_expert, w_dtype=w_dtype)
+    args = [x, gates, w1, w2, w3]
+    y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    grads = torch.autograd.grad(y, args, dy)
+    ref_args = [t.detach().double().requires_grad_() for t in args]  # float64 reference
+    rx, rg, rw1, rw2, rw3 = ref_args
+    y_ref = experts_reference(rx, ids, rg, rw1, rw2, rw3)
+    grads_ref = torch.autograd.grad(y_ref, ref_args, dy.double())
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert rel_err("fused_moe forward", y, y_ref) < tol
+    for name, g, gr, arg in zip(["dx", "d topk_weights", "dw1", "dw2", "dw3"], grads, grads_ref, args):
+        assert g.shape == gr.shape and g.dtype == arg.dtype
+        assert rel_err(f"fused_moe {name}", g, gr) < tol
+    if empty_expert is not None:
+        for name, g in zip(["dw1", "dw2", "dw3"], grads[2:]):
+            assert g[empty_expert].abs().max().item() == 0.0, f"{name} of the empty expert is not zero"
+
+
+def test_everything_runs_where_triton_does_not_import():
+    """kernels.py defines its kernels without Triton and usable() sends every caller to the PyTorch paths."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels, model\n"
+            "assert not kernels.HAS_TRITON and not kernels.usable(torch.zeros(1))\n"
+            "m = model.Model(model.ModelConfig()).eval()\n"
+            "print(m.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0).shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0 and r.stdout.strip() == "torch.Size([1, 7])", r.stderr
+
+
+@needs_triton
+@interpreted
+@pytest.mark.parametrize("dtype,w_dtype,tol", [(torch.float32, None, 1e-5), (torch.bfloat16, torch.float32, 3e-2)])
+def test_fused_moe_interpreted(dtype, w_dtype, tol):
+    """N*K = 74 pairs: not a multiple of the 32-row tile; expert 3 gets no token; d = I = 40 span two 32-wide
+    tiles with a masked edge. bf16 x with fp32 weights is the autocast case; its tolerance is loose because the
+    interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter)."""
+    check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
+
+
+@needs_triton
+@interpreted
+def test_moe_align_interpreted():
+    """Every pair sits in exactly one padded row, inside its expert's run; tiles carry the right expert."""
+    torch.manual_seed(0)
+    E, bm = 6, 32
+    ids = torch.randint(0, E - 1, (29, 3))  # expert 5 empty
+    sorted_pair, block_expert, pad_start, pad_end = kernels.moe_align(ids, E, bm)
+    real = sorted_pair[sorted_pair < ids.numel()].long()
+    assert real.sort().values.tolist() == list(range(ids.numel()))
+    rows = torch.nonzero(sorted_pair < ids.numel()).flatten()
+    experts = ids.flatten()[sorted_pair[rows].long()]
+    assert (block_expert[rows // bm].long() == experts).all()
+    assert ((pad_start[experts] <= rows) & (rows < pad_end[experts])).all()
+    assert ((pad_end - pad_start) % bm == 0).all() and pad_end[5] == pad_start[5]
+
+
+def check_mla_decode(B, S, T, H, C, R, start_pos, dtype, device, tol, n_splits=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(B + 1, S + 5, C + R, generator=g).to(device=device, dtype=dtype)
+    kv = cache[:B, :start_pos + T]  # a strided view of a larger buffer, as mla.py passes it
+    q = torch.randn(B, T, H, C + R, generator=g).to(device=device, dtype=dtype)
+    scale = (C + R) ** -0.5 * 2
+    got = kernels.mla_decode(q, kv, start_pos, scale, C, n_splits=n_splits)
+    want = latent_attention(q.double(), kv.double(), start_pos, scale, C)
+    assert got.shape == (B, T, H, C) and got.dtype == q.dtype
+    assert rel_err(f"mla_decode T={T} start_pos={start_pos} splits={n_splits}", got, want) < tol
+    # the graph-safe form: the whole cache (rows past the position hold other values), the position on the device
+    pos = torch.tensor(start_pos, device=device)
+    full = cache[:B]
+    got = kernels.mla_decode(q, full, pos, scale, C, n_splits=n_splits)
+    assert rel_err(f"mla_decode, position on the device, T={T}", got, want) < tol
+    assert rel_err("latent_attention, position on the device", latent_attention(q.double(), full.double(), pos, scale, C),
+                   want) < 1e-6  # latent_attention computes in float32
+
+
+@needs_triton
+@interpreted
+@pytest.mark.parametrize("T,start_pos,n_splits,dtype,tol", [
+    (1, 150, 3, torch.float32, 1e-5),   # one query token, keys in 3 splits, the last one partial
+    (3, 100, 4, torch.float32, 1e-5),   # small query length: causal inside the new tokens
+    (1, 70, None, torch.bfloat16, 2e-2),
+])
+def test_mla_decode_interpreted(T, start_pos, n_splits, dtype, tol):
+    """C = 40, R = 8: neither a power of two (masked); 3 heads; the cache slice is non-contiguous."""
+    check_mla_decode(B=2, S=start_pos + T, T=T, H=3, C=40, R=8, start_pos=start_pos, dtype=dtype, device="cpu",
+                     tol=tol, n_splits=n_splits)
+
+
+# -----------------------------------------------------------------------------
+# GPU twins at realistic sizes (bf16); skipped on CPU
+
+
+@needs_cuda
+@pytest.mark.parametrize("N,w_dtype", [(8192, None), (4099, torch.float32)])
+def test_fused_moe_gpu(N, w_dtype):
+    check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7,
+                    w_dtype=w_dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("N", [1, 3, 64, 700])
+def test_fused_moe_decode_sizes_gpu(N):
+    """A few (token, expert) pairs: SMALL_TILES and the tight padded-length bound."""
+    check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, w_dtype=None)
+
+
+@needs_cuda
+def test_fused_moe_fp32_gpu():
+    check_fused_moe(N=1000, K=6, E=64, d=768, I=384, dtype=torch.float32, device="cuda", tol=1e-4, empty_expert=0)
+
+
+@needs_cuda
+def test_moe_layer_autocast_gpu():
+    """moe.MoE under bf16 autocast (fp32 parameters), kernels on vs off, each against the same layer in fp32: the
+    kernels are no further from the fp32 result than PyTorch's own bf16 path (both round to bf16, in other orders)."""
+    from model import ModelConfig
+    from moe import MoE
+    torch.manual_seed(0)
+    layer = MoE(small_config()).cuda()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
+    x = torch.randn(4, 1024, 768, device="cuda")
+    outs = []
+    for use, amp in ((True, True), (False, True), (False, False)):
+        layer.experts.use_kernels = use
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            y = layer(x)
+        y.float().pow(2).sum().backward()
+        outs.append([y.float()] + [p.grad.clone() for p in layer.experts.parameters()])
+    for name, fused, torch_bf16, fp32 in zip(["y", "dw1", "dw2", "dw3"], *outs):
+        err_fused = rel_err(f"{name}: kernels (bf16) vs fp32", fused, fp32)
+        err_torch = rel_err(f"{name}: PyTorch (bf16) vs fp32", torch_bf16, fp32)
+        assert err_fused <= 1.5 * err_torch + 1e-3, (name, err_fused, err_torch)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,S,T,H,C,R", [(8, 4000, 1, 12, 256, 32), (4, 3000, 4, 16, 512, 64), (2, 777, 1, 128, 512, 64)])
+def test_mla_decode_gpu(B, S, T, H, C, R):
+    check_mla_decode(B, S, T, H, C, R, start_pos=S - T, dtype=torch.bfloat16, device="cuda", tol=2e-2)
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -322,8 +830,12 @@ def test_param_counts_match_formula():
 def test_small_reference_config_counts(monkeypatch):
     monkeypatch.setattr(Model, "reset_parameters", lambda self: None)
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = Model(ModelConfig())  # REFERENCE.md section 4 ("small"), GPT-2 vocabulary
-        dense = Model(ModelConfig(n_dense_layers=12))
+        model = Model(small_config())  # config/train_small.py, GPT-2 vocabulary
+        dense = Model(small_config(n_dense_layers=12))
+    from configurator import read_config_file
+    dense_file = read_config_file(os.path.join(HERE, "config", "train_small_dense.py"))
+    small_file = read_config_file(os.path.join(HERE, "config", "train_small.py"))
+    assert dense_file == {**small_file, "out_dir": "out-small-dense", "n_dense_layers": 12}  # the twin differs in that
     print(f"small: {model.num_params() / 1e6:.1f}M total, {model.num_params(active=True) / 1e6:.1f}M active")
     # active routed + shared hidden = (6 + 2) * 384 = 3072 = the dense baseline's 4 * 768
     router = 11 * 768 * 64
@@ -374,321 +886,211 @@ def test_generate_with_cache_equals_without():
 
 
 # -----------------------------------------------------------------------------
-# prepare.py
+# DeepSeek / Hugging Face checkpoints: parity with transformers, save_pretrained, FP8
+
+import hf  # the tests that compare with transformers import it themselves: nothing else needs the HF stack
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HF_TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+            n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
+            max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+            beta_slow=1.0, mscale=1.0, mscale_all_dim=0.8)
+
+# name: (transformers class, its config on top of HF_TINY, random expert bias)
+HF_CONFIGS = {
+    "v3 sigmoid, group-limited, q_lora, norm_topk, bias": (
+        "DeepseekV3", dict(q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5), True),
+    "v3 no norm_topk, no q compression, rms_eps 1.0, tied": (
+        "DeepseekV3", dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5,
+                           rms_norm_eps=1.0, tie_word_embeddings=True), True),  # big: latent norms keep 1e-6
+    "v3 rope_interleave=false, YaRN": (
+        "DeepseekV3", dict(q_lora_rank=24, n_group=2, topk_group=1, rope_interleave=False, rope_parameters=YARN), True),
+    "v2 softmax greedy, no q compression": (
+        "DeepseekV2", dict(q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.0), False),
+    "v2 softmax group_limited_greedy, q_lora, scale 2, YaRN": (
+        "DeepseekV2", dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                           routed_scaling_factor=2.0, rope_parameters=YARN), False),
+}
+
+GENERATE = ["v3 sigmoid, group-limited, q_lora, norm_topk, bias", "v2 softmax group_limited_greedy, q_lora, scale 2, YaRN"]
 
 
-def numbered_text(n_lines, seed=0):
-    """Distinct lines (so a line can only have come from one place), with Unicode and odd whitespace."""
-    rng = np.random.default_rng(seed)
-    words = ["thou", "art", "more", "lovely", "and", "temperate", "café", "naïve", "Straße", "東京", "🙂", "ǅ",
-             "e\u0301", "עברית", "\t", "  "]
-    lines = []
-    for i in range(n_lines):
-        body = " ".join(rng.choice(words, size=int(rng.integers(3, 12))))
-        lines.append(f"{i:05d} {body}" + ("  " if i % 7 == 0 else ""))
-        if i % 11 == 0:
-            lines.append("")  # paragraph breaks
-    return "\n".join(lines) + "\n"
+def hf_model(kind, extra, bias):
+    """A random transformers DeepseekV2/V3ForCausalLM, every weight (norms and expert bias too) off its init."""
+    import transformers
+    torch.manual_seed(0)
+    config = getattr(transformers, kind + "Config")(**(HF_TINY | extra))
+    config._attn_implementation = "eager"  # torch 2.13 CPU SDPA takes ~0.1 s per one-token decode step here
+    m = getattr(transformers, kind + "ForCausalLM")(config).float().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(1.0, 0.2) if p.dim() == 1 else p.normal_(0.0, 0.15)
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias") and bias:
+                b.uniform_(-0.1, 0.1)
+    return m
 
 
-def run(tmp_path, *args):
-    return prepare.main([f"--data_root={tmp_path / 'data'}", *args])
+@pytest.fixture(scope="module", params=list(HF_CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    kind, extra, bias = HF_CONFIGS[request.param]
+    m = hf_model(kind, extra, bias)
+    path = str(tmp_path_factory.mktemp("hf"))
+    m.save_pretrained(path)
+    return request.param, m, path
 
 
-def split_texts(data):
-    return data.decode(data.train.tolist()), data.decode(data.val.tolist())
+def test_from_pretrained_matches_transformers_logits(hf_checkpoint):
+    name, ref, path = hf_checkpoint
+    idx = torch.randint(0, HF_TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits
+    for impl in ("naive", "absorb"):
+        model = hf.from_pretrained(path, attn_impl=impl)
+        assert_close(f"{name} [{impl}] logits vs transformers", model(idx)[0], want, 1e-4)
 
 
-def interleaves(original, a, b):
-    """True when original is exactly a and b cut into whole lines and merged back in order."""
-    i = j = 0
-    for line in original.splitlines(keepends=True):
-        if a.startswith(line, i):
-            i += len(line)
-        elif b.startswith(line, j):
-            j += len(line)
+@pytest.mark.parametrize("name", GENERATE)  # one V3 and one V2 config: transformers' generate is slow on CPU
+def test_greedy_generation_matches_transformers(name, tmp_path):
+    ref = hf_model(*HF_CONFIGS[name])
+    ref.save_pretrained(tmp_path)
+    path = str(tmp_path)
+    idx = torch.randint(0, HF_TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
+    want = ref.generate(idx, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(idx))
+    got = hf.from_pretrained(path).generate(idx, 20, temperature=0)  # naive prefill, absorbed decode, latent cache
+    print(f"{name}: {got[0, 7:].tolist()}")
+    assert torch.equal(got, want), f"{name}: greedy tokens differ\n ours {got.tolist()}\n hf   {want.tolist()}"
+
+
+def test_v2_routing_semantics_map_onto_ours(tmp_path):
+    """DeepSeek's V2 gate scales by routed_scaling_factor only when it does not renormalize; V3's always does."""
+    base = dict(HF_TINY, model_type="deepseek_v2", q_lora_rank=None, routed_scaling_factor=16.0)
+    for norm, want in [(False, (False, 16.0)), (True, (True, 1.0))]:
+        cfg = hf.config_from_hf(base | dict(norm_topk_prob=norm))
+        assert (cfg.norm_topk, cfg.route_scale, cfg.score_func) == (*want, "softmax")
+    cfg = hf.config_from_hf(dict(HF_TINY, model_type="deepseek_v3", q_lora_rank=None, n_group=2, topk_group=1))
+    assert (cfg.norm_topk, cfg.route_scale, cfg.score_func) == (True, 2.5, "sigmoid")
+
+
+# -----------------------------------------------------------------------------
+# save_pretrained -> transformers
+
+
+def ours_tiny(**kw):
+    args = dict(vocab_size=101, block_size=64, n_layer=3, n_embd=64, n_head=4, q_lora_rank=24, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_dense_layers=1, dense_inter_dim=96,
+                n_experts=8, top_k=2, n_shared=2, moe_inter_dim=16, n_group=2, topk_group=1, route_scale=2.0)
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**(args | kw))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0, 0.2) if p.dim() == 1 else p.normal_(0.0, 0.15)
+        if model.config.score_func == "sigmoid":
+            for m in model.moe_layers():
+                m.expert_bias.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # sigmoid -> DeepseekV3, group-limited, expert bias, one file
+    dict(q_lora_rank=0, tie_embeddings=True, norm_topk=False, rope_factor=4.0, rope_original_max_len=16,
+         rope_mscale=1.0, rope_mscale_all_dim=0.707),  # tied, YaRN
+    dict(score_func="softmax", n_group=4, topk_group=2, route_scale=1.0, norm_eps=1e-5),  # -> DeepseekV2
+], ids=["v3", "v3-tied-yarn", "v2"])
+def test_save_pretrained_loads_in_transformers(kw, tmp_path):
+    model = ours_tiny(**kw)
+    hf.save_pretrained(model, tmp_path, max_shard_size=40_000)  # several shards + index
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    import transformers
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    idx = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(idx)[0]
+        assert_close(f"save_pretrained {kw} -> transformers logits", ref(idx).logits, want, 1e-4)
+    again = hf.from_pretrained(tmp_path)
+    assert_close("save -> from_pretrained logits", again(idx)[0], want, 1e-6)
+
+
+def test_softmax_with_expert_bias_refuses_to_save(tmp_path):
+    model = ours_tiny(score_func="softmax", n_group=1, topk_group=1)
+    model.moe_layers()[0].expert_bias[0] = 0.5
+    with pytest.raises(ValueError, match="expert_bias"):
+        hf.save_pretrained(model, tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# FP8 (DeepSeek-V3's release format) and what must fail clearly
+
+
+def block_amax(w, block=128):
+    """(out, in) -> (ceil(out/128), ceil(in/128)): the largest |w| of each 128x128 block."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:w.shape[0], :w.shape[1]] = w.float().abs()
+    return padded.view(rows, block, cols, block).amax(dim=(1, 3))
+
+
+def test_fp8_checkpoint_dequantizes_to_the_bf16_weights(tmp_path):
+    """A synthetic DeepSeek-V3-style FP8 folder (e4m3 weights, 128x128 block scales, partial edge blocks) loads
+    to within e4m3 rounding of the bf16 weights it was made from. Blocks get magnitudes 1e-2 .. 1e1, so a block
+    scale applied to the wrong block cannot pass."""
+    from safetensors.torch import load_file, save_file
+    model = ours_tiny(n_embd=160, dense_inter_dim=300, moe_inter_dim=136, q_lora_rank=144).to(torch.bfloat16)
+    quantized = lambda name: name.endswith(".weight") and "norm" not in name and not name.endswith(
+        ("embed_tokens.weight", "lm_head.weight", "gate.weight"))  # what DeepSeek-V3 ships in FP8
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                r = torch.arange(p.shape[-2])[:, None] // 128 * 3 + torch.arange(p.shape[-1]) // 128
+                p.mul_(10.0 ** (r % 4 - 2))
+    hf.save_pretrained(model, tmp_path / "bf16")
+    tensors, fp8 = load_file(tmp_path / "bf16" / "model.safetensors"), {}
+    for name, w in tensors.items():
+        if quantized(name):
+            scale = block_amax(w) / 448.0  # e4m3's largest value
+            expand = scale.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+            fp8[name], fp8[name + "_scale_inv"] = (w.float() / expand).to(torch.float8_e4m3fn), scale
         else:
-            return False
-    return i == len(a) and j == len(b)
+            fp8[name] = w
+    os.makedirs(tmp_path / "fp8")
+    save_file(fp8, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                         weight_block_size=[128, 128])
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    loaded = dict(hf.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16).named_parameters())
+    worst, n_fp8 = 0.0, 0
+    for name, w in tensors.items():
+        if not quantized(name):
+            continue
+        got = loaded[hf.hf_to_ours(name)] if ".experts." not in name else None
+        if got is None:  # model.layers.{i}.mlp.experts.{j}.{proj}.weight: row j of our stacked tensor
+            parts = hf.hf_to_ours(name).split(".")
+            got = loaded[".".join(parts[:4] + parts[5:6])][int(parts[4])]
+        amax = block_amax(w).repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+        # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal steps of 2^-9 of the scale; then bf16 (2^-8)
+        bound = w.float().abs() * (2**-4 + 2**-8) + 2**-10 * amax / 448 * 1.01
+        err = (got.float() - w.float()).abs()
+        worst, n_fp8 = max(worst, (err / bound).max().item()), n_fp8 + 1
+        assert (err <= bound).all(), f"{name}: FP8 dequantization error beyond e4m3 rounding"
+    print(f"fp8 round trip over {n_fp8} tensors: worst error / e4m3 bound = {worst:.2f}")
 
 
-# -----------------------------------------------------------------------------
-# tokenizer round trips
-
-
-def test_bpe_roundtrip_shakespeare_unicode_whitespace(tmp_path):
-    plays = [f for f in prepare.shakespeare_files() if f.endswith(("macbeth.md", "the-tempest.md"))]
-    corpus = tmp_path / "plays"
-    corpus.mkdir()
-    for f in plays:
-        with open(f, encoding="utf-8") as src:
-            text = prepare.markdown_play_to_text(src.read())
-        (corpus / (os.path.basename(f) + ".txt")).write_text(text, encoding="utf-8")
-    out = run(tmp_path, f"--input={corpus}", "--vocab_size=600")
-    encode, decode, eot = prepare.load_tokenizer(out)
-    assert eot == 599 and json.load(open(os.path.join(out, "meta.json")))["vocab_size"] == 600
-    samples = [
-        "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n",
-        "MACBETH:\nIs this a dagger which I see before me,\nThe handle toward my hand? Come, let me clutch thee.\n",
-        "café naïve Straße 東京 🙂👩‍👩‍👧 e\u0301 ǅ עברית \U0001f600 \x00 \x7f",
-        "  leading\ttabs\t\tand  double  spaces  \n\n\n\r\n\r\ttrailing \u00a0nbsp\u2028sep\u3000 ",
-        "", " ", "\n", "<|endoftext|> is plain text inside the corpus",
-    ]
-    for s in samples:
-        ids = encode(s)
-        assert decode(ids) == s, s
-        assert all(0 <= i < 600 for i in ids)
-    assert encode("a<|endoftext|>b").count(eot) == 1  # prompts may use the special token on purpose
-    assert len(encode(samples[1])) < len(samples[1].encode()) / 2  # it learned English merges
-
-
-def test_char_tokenizer_roundtrip_and_unknown_char(tmp_path):
-    src = tmp_path / "c.txt"
-    src.write_text(numbered_text(300), encoding="utf-8")
-    out = run(tmp_path, f"--input={src}", "--tokenizer=char")
-    assert out.endswith("c_char")  # the default name says which tokenizer made it
-    data = prepare.load_data(out)
-    chars = sorted(set(src.read_text(encoding="utf-8")))
-    assert data.vocab_size == len(chars) + 1 and data.eot_token == len(chars)
-    s = "".join(reversed(chars))
-    assert data.decode(data.encode(s)) == s
-    with pytest.raises(ValueError, match="not in this char vocabulary"):
-        data.encode("Z§")
-
-
-# -----------------------------------------------------------------------------
-# bins, meta, split
-
-
-def test_bins_decode_to_split_text_and_split_is_deterministic(tmp_path):
-    text = numbered_text(2000)
-    src = tmp_path / "input.txt"
-    src.write_text(text, encoding="utf-8")
-    out = run(tmp_path, f"--input={src}", "--vocab_size=400", "--val_fraction=0.1")
-    data = prepare.load_data("input", data_root=str(tmp_path / "data"))
-    meta = data.meta
-    for split in ("train", "val"):
-        size = os.path.getsize(os.path.join(out, f"{split}.bin"))
-        assert size == meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize == len(getattr(data, split)) * 2
-    assert meta["dtype"] == "uint16" and data.train.dtype == np.uint16 and isinstance(data.train, np.memmap)
-    train, val = split_texts(data)
-    # one document, so exactly one end-of-text, at the end of whichever split holds the last piece
-    assert (train + val).count(prepare.EOT) == 1
-    train, val = train.replace(prepare.EOT, ""), val.replace(prepare.EOT, "")
-    assert interleaves(text, train, val)
-    assert 0.07 < len(val.encode()) / len(text.encode()) < 0.13
-    assert meta["bytes"]["val"] == len(val.encode()) and meta["chars"]["train"] == len(train)
-    # same arguments into another folder: identical bytes
-    out2 = prepare.main([f"--data_root={tmp_path / 'again'}", f"--input={src}", "--vocab_size=400"])
-    for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
-        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(out2, f), "rb").read()
-
-
-def test_folder_input_splits_by_whole_documents(tmp_path):
-    corpus = tmp_path / "books"
-    (corpus / "sub").mkdir(parents=True)
-    (corpus / ".git").mkdir()
-    (corpus / ".git" / "x.txt").write_text("hidden, skipped\n")
-    (corpus / "skip.bin").write_bytes(b"\x00\x01 not text")
-    docs = {}
-    for k in range(300):  # documents smaller than a piece (val_fraction * total / 20 bytes) stay whole
-        rel = f"sub/doc{k:03d}.md" if k % 3 else f"doc{k:03d}.txt"
-        docs[rel] = f"document {k}\n" + numbered_text(2, seed=k)
-        (corpus / rel).write_text(docs[rel], encoding="utf-8")
-    out = run(tmp_path, f"--input={corpus}", "--vocab_size=300", "--val_fraction=0.2")
-    assert out == str(tmp_path / "data" / "books")
-    data = prepare.load_data(out)
-    train, val = split_texts(data)
-    assert train.endswith(prepare.EOT) and val.endswith(prepare.EOT)
-    got = train.split(prepare.EOT)[:-1] + val.split(prepare.EOT)[:-1]
-    assert sorted(got) == sorted(docs.values())  # every document whole, once, and nothing else
-    in_order = [docs[k] for k in sorted(docs, key=lambda r: os.path.join(str(corpus), r))]
-    assert train.split(prepare.EOT)[:-1] == [d for d in in_order if d in train]  # corpus order kept
-    assert data.meta["documents"] == 300 and 45 <= val.count(prepare.EOT) <= 75
-
-
-def test_pieces_cover_the_file_and_never_split_a_character():
-    import io
-    for text in ["東京🙂é" * 50, numbered_text(30), "a\n\nb" * 40 + "\n"]:
-        raw = text.encode()
-        for piece_bytes in (1, 2, 3, 5, 64, 10_000):
-            pieces = list(prepare.read_pieces(io.BytesIO(raw), piece_bytes))
-            assert b"".join(pieces) == raw and all(pieces)
-            assert all(len(p) <= max(piece_bytes, 1) + 3 for p in pieces)
-            for p in pieces:
-                p.decode("utf-8")  # strict: raises if a piece cut a character in two
-
-
-def test_up_to_date_force_and_changed_input(tmp_path, capsys):
-    src = tmp_path / "t.txt"
-    src.write_text(numbered_text(400), encoding="utf-8")
-    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
-    stamp = os.stat(os.path.join(out, "train.bin")).st_mtime_ns
-    capsys.readouterr()
-    run(tmp_path, f"--input={src}", "--vocab_size=300")
-    assert "up to date" in capsys.readouterr().out
-    assert os.stat(os.path.join(out, "train.bin")).st_mtime_ns == stamp
-    run(tmp_path, f"--input={src}", "--vocab_size=320")  # other arguments: rebuilt
-    assert "up to date" not in capsys.readouterr().out and prepare.load_data(out).vocab_size == 320
-    run(tmp_path, f"--input={src}", "--vocab_size=320", "--force")
-    assert "wrote" in capsys.readouterr().out
-    src.write_text(numbered_text(500), encoding="utf-8")  # changed input: rebuilt
-    run(tmp_path, f"--input={src}", "--vocab_size=320")
-    assert "wrote" in capsys.readouterr().out
-
-
-def test_interrupted_run_leaves_previous_data_and_no_tmp(tmp_path, monkeypatch):
-    src = tmp_path / "t.txt"
-    src.write_text(numbered_text(300), encoding="utf-8")
-    out = run(tmp_path, f"--input={src}", "--vocab_size=300")
-    before = prepare.load_data(out).train.tolist()
-
-    def interrupt(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(prepare, "save_tiktoken_file", interrupt)  # after the bins are written, before renames
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, f"--input={src}", "--vocab_size=300", "--force")
-    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.tiktoken", "train.bin", "val.bin"]
-    assert prepare.load_data(out).train.tolist() == before
-    with pytest.raises(KeyboardInterrupt):  # into a fresh folder: nothing at all is left
-        prepare.main([f"--data_root={tmp_path / 'fresh'}", f"--input={src}", "--vocab_size=300"])
-    assert not os.path.exists(tmp_path / "fresh")
-
-
-def test_uint32_when_vocab_exceeds_uint16(tmp_path):
-    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
-    src = tmp_path / "wide.txt"
-    src.write_text("\n".join("".join(chars[i:i + 60]) for i in range(0, len(chars), 60)) + "\n", encoding="utf-8")
-    data = prepare.load_data(run(tmp_path, f"--input={src}", "--tokenizer=char"))
-    assert data.vocab_size > 65536 and data.meta["dtype"] == "uint32" and data.train.dtype == np.uint32
-    assert data.train.max() >= 65536
-
-
-# -----------------------------------------------------------------------------
-# bad input: one clear line, nothing left behind
-
-
-@pytest.mark.parametrize("make, args, message", [
-    (None, ["--input={tmp}/missing.txt"], "does not exist"),
-    ("empty", ["--input={tmp}/empty.txt"], "is empty"),
-    ("nodocs", ["--input={tmp}/nodocs"], "no *.txt or *.md files"),
-    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=100"], "too small"),
-    ("ok", ["--input={tmp}/ok.txt", "--vocab_size=20480000"], "too large"),
-    ("ok", ["--input={tmp}/ok.txt", "--val_fraction=0"], "--val_fraction"),
-    ("ok", ["--input={tmp}/ok.txt", "--tokenizer=char", "--vocab_size=500"], "only applies to --tokenizer=bpe"),
-    ("ok", ["--input={tmp}/ok.txt", "--name=../escape"], "plain folder name"),
-    ("tiny", ["--input={tmp}/tiny.txt"], "split came out empty"),
-])
-def test_bad_inputs_fail_with_one_clear_line(tmp_path, make, args, message):
-    if make == "empty":
-        (tmp_path / "empty.txt").write_bytes(b"")
-    elif make == "nodocs":
-        (tmp_path / "nodocs").mkdir()
-        (tmp_path / "nodocs" / "x.csv").write_text("a,b\n")
-    elif make == "ok":
-        (tmp_path / "ok.txt").write_text(numbered_text(100))
-    elif make == "tiny":
-        (tmp_path / "tiny.txt").write_text("x")  # one byte cannot be split in two
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, *[a.format(tmp=tmp_path) for a in args])
-    msg = str(e.value.code)
-    assert message in msg and "\n" not in msg
-    assert not os.path.exists(tmp_path / "data")  # nothing half-written
-
-
-def test_vocab_larger_than_the_text_supports_warns(tmp_path, capsys):
-    src = tmp_path / "small.txt"
-    src.write_text(numbered_text(60))
-    data = prepare.load_data(run(tmp_path, f"--input={src}", "--vocab_size=50000"))
-    assert "only supports" in capsys.readouterr().err
-    assert 257 <= data.vocab_size < 50000 and data.eot_token == data.vocab_size - 1
-    assert data.train.max() < data.vocab_size
-
-
-def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
-    lines = numbered_text(200).encode().splitlines(keepends=True)
-    src = tmp_path / "bad.txt"
-    bad = b"".join(lines[:50]) + b"\xff\xfe" + b"".join(lines[50:150]) + b"caf\xc3(\n" + b"".join(lines[150:])
-    src.write_bytes(bad)
-    # 2 + 1 invalid bytes (a lone 0xc3 is the start of a 2-byte sequence, cut short)
-    data = prepare.load_data(run(tmp_path, f"--input={src}", "--vocab_size=300"))
-    err = capsys.readouterr().err
-    assert re.search(r"replaced 3 bytes of invalid UTF-8", err), err
-    train, val = split_texts(data)
-    assert (train + val).count("\ufffd") == 3
-
-
-def test_gpt2_without_cached_files_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
-    import tiktoken.registry
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget a gpt2 loaded earlier in this process
-    (tmp_path / "ok.txt").write_text(numbered_text(100))
-    with pytest.raises(SystemExit, match="needs tiktoken's GPT-2 files"):
-        run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
-    assert not os.path.exists(tmp_path / "data")
-
-
-def test_gpt2_kind_is_saved_and_loads_without_the_cache(tmp_path, monkeypatch):
-    # the real GPT-2 files need a network we do not have: stand in a tiny byte-level encoding named gpt2
-    import tiktoken
-    fake = tiktoken.Encoding(name="gpt2", pat_str=r"\s+|\S+", mergeable_ranks={bytes([b]): b for b in range(256)},
-                             special_tokens={prepare.EOT: 256})
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
-    (tmp_path / "ok.txt").write_text(numbered_text(100), encoding="utf-8")
-    out = run(tmp_path, f"--input={tmp_path / 'ok.txt'}", "--tokenizer=gpt2")
-    monkeypatch.undo()
-    data = prepare.load_data(out)
-    assert out.endswith("ok_gpt2") and data.meta["tokenizer"]["kind"] == "gpt2"
-    assert data.vocab_size == 257 and data.eot_token == 256
-    train, val = split_texts(data)
-    train, val = train.replace(prepare.EOT, ""), val.replace(prepare.EOT, "")
-    assert interleaves((tmp_path / "ok.txt").read_text(encoding="utf-8"), train, val)
-
-
-def test_load_data_missing_says_run_prepare(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        prepare.load_data("nope", data_root=str(tmp_path / "data"))
-    assert str(e.value) == f"no data in {tmp_path / 'data' / 'nope'}: run python prepare.py first"
-
-
-def test_command_line_error_is_one_line_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--input={tmp_path}/nothing.txt",
-                        f"--data_root={tmp_path}/data"], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("--input=") and len(r.stderr.strip().splitlines()) == 1
-
-
-# -----------------------------------------------------------------------------
-# the default corpus
-
-
-def test_shakespeare_conversion_is_plain_text_with_speakers():
-    files = prepare.shakespeare_files()
-    assert len(files) == 38
-    total = 0
-    for f in files:
-        with open(f, encoding="utf-8") as src:
-            md = src.read()
-        text = prepare.markdown_play_to_text(md)
-        total += len(text)
-        for marker in ("*", "_", "\n#", "\\", " \n", "\t", "[ ]", "[]", "\0"):  # no Markdown markup left
-            assert marker not in text, (f, marker)
-        assert not text.startswith("#")
-        speakers_md = set(s.strip() for s in re.findall(r"^\*\*([^*\n]+)\*\*[ \t]*$", md, re.M))
-        speakers_txt = set(re.findall(r"^([^\n\[][^\n]*):\n", text, re.M))
-        assert speakers_md <= speakers_txt, (f, speakers_md - speakers_txt)
-        assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n")
-    assert 4_500_000 < total < 5_500_000
-    with open([f for f in files if f.endswith("macbeth.md")][0], encoding="utf-8") as src:
-        macbeth = prepare.markdown_play_to_text(src.read())
-    assert macbeth.startswith("Macbeth\n\nACT I\n\nSCENE I. A desert place.\n\n"
-                              "[Thunder and lightning. Enter three Witches]\n\n"
-                              "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n")
-    # a speech resumed after a stage direction gets its speaker again
-    assert "[Exit Sergeant, attended]\n\nDUNCAN:\nWho comes here?\n\n" in macbeth
+def test_unsupported_checkpoints_fail_in_one_clear_line(tmp_path):
+    hf.save_pretrained(ours_tiny(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in [("hidden_act", "gelu", "hidden_act='gelu'"),
+                                ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "RoPE 'dynamic'"),
+                                ("topk_method", "group_limited_greedy", "topk_method")]:
+        (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
+        with pytest.raises(ValueError, match=message) as e:
+            hf.from_pretrained(tmp_path)
+        assert "\n" not in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"n_routed_experts": 4}))
+    with pytest.raises(ValueError, match="tensors nanoseek has no place for"):
+        hf.from_pretrained(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -776,7 +1178,7 @@ def test_resume_is_exact(data_root, tmp_path):
 def test_checkpoint_round_trips_into_model(data_root, tmp_path):
     g = run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)  # no pickled code needed
-    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "rng"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss"}
     assert ckpt["iter_num"] == 4 and ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["data_root"] == data_root
     assert ckpt["config"]["n_experts"] == 8 and ckpt["model_args"]["vocab_size"] == g["data"].vocab_size
     model = Model(ModelConfig(**ckpt["model_args"]))
@@ -882,7 +1284,7 @@ def test_init_from_a_deepseek_folder_fine_tunes_it(data_root, tmp_path):
     """Train, export with save_pretrained, fine-tune from the folder: the first evaluation gives the exported model's
     last losses (same eval batches), and the loaded expert biases are where the updates continue from."""
     first = run_train(data_root, tmp_path / "a", "--max_iters=6", "--eval_interval=6", "--bias_update_rate=0.01")
-    first["raw_model"].save_pretrained(str(tmp_path / "hf"))
+    hf.save_pretrained(first["raw_model"], str(tmp_path / "hf"))
     run_train(data_root, tmp_path / "b", "--max_iters=2", "--eval_interval=100", "--bias_update_rate=0.01",
               f"--init_from={tmp_path / 'hf'}")
     want, got = read_log(tmp_path / "a", "eval")[-1], read_log(tmp_path / "b", "eval")[0]
@@ -896,6 +1298,9 @@ def test_init_from_a_deepseek_folder_fine_tunes_it(data_root, tmp_path):
 
 # -----------------------------------------------------------------------------
 # sample.py: the latent cache against no cache and an MHA cache, determinism, the command line
+
+import bench
+import sample
 
 
 SAMPLE_TINY = dict(vocab_size=101, block_size=64, n_layer=3, n_embd=64, n_head=4, q_lora_rank=0, kv_lora_rank=16,
@@ -915,8 +1320,14 @@ def tiny_model(seed=0, **kw):
     return model
 
 
-def tokens(model, idx, n, **kw):
-    return torch.cat(list(sample.generate(model, idx, n, **kw)), dim=1)
+def tokens(model, idx, n, cache="latent", info=None, **kw):
+    """Model.generate_stream's tokens with the latent cache, bench.py's MHA cache or none."""
+    if cache == "none":
+        return torch.cat(list(model.generate_stream(idx, n, use_cache=False, **kw)), dim=1)
+    kv, step = bench.make_cache(model, cache, idx.shape[0], min(idx.shape[1] + n, model.config.block_size))
+    if info is not None:
+        info.update(cache=kv, cache_bytes=kv.nbytes())
+    return torch.cat(list(model.generate_stream(idx, n, cache=kv, step=step, **kw)), dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -971,6 +1382,40 @@ def test_greedy_and_seeded_sampling_are_deterministic():
     assert torch.equal(seeded(5, top_p=0.9), seeded(5, top_p=0.9))
 
 
+@pytest.mark.parametrize("cache", ["latent", "mha"])
+def test_static_decode_step_equals_eager(cache):
+    """cuda_graph=True runs the step CUDAGraphStep captures: the position in a device tensor that the step advances,
+    the whole preallocated cache read with the rows past the position masked. On the CPU it runs uncaptured: the
+    same tokens as the eager, slice-by-position path, through a refill past block_size too."""
+    model = tiny_model(block_size=32)
+    idx = torch.randint(SAMPLE_TINY["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(4))
+    eager = tokens(model, idx, 38, cache=cache, temperature=0)
+    static = tokens(model, idx, 38, cache=cache, temperature=0, cuda_graph=True)
+    assert torch.equal(static, eager)
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    sampled = tokens(model, idx, 20, cache=cache, temperature=0.9, top_k=20, generator=g1)
+    assert torch.equal(tokens(model, idx, 20, cache=cache, temperature=0.9, top_k=20, generator=g2, cuda_graph=True),
+                       sampled)
+
+
+@needs_cuda
+def test_cuda_graph_decoding_matches_eager_gpu():
+    """bf16 on the GPU, kernels on: 64 greedy steps replayed from one captured graph give the eager path's tokens
+    (the same kernels run); a second generation with another batch and prompt length captures its own graph."""
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{**SAMPLE_TINY, "block_size": 128, "n_embd": 128, "moe_inter_dim": 64})).cuda()
+    sample.cast_weights(model, torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    for batch, prompt in [(2, 9), (5, 3)]:
+        idx = torch.randint(SAMPLE_TINY["vocab_size"], (batch, prompt), device="cuda")
+        eager = model.generate(idx, 64, temperature=0)
+        graph = model.generate(idx, 64, temperature=0, cuda_graph=True)
+        assert torch.equal(graph, eager)
+
+
 def test_refill_past_block_size():
     """A full cache is refilled with the last block_size // 2 tokens at positions 0..: the tokens after the
     refill are the greedy continuation of exactly that context."""
@@ -1018,7 +1463,7 @@ def checkpoint(tmp_path_factory):
     text = "".join(f"ALICE:\nI have {i} apples, and Bob has {3 * i}.\n\nBOB:\nYes, Alice!\n\n" for i in range(200))
     (root / "in.txt").write_text(text)
     prepare.main([f"--input={root / 'in.txt'}", "--tokenizer=char", f"--data_root={root / 'data'}", "--name=tiny"])
-    encode, decode, eot = prepare.load_tokenizer(str(root / "data" / "tiny"))
+    encode, decode, eot = data_py.load_tokenizer(str(root / "data" / "tiny"))
     args = {**SAMPLE_TINY, "vocab_size": eot + 1}
     torch.manual_seed(0)
     model = Model(ModelConfig(**args))
@@ -1082,17 +1527,6 @@ def test_main_show_routing(checkpoint, capsys):
         sample.main([f"--out_dir={root / 'out'}", "--device=cpu", "--show_routing", "--routing_layer=0"])
 
 
-def test_bench_runs_and_measures_cache_bytes(capsys):
-    cfg = ModelConfig(**{**SAMPLE_TINY, "use_kernels": False})
-    rows = sample.run_bench(cfg, [(2, 8, 5, 3)], "cpu", torch.float32, repeats=1)
-    by_kind = {r["cache"]: r for r in rows}
-    assert by_kind["latent"]["bytes_per_token"] == cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert by_kind["mha"]["bytes_per_token"] == cfg.n_layer * cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim) * 4
-    assert by_kind["none"]["bytes_per_token"] == 0
-    assert all(r["rates"][0] > 0 for r in rows)
-    assert "| 2 | 8 + 5 | latent | " in capsys.readouterr().out
-
-
 def test_save_pretrained_then_init_from_the_folder(checkpoint, capsys, tmp_path):
     """--save_pretrained writes a DeepSeek-layout folder with the tokenizer; --init_from=that folder samples the same."""
     root, decode = checkpoint
@@ -1118,369 +1552,9 @@ def test_init_from_a_folder_with_a_hugging_face_tokenizer(capsys, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}')
     torch.manual_seed(0)
-    Model(ModelConfig(**{**SAMPLE_TINY, "vocab_size": len(vocab)})).save_pretrained(str(tmp_path))
+    hf.save_pretrained(Model(ModelConfig(**{**SAMPLE_TINY, "vocab_size": len(vocab)})), str(tmp_path))
     out, stdout, _ = run_main(capsys, f"--init_from={tmp_path}", "--start=to be", "--num_samples=1",
                               "--max_new_tokens=6", "--device=cpu", "--dtype=float32")
     assert out[0][:2] == [2, 3] and len(out[0]) == 8
     assert stdout.startswith("to be")
 
-
-# -----------------------------------------------------------------------------
-# DeepSeek / Hugging Face checkpoints: parity with transformers, save_pretrained, FP8
-
-
-HF_TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-            n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
-            max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
-            beta_slow=1.0, mscale=1.0, mscale_all_dim=0.8)
-
-# name: (transformers class, its config on top of HF_TINY, random expert bias)
-HF_CONFIGS = {
-    "v3 sigmoid, group-limited, q_lora, norm_topk, bias": (
-        "DeepseekV3", dict(q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5), True),
-    "v3 no norm_topk, no q compression, rms_eps 1.0, tied": (
-        "DeepseekV3", dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5,
-                           rms_norm_eps=1.0, tie_word_embeddings=True), True),  # big: latent norms keep 1e-6
-    "v3 rope_interleave=false, YaRN": (
-        "DeepseekV3", dict(q_lora_rank=24, n_group=2, topk_group=1, rope_interleave=False, rope_parameters=YARN), True),
-    "v2 softmax greedy, no q compression": (
-        "DeepseekV2", dict(q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.0), False),
-    "v2 softmax group_limited_greedy, q_lora, scale 2, YaRN": (
-        "DeepseekV2", dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                           routed_scaling_factor=2.0, rope_parameters=YARN), False),
-}
-
-GENERATE = ["v3 sigmoid, group-limited, q_lora, norm_topk, bias", "v2 softmax group_limited_greedy, q_lora, scale 2, YaRN"]
-
-
-def hf_model(kind, extra, bias):
-    """A random transformers DeepseekV2/V3ForCausalLM, every weight (norms and expert bias too) off its init."""
-    torch.manual_seed(0)
-    config = getattr(transformers, kind + "Config")(**(HF_TINY | extra))
-    config._attn_implementation = "eager"  # torch 2.13 CPU SDPA takes ~0.1 s per one-token decode step here
-    m = getattr(transformers, kind + "ForCausalLM")(config).float().eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(1.0, 0.2) if p.dim() == 1 else p.normal_(0.0, 0.15)
-        for name, b in m.named_buffers():
-            if name.endswith("e_score_correction_bias") and bias:
-                b.uniform_(-0.1, 0.1)
-    return m
-
-
-@pytest.fixture(scope="module", params=list(HF_CONFIGS))
-def hf_checkpoint(request, tmp_path_factory):
-    kind, extra, bias = HF_CONFIGS[request.param]
-    m = hf_model(kind, extra, bias)
-    path = str(tmp_path_factory.mktemp("hf"))
-    m.save_pretrained(path)
-    return request.param, m, path
-
-
-def test_from_pretrained_matches_transformers_logits(hf_checkpoint):
-    name, hf, path = hf_checkpoint
-    idx = torch.randint(0, HF_TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(idx).logits
-    for impl in ("naive", "absorb"):
-        model = Model.from_pretrained(path, attn_impl=impl)
-        assert_close(f"{name} [{impl}] logits vs transformers", model(idx)[0], want, 1e-4)
-
-
-@pytest.mark.parametrize("name", GENERATE)  # one V3 and one V2 config: transformers' generate is slow on CPU
-def test_greedy_generation_matches_transformers(name, tmp_path):
-    hf = hf_model(*HF_CONFIGS[name])
-    hf.save_pretrained(tmp_path)
-    path = str(tmp_path)
-    idx = torch.randint(0, HF_TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
-    want = hf.generate(idx, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(idx))
-    got = Model.from_pretrained(path).generate(idx, 20, temperature=0)  # naive prefill, absorbed decode, latent cache
-    print(f"{name}: {got[0, 7:].tolist()}")
-    assert torch.equal(got, want), f"{name}: greedy tokens differ\n ours {got.tolist()}\n hf   {want.tolist()}"
-
-
-def test_v2_routing_semantics_map_onto_ours(tmp_path):
-    """DeepSeek's V2 gate scales by routed_scaling_factor only when it does not renormalize; V3's always does."""
-    base = dict(HF_TINY, model_type="deepseek_v2", q_lora_rank=None, routed_scaling_factor=16.0)
-    for norm, want in [(False, (False, 16.0)), (True, (True, 1.0))]:
-        cfg = config_from_hf(base | dict(norm_topk_prob=norm))
-        assert (cfg.norm_topk, cfg.route_scale, cfg.score_func) == (*want, "softmax")
-    cfg = config_from_hf(dict(HF_TINY, model_type="deepseek_v3", q_lora_rank=None, n_group=2, topk_group=1))
-    assert (cfg.norm_topk, cfg.route_scale, cfg.score_func) == (True, 2.5, "sigmoid")
-
-
-# -----------------------------------------------------------------------------
-# save_pretrained -> transformers
-
-
-def ours_tiny(**kw):
-    args = dict(vocab_size=101, block_size=64, n_layer=3, n_embd=64, n_head=4, q_lora_rank=24, kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_dense_layers=1, dense_inter_dim=96,
-                n_experts=8, top_k=2, n_shared=2, moe_inter_dim=16, n_group=2, topk_group=1, route_scale=2.0)
-    torch.manual_seed(0)
-    model = Model(ModelConfig(**(args | kw))).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0, 0.2) if p.dim() == 1 else p.normal_(0.0, 0.15)
-        if model.config.score_func == "sigmoid":
-            for m in model.moe_layers():
-                m.expert_bias.uniform_(-0.1, 0.1)
-    return model
-
-
-@pytest.mark.parametrize("kw", [
-    dict(),  # sigmoid -> DeepseekV3, group-limited, expert bias, one file
-    dict(q_lora_rank=0, tie_embeddings=True, norm_topk=False, rope_factor=4.0, rope_original_max_len=16,
-         rope_mscale=1.0, rope_mscale_all_dim=0.707),  # tied, YaRN
-    dict(score_func="softmax", n_group=4, topk_group=2, route_scale=1.0, norm_eps=1e-5),  # -> DeepseekV2
-], ids=["v3", "v3-tied-yarn", "v2"])
-def test_save_pretrained_loads_in_transformers(kw, tmp_path):
-    model = ours_tiny(**kw)
-    model.save_pretrained(tmp_path, max_shard_size=40_000)  # several shards + index
-    assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    idx = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = model(idx)[0]
-        assert_close(f"save_pretrained {kw} -> transformers logits", hf(idx).logits, want, 1e-4)
-    again = Model.from_pretrained(tmp_path)
-    assert_close("save -> from_pretrained logits", again(idx)[0], want, 1e-6)
-
-
-def test_softmax_with_expert_bias_refuses_to_save(tmp_path):
-    model = ours_tiny(score_func="softmax", n_group=1, topk_group=1)
-    model.moe_layers()[0].expert_bias[0] = 0.5
-    with pytest.raises(ValueError, match="expert_bias"):
-        model.save_pretrained(tmp_path)
-
-
-# -----------------------------------------------------------------------------
-# FP8 (DeepSeek-V3's release format) and what must fail clearly
-
-
-def block_amax(w, block=128):
-    """(out, in) -> (ceil(out/128), ceil(in/128)): the largest |w| of each 128x128 block."""
-    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
-    padded = torch.zeros(rows * block, cols * block)
-    padded[:w.shape[0], :w.shape[1]] = w.float().abs()
-    return padded.view(rows, block, cols, block).amax(dim=(1, 3))
-
-
-def test_fp8_checkpoint_dequantizes_to_the_bf16_weights(tmp_path):
-    """A synthetic DeepSeek-V3-style FP8 folder (e4m3 weights, 128x128 block scales, partial edge blocks) loads
-    to within e4m3 rounding of the bf16 weights it was made from. Blocks get magnitudes 1e-2 .. 1e1, so a block
-    scale applied to the wrong block cannot pass."""
-    model = ours_tiny(n_embd=160, dense_inter_dim=300, moe_inter_dim=136, q_lora_rank=144).to(torch.bfloat16)
-    quantized = lambda name: name.endswith(".weight") and "norm" not in name and not name.endswith(
-        ("embed_tokens.weight", "lm_head.weight", "gate.weight"))  # what DeepSeek-V3 ships in FP8
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                r = torch.arange(p.shape[-2])[:, None] // 128 * 3 + torch.arange(p.shape[-1]) // 128
-                p.mul_(10.0 ** (r % 4 - 2))
-    model.save_pretrained(tmp_path / "bf16")
-    tensors, fp8 = load_file(tmp_path / "bf16" / "model.safetensors"), {}
-    for name, w in tensors.items():
-        if quantized(name):
-            scale = block_amax(w) / 448.0  # e4m3's largest value
-            expand = scale.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
-            fp8[name], fp8[name + "_scale_inv"] = (w.float() / expand).to(torch.float8_e4m3fn), scale
-        else:
-            fp8[name] = w
-    os.makedirs(tmp_path / "fp8")
-    save_file(fp8, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
-    config["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                         weight_block_size=[128, 128])
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
-    loaded = dict(Model.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16).named_parameters())
-    worst, n_fp8 = 0.0, 0
-    for name, w in tensors.items():
-        if not quantized(name):
-            continue
-        got = loaded[hf_to_ours(name)] if ".experts." not in name else None
-        if got is None:  # model.layers.{i}.mlp.experts.{j}.{proj}.weight: row j of our stacked tensor
-            parts = hf_to_ours(name).split(".")
-            got = loaded[".".join(parts[:4] + parts[5:6])][int(parts[4])]
-        amax = block_amax(w).repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
-        # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal steps of 2^-9 of the scale; then bf16 (2^-8)
-        bound = w.float().abs() * (2**-4 + 2**-8) + 2**-10 * amax / 448 * 1.01
-        err = (got.float() - w.float()).abs()
-        worst, n_fp8 = max(worst, (err / bound).max().item()), n_fp8 + 1
-        assert (err <= bound).all(), f"{name}: FP8 dequantization error beyond e4m3 rounding"
-    print(f"fp8 round trip over {n_fp8} tensors: worst error / e4m3 bound = {worst:.2f}")
-
-
-def test_unsupported_checkpoints_fail_in_one_clear_line(tmp_path):
-    ours_tiny().save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    for key, value, message in [("hidden_act", "gelu", "hidden_act='gelu'"),
-                                ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "RoPE 'dynamic'"),
-                                ("topk_method", "group_limited_greedy", "topk_method")]:
-        (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
-        with pytest.raises(ValueError, match=message) as e:
-            Model.from_pretrained(tmp_path)
-        assert "\n" not in str(e.value)
-    (tmp_path / "config.json").write_text(json.dumps(config | {"n_routed_experts": 4}))
-    with pytest.raises(ValueError, match="tensors nanoseek has no place for"):
-        Model.from_pretrained(tmp_path)
-
-
-# -----------------------------------------------------------------------------
-# kernels.py against its PyTorch references: Triton's interpreter on CPU (TRITON_INTERPRET=1), real sizes on a GPU
-
-
-needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton does not import here")
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="CPU tests need TRITON_INTERPRET=1 set before triton is imported")
-needs_cuda = pytest.mark.skipif(not (kernels.HAS_TRITON and torch.cuda.is_available()
-                                     and os.environ.get("TRITON_INTERPRET") != "1"),
-                                reason="needs CUDA and Triton compiling for it (run without TRITON_INTERPRET=1)")
-
-
-def rel_err(name, got, want):
-    """max |got - want| / max |want|, printed; NaN never passes."""
-    diff = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    print(f"{name}: max abs diff {diff:.2e} (max |ref| {scale:.2e})")
-    return diff / max(scale, 1e-30)
-
-
-def moe_inputs(N, K, E, d, I, dtype, device, empty_expert=None, seed=0, w_dtype=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, d, generator=g)
-    scores = torch.randn(N, E, generator=g)
-    if empty_expert is not None:
-        scores[:, empty_expert] = -1e9  # never chosen: the kernels must leave its gradients at zero
-    topk_ids = scores.topk(K, dim=-1).indices
-    topk_weights = torch.rand(N, K, generator=g) + 0.1
-    w1 = torch.randn(E, I, d, generator=g) / d ** 0.5
-    w2 = torch.randn(E, d, I, generator=g) / I ** 0.5
-    w3 = torch.randn(E, I, d, generator=g) / d ** 0.5
-    dy = torch.randn(N, d, generator=g)
-    cast = lambda t, dt=dtype: t.to(device=device, dtype=dt).requires_grad_()
-    w_dtype = w_dtype or dtype
-    return (cast(x), topk_ids.to(device), topk_weights.to(device).requires_grad_(), cast(w1, w_dtype),
-            cast(w2, w_dtype), cast(w3, w_dtype), dy.to(device=device, dtype=dtype))
-
-
-def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtype=None):
-    """fused_moe's output and all five gradients against autograd through experts_reference in float64.
-    w_dtype=float32 with bf16 x is the autocast case: fp32 parameters cast inside, fp32 gradients out."""
-    x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, device, empty_expert, w_dtype=w_dtype)
-    args = [x, gates, w1, w2, w3]
-    y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
-    grads = torch.autograd.grad(y, args, dy)
-    ref_args = [t.detach().double().requires_grad_() for t in args]  # float64 reference
-    rx, rg, rw1, rw2, rw3 = ref_args
-    y_ref = experts_reference(rx, ids, rg, rw1, rw2, rw3)
-    grads_ref = torch.autograd.grad(y_ref, ref_args, dy.double())
-    assert y.dtype == x.dtype and y.shape == x.shape
-    assert rel_err("fused_moe forward", y, y_ref) < tol
-    for name, g, gr, arg in zip(["dx", "d topk_weights", "dw1", "dw2", "dw3"], grads, grads_ref, args):
-        assert g.shape == gr.shape and g.dtype == arg.dtype
-        assert rel_err(f"fused_moe {name}", g, gr) < tol
-    if empty_expert is not None:
-        for name, g in zip(["dw1", "dw2", "dw3"], grads[2:]):
-            assert g[empty_expert].abs().max().item() == 0.0, f"{name} of the empty expert is not zero"
-
-
-@needs_triton
-@interpreted
-@pytest.mark.parametrize("dtype,w_dtype,tol", [(torch.float32, None, 1e-5), (torch.bfloat16, torch.float32, 3e-2)])
-def test_fused_moe_interpreted(dtype, w_dtype, tol):
-    """N*K = 74 pairs: not a multiple of the 32-row tile; expert 3 gets no token; d = I = 40 span two 32-wide
-    tiles with a masked edge. bf16 x with fp32 weights is the autocast case; its tolerance is loose because the
-    interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter)."""
-    check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
-
-
-@needs_triton
-@interpreted
-def test_moe_align_interpreted():
-    """Every pair sits in exactly one padded row, inside its expert's run; tiles carry the right expert."""
-    torch.manual_seed(0)
-    E, bm = 6, 32
-    ids = torch.randint(0, E - 1, (29, 3))  # expert 5 empty
-    sorted_pair, block_expert, pad_start, pad_end = kernels.moe_align(ids, E, bm)
-    real = sorted_pair[sorted_pair < ids.numel()].long()
-    assert real.sort().values.tolist() == list(range(ids.numel()))
-    rows = torch.nonzero(sorted_pair < ids.numel()).flatten()
-    experts = ids.flatten()[sorted_pair[rows].long()]
-    assert (block_expert[rows // bm].long() == experts).all()
-    assert ((pad_start[experts] <= rows) & (rows < pad_end[experts])).all()
-    assert ((pad_end - pad_start) % bm == 0).all() and pad_end[5] == pad_start[5]
-
-
-def check_mla_decode(B, S, T, H, C, R, start_pos, dtype, device, tol, n_splits=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(B + 1, S + 5, C + R, generator=g).to(device=device, dtype=dtype)
-    kv = cache[:B, :start_pos + T]  # a strided view of a larger buffer, as mla.py passes it
-    q = torch.randn(B, T, H, C + R, generator=g).to(device=device, dtype=dtype)
-    scale = (C + R) ** -0.5 * 2
-    got = kernels.mla_decode(q, kv, start_pos, scale, C, n_splits=n_splits)
-    want = latent_attention(q.double(), kv.double(), start_pos, scale, C)
-    assert got.shape == (B, T, H, C) and got.dtype == q.dtype
-    assert rel_err(f"mla_decode T={T} start_pos={start_pos} splits={n_splits}", got, want) < tol
-
-
-@needs_triton
-@interpreted
-@pytest.mark.parametrize("T,start_pos,n_splits,dtype,tol", [
-    (1, 150, 3, torch.float32, 1e-5),   # one query token, keys in 3 splits, the last one partial
-    (3, 100, 4, torch.float32, 1e-5),   # small query length: causal inside the new tokens
-    (1, 70, None, torch.bfloat16, 2e-2),
-])
-def test_mla_decode_interpreted(T, start_pos, n_splits, dtype, tol):
-    """C = 40, R = 8: neither a power of two (masked); 3 heads; the cache slice is non-contiguous."""
-    check_mla_decode(B=2, S=start_pos + T, T=T, H=3, C=40, R=8, start_pos=start_pos, dtype=dtype, device="cpu",
-                     tol=tol, n_splits=n_splits)
-
-
-# -----------------------------------------------------------------------------
-# GPU twins at realistic sizes (bf16); skipped on CPU
-
-
-@needs_cuda
-@pytest.mark.parametrize("N,w_dtype", [(8192, None), (4099, torch.float32)])
-def test_fused_moe_gpu(N, w_dtype):
-    check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7,
-                    w_dtype=w_dtype)
-
-
-@needs_cuda
-def test_fused_moe_fp32_gpu():
-    check_fused_moe(N=1000, K=6, E=64, d=768, I=384, dtype=torch.float32, device="cuda", tol=1e-4, empty_expert=0)
-
-
-@needs_cuda
-def test_moe_layer_autocast_gpu():
-    """moe.MoE under bf16 autocast (fp32 parameters), kernels on vs off, each against the same layer in fp32: the
-    kernels are no further from the fp32 result than PyTorch's own bf16 path (both round to bf16, in other orders)."""
-    from model import ModelConfig
-    from moe import MoE
-    torch.manual_seed(0)
-    layer = MoE(ModelConfig()).cuda()
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, 0.0, 0.02)
-    x = torch.randn(4, 1024, 768, device="cuda")
-    outs = []
-    for use, amp in ((True, True), (False, True), (False, False)):
-        layer.experts.use_kernels = use
-        layer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            y = layer(x)
-        y.float().pow(2).sum().backward()
-        outs.append([y.float()] + [p.grad.clone() for p in layer.experts.parameters()])
-    for name, fused, torch_bf16, fp32 in zip(["y", "dw1", "dw2", "dw3"], *outs):
-        err_fused = rel_err(f"{name}: kernels (bf16) vs fp32", fused, fp32)
-        err_torch = rel_err(f"{name}: PyTorch (bf16) vs fp32", torch_bf16, fp32)
-        assert err_fused <= 1.5 * err_torch + 1e-3, (name, err_fused, err_torch)
-
-
-@needs_cuda
-@pytest.mark.parametrize("B,S,T,H,C,R", [(8, 4000, 1, 12, 256, 32), (4, 3000, 4, 16, 512, 64), (2, 777, 1, 128, 512, 64)])
-def test_mla_decode_gpu(B, S, T, H, C, R):
-    check_mla_decode(B, S, T, H, C, R, start_pos=S - T, dtype=torch.bfloat16, device="cuda", tol=2e-2)

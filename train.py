@@ -3,14 +3,14 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
 
     python prepare.py                                    # data/shakespeare, once
     python train.py                                      # the CPU default: a few minutes on 2 cores
-    python train.py config/train_small.py --compile      # the GPU "small" reference config (REFERENCE.md section 4)
+    python train.py config/train_small.py --compile      # the GPU "small" reference config (README, "The config")
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
     python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
     python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt exactly where it stopped
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
-(configurator.py); every ModelConfig field is one. The resolved settings are printed at start and saved in the
+(configurator.py); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
 checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png.
 
 Load balancing (--balance):
@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import textwrap
 import time
@@ -37,13 +36,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hf
 from configurator import configure
-from model import Model, ModelConfig
+from data import load_data
+from model import DTYPES, Model, ModelConfig, peak_flops
 from moe import max_vio
-from prepare import load_data
 
 # -----------------------------------------------------------------------------
-# settings; the defaults are config/train_shakespeare_cpu.py: a few minutes on a 2-core CPU, anywhere
+# settings; the defaults train ModelConfig's default model on data/shakespeare in a few minutes on a 2-core CPU
 # I/O
 out_dir = "out"                  # ckpt.pt, log.jsonl and the plots go here
 eval_interval = 100              # iters between evaluations (and checkpoints); the last iter is always evaluated
@@ -63,25 +63,11 @@ dataset = "shakespeare"          # data_root/NAME written by prepare.py, or a pa
 data_root = "data"
 batch_size = 16                  # sequences per micro-batch (per rank)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all ranks
-# model: every ModelConfig field is a setting (model.py comments each); the CPU default changes the sizes
+# model: every ModelConfig field is a setting, with its default from model.py
 for _f in dataclasses.fields(ModelConfig):
     globals()[_f.name] = _f.default
 vocab_size = None                # None: the data's vocabulary (prepare.py's meta.json)
-block_size = 64
-n_layer = 4
-n_embd = 128
-n_head = 4
-kv_lora_rank = 32
-qk_nope_head_dim = 32
-qk_rope_head_dim = 16
-v_head_dim = 32
-n_dense_layers = 1
-dense_inter_dim = 384            # = (top_k + n_shared) * moe_inter_dim: the MoE layers' active FFN width
-n_experts = 8
-top_k = 2
-n_shared = 1
-moe_inter_dim = 128
-aux_alpha = 0.01                 # classic aux-loss weight; used only with balance="aux" (0 in the model otherwise)
+aux_alpha = 0.01                 # the auxiliary-loss weight of --balance=aux (the model gets 0 with bias or none)
 # load balancing
 balance = "bias"                 # "bias" (aux-loss-free), "aux" (classic auxiliary loss), "none"
 bias_update_rate = 1e-3          # gamma: the bias step per optimizer step (V3, Wang et al.: 0.001)
@@ -257,7 +243,7 @@ elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architec
     runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
                    aux_alpha=aux_alpha if balance == "aux" else 0.0)
     try:
-        pretrained = Model.from_pretrained(init_from, **runtime)
+        pretrained = hf.from_pretrained(init_from, **runtime)
     except (ValueError, OSError) as e:
         fail(f"cannot load {init_from}: {e}")
     for k in model_fields:
@@ -286,16 +272,10 @@ for k in ("vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(m
 
 torch.manual_seed(seed)  # every rank builds the same initial model (DDP would broadcast it anyway)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-# dense bf16 tensor-core peak (datasheets, no sparsity) per GPU, for MFU; the first name found in the device's wins
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-              "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12}
-peak_flops = None
-if device_type == "cuda":
-    gpu_name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
+peak = peak_flops(device)  # for MFU; None on the CPU
+gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
 
 
 def get_batch(split, *key):
@@ -303,7 +283,7 @@ def get_batch(split, *key):
     (seed, key), key = (stream, iter, micro-batch) or (stream, eval batch): any batch can be drawn again, in any
     order, so a resumed run sees exactly the batches the uninterrupted one would."""
     arr = data.train if split == "train" else data.val
-    ix = np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)
+    ix = np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)  # no RNG state to save
     x = torch.from_numpy(np.stack([arr[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([arr[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     if device_type == "cuda":  # pinned host memory: the copy overlaps with the GPU's work
@@ -323,23 +303,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def rng_states():
-    """Every RNG a run might touch, as tensors and plain values (loadable with torch.load(weights_only=True)).
-    The batches do not need them (see get_batch); they are here so that code added later resumes exactly too."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def set_rng_states(s):
-    torch.set_rng_state(s["torch"])
-    if device_type == "cuda" and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
 # -----------------------------------------------------------------------------
 # model, optimizer, balancing state
 
@@ -348,7 +311,6 @@ iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])  # expert_bias included: it is a persistent buffer
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    set_rng_states(ckpt["rng"])
 elif init_from not in ("scratch", "resume"):
     model.load_state_dict(pretrained.state_dict())  # expert biases included: fine-tuning keeps updating them
     del pretrained
@@ -443,7 +405,7 @@ def evaluate():
 
 def save_checkpoint():
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-            "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng_states()}
+            "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss}
     tmp = ckpt_path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint whole
@@ -547,8 +509,8 @@ while True:
                    "lr": lr, "ms": dt * 1000, "tok_s": tokens_per_iter / dt}
             line = (f"iter {iter_num}/{max_iters} | loss {loss_f:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
                     f"{tokens_per_iter / dt:,.0f} tok/s")
-            if peak_flops:
-                rec["mfu"] = flops_per_token * tokens_per_iter / world_size / dt / peak_flops
+            if peak:
+                rec["mfu"] = flops_per_token * tokens_per_iter / world_size / dt / peak
                 line += f" | MFU {rec['mfu'] * 100:.1f}%"
             if n_moe:
                 rec["maxvio_batch"] = moe_max_vio(counts).item()

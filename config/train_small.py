@@ -1,37 +1,29 @@
-# The GPU "small" reference config (REFERENCE.md section 4): about GPT-2 small's active compute per token.
+# The GPU "small" reference config: about GPT-2 small's active compute per token (README, "The config").
 # 12 layers of MLA + DeepSeekMoE (the first dense), 64 fine-grained experts, top-6, 2 shared, 384 wide each:
 # (6 + 2) * 384 = 3072 = the dense baseline's FFN (config/train_small_dense.py), so active FLOPs match.
 #     python train.py config/train_small.py --compile
-# data/shakespeare holds 1.5M train tokens: this model passes over it in ~50 iters and overfits soon after, so
-# for more than throughput numbers point it at a bigger corpus (python prepare.py --input=... ; --dataset=NAME).
+# data/shakespeare is small for a model this size (it passes over it many times in 2,000 iters): for more than
+# throughput numbers point it at a bigger corpus (python prepare.py --input=... ; --dataset=NAME).
 out_dir = "out-small"
 eval_interval = 250
 eval_iters = 50
-log_interval = 10
-dataset = "shakespeare"
-batch_size = 16
 gradient_accumulation_steps = 2      # 16 x 1024 x 2 = 32,768 tokens per step
-# model (every other ModelConfig field keeps model.py's default)
+# model: what differs from ModelConfig's (CPU) defaults
 block_size = 1024
 n_layer = 12
 n_embd = 768
 n_head = 12
-q_lora_rank = 0
 kv_lora_rank = 256
 qk_nope_head_dim = 64
 qk_rope_head_dim = 32
 v_head_dim = 64
-n_dense_layers = 1
 dense_inter_dim = 3072
 n_experts = 64
 top_k = 6
 n_shared = 2
 moe_inter_dim = 384
-balance = "bias"
 # optimizer
 learning_rate = 6e-4
 max_iters = 2000
 warmup_iters = 100
 min_lr = 6e-5
-weight_decay = 0.1
-beta2 = 0.95

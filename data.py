@@ -1,0 +1,149 @@
+"""
+The run-time side of the data: open what prepare.py wrote in data/NAME/ (memmapped token bins, meta.json) and its
+tokenizer (a byte-level BPE run through tiktoken, or a character vocabulary). train.py and sample.py use this;
+prepare.py uses it too, to write the same tokenizer formats it reads.
+
+    from data import load_data, load_tokenizer
+    data = load_data("shakespeare")     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
+"""
+import base64
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+EOT = "<|endoftext|>"  # the one special token, appended after every document
+
+
+def data_dir(dataset, data_root="data"):
+    """A dataset name ('shakespeare' -> data_root/shakespeare) or a path to such a folder (anything with a slash)."""
+    return dataset if os.sep in dataset or "/" in dataset else os.path.join(data_root, dataset)
+
+
+@dataclass
+class Data:
+    dir: str  # data_root/NAME
+    meta: dict  # meta.json
+    vocab_size: int  # embedding rows needed (includes the end-of-text token)
+    train: np.ndarray  # np.memmap of token ids, 1-D, meta["dtype"]
+    val: np.ndarray
+    encode: Callable[[str], list]  # str -> list[int]
+    decode: Callable[[list], str]  # list[int] -> str
+    eot_token: int  # id of <|endoftext|>, which ends every document in the bins
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def tiktoken_encoding(ranks, pattern, eot, name="nanoseek"):
+    try:
+        import tiktoken
+    except ImportError:
+        raise SystemExit("the tokenizer needs tiktoken: pip install tiktoken")
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: eot})
+
+
+def char_encoder(chars):
+    """chars (sorted) -> encode(text) -> np.uint32 ids, vectorized: the id of a character is its rank in chars."""
+    codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+
+    def encode(text):
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(codes, points).astype(np.uint32)
+        known = ids < len(codes)
+        known[known] = codes[ids[known]] == points[known]
+        if not known.all():
+            bad = text[int(np.argmin(known))]
+            raise ValueError(f"character {bad!r} is not in this char vocabulary ({len(chars)} characters)")
+        return ids
+    return encode
+
+
+def save_tiktoken_file(ranks, path):
+    """tiktoken's own format, one "base64(token) rank" per line (tiktoken.load.load_tiktoken_bpe reads it)."""
+    with open(path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+def load_tiktoken_file(path):
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def read_meta(data_dir):
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_tokenizer(data_dir):
+    """-> (encode(str) -> list[int], decode(list[int]) -> str, eot id) for the tokenizer saved in data_dir."""
+    meta = read_meta(data_dir)
+    if meta is None:
+        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
+    tok = meta["tokenizer"]
+    eot = meta["eot_token"]
+    path = os.path.join(data_dir, tok["file"])
+    if not os.path.exists(path):
+        raise SystemExit(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
+    if tok["kind"] == "char":
+        with open(path, encoding="utf-8") as f:
+            chars = json.load(f)["chars"]
+        to_ids = char_encoder(chars)
+        itos = list(chars) + [EOT]
+
+        def encode(text):
+            return to_ids(text).tolist()
+
+        def decode(ids):
+            return "".join(itos[i] for i in ids)
+        return encode, decode, eot
+    enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
+
+    def encode(text):
+        return enc.encode(text, allowed_special={EOT})  # a prompt may contain <|endoftext|> on purpose
+    return encode, enc.decode, eot
+
+
+# -----------------------------------------------------------------------------
+# the token bins
+
+
+def bins_match_meta(data_dir, meta):
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
+            return False
+    return os.path.exists(os.path.join(data_dir, meta["tokenizer"]["file"]))
+
+
+def load_data(dataset, data_root="data"):
+    """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
+    path = data_dir(dataset, data_root)
+    meta = read_meta(path)
+    if meta is None or not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
+        raise SystemExit(f"no data in {path}: run python prepare.py first")
+    if not bins_match_meta(path, meta):
+        raise SystemExit(f"the bins in {path} do not match its meta.json (changed or cut short?): "
+                         "run python prepare.py --force")
+    encode, decode, eot = load_tokenizer(path)
+    bins = {}
+    for split in ("train", "val"):
+        # np.memmap refuses empty files; an empty split is still a valid (if useless) array
+        empty = meta["tokens"][split] == 0
+        bins[split] = np.zeros(0, meta["dtype"]) if empty else \
+            np.memmap(os.path.join(path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    return Data(dir=path, meta=meta, vocab_size=meta["vocab_size"], train=bins["train"], val=bins["val"],
+                encode=encode, decode=decode, eot_token=eot)
