@@ -426,10 +426,13 @@ def max_batch(model, kind, context, budget_gib):
     per_seq = (p16 - p8) / 8
     batch = int((budget_gib - (p8 - 8 * per_seq)) / per_seq)
     while batch > 1:
-        rate = long_context_rate(model, kind, batch, context)
-        if rate[2] <= budget_gib:
-            return batch, rate
-        batch = int(batch * 0.95)
+        try:
+            rate = long_context_rate(model, kind, batch, context)
+            if rate[2] <= budget_gib:
+                return batch, rate
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        batch = int(batch * 0.97)
     raise SystemExit(f"decode: not even batch 1 fits {budget_gib} GiB at context {context}")
 
 
