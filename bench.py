@@ -366,9 +366,9 @@ def kernel_launches(fn):
 
 
 @torch.no_grad()
-def decode_rate(model, kind, batch, prompt, new, graph, reps=2):
+def decode_rate(model, kind, batch, prompt, new, graph, compile=False, reps=2):
     """Greedy generation through Model.generate_stream: (decode tokens/s after the first token, ms per step,
-    prefill ms, peak GiB while decoding, cache bytes), the best of reps runs."""
+    ms to the first token (prefill, and the graph's capture), peak GiB, cache bytes), the best of reps runs."""
     idx = torch.randint(model.config.vocab_size, (batch, prompt), device=device)
     best = None
     for _ in range(reps):
@@ -377,8 +377,8 @@ def decode_rate(model, kind, batch, prompt, new, graph, reps=2):
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         steps = model.generate_stream(idx, new, temperature=0, use_cache=kind != "none", cuda_graph=graph,
-                                      cache=cache, step=step)
-        next(steps)  # the prefill (no cache: the first full forward)
+                                      compile=compile, cache=cache, step=step)
+        next(steps)  # the prefill and the capture (no cache: the first full forward)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         for _ in steps:  # no sync inside: the loop queues work as fast as the host can
@@ -393,7 +393,7 @@ def decode_rate(model, kind, batch, prompt, new, graph, reps=2):
 
 
 @torch.no_grad()
-def long_context_rate(model, kind, batch, context, new=32):
+def long_context_rate(model, kind, batch, context, new=32, compile=False):
     """Decode steps at a long context without a long prefill: the cache is filled with random rows up to
     `context` (their values do not change the work of a step), then `new` graph-replayed steps from there.
     Returns (tokens/s, ms per step, peak GiB, cache bytes)."""
@@ -403,7 +403,8 @@ def long_context_rate(model, kind, batch, context, new=32):
     step = step or model.decode_step
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    replay = CUDAGraphStep(lambda tokens, p: step(tokens, p, cache), batch, device, context)
+    decode = torch.compile(step, dynamic=False) if compile else step
+    replay = CUDAGraphStep(lambda tokens, p: decode(tokens, p, cache), batch, device, context)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -453,13 +454,14 @@ def bench_decode():
     rows = []
     print(f"\n## Decoding: the small config at random weights, bf16, greedy; cache bytes per token: latent "
           f"{mla_vals * elt:,}, MHA (this model's per-head K and V) {mha_vals * elt:,}\n")
+    modes = {"graph + compile": (True, True), "graph": (True, False), "eager": (False, False)}
     for batch, prompt, new in decode_cases:
-        for kind, graph in (("latent", True), ("latent", False), ("mha", True), ("mha", False), ("none", False)):
+        for kind, mode in [(k, m) for k in ("latent", "mha") for m in modes] + [("none", "eager")]:
             n = new if kind != "none" else min(new, 16)
-            tok_s, ms, prefill_ms, peak_gib, nbytes = decode_rate(model, kind, batch, prompt, n, graph)
-            rows.append(dict(batch=batch, context=f"{prompt} + {n}", cache=kind, graph=graph, tok_s=tok_s,
-                             ms_per_step=ms, prefill_ms=prefill_ms, peak_gib=peak_gib, cache_mib=nbytes / 2**20))
-            print(f"batch {batch} prompt {prompt} new {n} {kind} graph={graph}: {tok_s:,.0f} tok/s", file=sys.stderr)
+            tok_s, ms, first_ms, peak_gib, nbytes = decode_rate(model, kind, batch, prompt, n, *modes[mode])
+            rows.append(dict(batch=batch, context=f"{prompt} + {n}", cache=kind, mode=mode, tok_s=tok_s,
+                             ms_per_step=ms, first_ms=first_ms, peak_gib=peak_gib, cache_mib=nbytes / 2**20))
+            print(f"batch {batch} prompt {prompt} new {n} {kind} {mode}: {tok_s:,.0f} tok/s", file=sys.stderr)
     # launches per decode step (eager; a graph replays the same kernels as nodes) and batch-1 bandwidth
     launches = {}
     for kind in ("latent", "mha"):
@@ -471,27 +473,26 @@ def bench_decode():
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.weight.nbytes
     idle = cfg.n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.moe_inter_dim * elt
     step_bytes = weights - idle  # what a batch-1 step must read: every weight but the experts it does not use
-    b1 = next(r for r in rows if r["batch"] == 1 and r["cache"] == "latent" and r["graph"])
+    b1 = max((r for r in rows if r["batch"] == 1 and r["cache"] == "latent"), key=lambda r: r["tok_s"])
     b1_bw = (step_bytes + mla_vals * elt * 192) / (b1["ms_per_step"] * 1e-3)
     for r in rows:
         r["launches"] = launches.get(r["cache"], "")
-    print(table(["batch", "prompt + new", "cache", "CUDA graph", "decode tok/s", "ms / step", "kernels / step",
-                 "prefill ms", "cache MiB", "peak GiB"],
-                [[r["batch"], r["context"], r["cache"], "yes" if r["graph"] else "no", f"{r['tok_s']:,.0f}",
-                  f"{r['ms_per_step']:.2f}", r["launches"], f"{r['prefill_ms']:.0f}", f"{r['cache_mib']:,.1f}",
-                  f"{r['peak_gib']:.2f}"] for r in rows]))
-    print(f"\nbatch-1 step (latent, graph): reads {step_bytes / 1e6:.0f} MB of weights (all but the "
+    print(table(["batch", "prompt + new", "cache", "decoding", "decode tok/s", "ms / step", "kernels / step (eager)",
+                 "ms to first token", "cache MiB", "peak GiB"],
+                [[r["batch"], r["context"], r["cache"], r["mode"], f"{r['tok_s']:,.0f}", f"{r['ms_per_step']:.2f}",
+                  r["launches"], f"{r['first_ms']:.0f}", f"{r['cache_mib']:,.1f}", f"{r['peak_gib']:.2f}"]
+                 for r in rows]))
+    print(f"\nfastest batch-1 step (latent, {b1['mode']}): reads {step_bytes / 1e6:.0f} MB of weights (all but the "
           f"{cfg.n_experts - cfg.top_k} unused experts per MoE layer) + its cache in {b1['ms_per_step']:.3f} ms: "
           f"{b1_bw / 1e9:,.0f} GB/s, {100 * b1_bw / copy_bw:.0f}% of the measured device copy"
           + (f", {100 * b1_bw / peak_bw:.0f}% of the datasheet peak" if peak_bw else ""))
-    long = {}
-    for kind in ("latent", "mha"):
-        B, ctx = decode_long
-        long[kind] = long_context_rate(model, kind, B, ctx)
-    print(f"\n{decode_long[0]} x {decode_long[1]} context (graph, random cache rows): latent "
-          f"{long['latent'][0]:,.0f} tok/s ({long['latent'][1]:.2f} ms/step, cache {long['latent'][3] / 2**30:.2f} GiB), "
-          f"MHA {long['mha'][0]:,.0f} tok/s ({long['mha'][1]:.2f} ms/step, cache {long['mha'][3] / 2**30:.2f} GiB): "
-          f"latent {long['latent'][0] / long['mha'][0]:.2f}x")
+    long = {(kind, mode): long_context_rate(model, kind, *decode_long, compile=modes[mode][1])
+            for mode in ("graph + compile", "graph") for kind in ("latent", "mha")}
+    print(f"\n{decode_long[0]} x {decode_long[1]} context, random cache rows (their values do not change the work):")
+    for mode in ("graph + compile", "graph"):
+        lat, mha = long[("latent", mode)], long[("mha", mode)]
+        print(f"  {mode}: latent {lat[0]:,.0f} tok/s ({lat[1]:.2f} ms/step, cache {lat[3] / 2**30:.2f} GiB), MHA "
+              f"{mha[0]:,.0f} tok/s ({mha[1]:.2f} ms/step, cache {mha[3] / 2**30:.2f} GiB): latent {lat[0] / mha[0]:.2f}x")
     fit = {kind: max_batch(model, kind, decode_context, decode_budget_gib) for kind in ("latent", "mha")}
     print(table(["cache", f"largest batch at {decode_context} context in {decode_budget_gib} GiB", "decode tok/s",
                  "ms / step", "peak GiB"],
@@ -499,7 +500,8 @@ def bench_decode():
     print(f"latent / MHA: {fit['latent'][0] / fit['mha'][0]:.2f}x the batch, "
           f"{fit['latent'][1][0] / fit['mha'][1][0]:.2f}x the tokens/s")
     results["decode"] = dict(rows=rows, launches=launches, step_bytes=step_bytes, batch1_bandwidth=b1_bw,
-                             long={k: dict(zip(["tok_s", "ms", "peak_gib", "cache_bytes"], v)) for k, v in long.items()},
+                             long={" ".join(k): dict(zip(["tok_s", "ms", "peak_gib", "cache_bytes"], v))
+                                   for k, v in long.items()},
                              max_batch={k: dict(batch=b, tok_s=r[0], ms=r[1], peak_gib=r[2]) for k, (b, r) in fit.items()})
 
 

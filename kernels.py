@@ -540,6 +540,7 @@ def _num_sms(device):
     return _SMS[device.index]
 
 
+@torch.compiler.disable  # Inductor miscompiles this kernel's dots; captured CUDA graphs replay it either way
 def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
     """Same contract as mla.latent_attention: q (B, T, H, C + R) absorbed queries at positions start_pos..;
     kv (B, S, C + R) latents (a strided slice of the cache is fine), S >= start_pos + T. Returns (B, T, H, C).

@@ -245,7 +245,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                        use_cache=True, cuda_graph=False, cache=None, step=None):
+                        use_cache=True, cuda_graph=False, compile=False, cache=None, step=None):
         """Yield the next (B, 1) tokens one step at a time for the batch of prompts idx (B, T). Call in eval mode.
 
         use_cache: prefill the prompts once into a LatentCache ([c_kv ; k_pe] per token per layer, nothing else),
@@ -255,6 +255,8 @@ class Model(nn.Module):
         cuda_graph: capture the decoding step once in a CUDA graph and replay it every step (CUDAGraphStep; the
             prefill stays eager). Same tokens as the eager path: the same kernels run, launched by the GPU. On a
             CPU it runs the same static, position-on-device step without capture.
+        compile: with cuda_graph, torch.compile the decoding step before the capture: Inductor fuses its small
+            elementwise kernels (norms, RoPE, router), so the graph replays fewer, fuller kernels.
         cache, step: another cache and its step(tokens, pos, cache) -> logits (B, vocab) (bench.py's MHA cache);
             default: a LatentCache of the model's dtype and Model.decode_step.
         """
@@ -272,6 +274,9 @@ class Model(nn.Module):
         step = step or self.decode_step
         logits, pos = step(idx, 0, cache), T  # prefill
         graph = None
+        if cuda_graph and max_new_tokens > 1:  # captured before the first token, so the steps after it are all replays
+            decode = torch.compile(step, dynamic=False) if compile else step
+            graph = CUDAGraphStep(lambda tokens, p: decode(tokens, p, cache), B, idx.device, pos)
         new = []  # the generated tokens, kept for a refill
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -285,8 +290,6 @@ class Model(nn.Module):
                 if graph is not None:
                     graph.pos.fill_(pos)
                 continue
-            if cuda_graph and graph is None:
-                graph = CUDAGraphStep(lambda tokens, p: step(tokens, p, cache), B, idx.device, pos)
             logits = graph(nxt) if graph is not None else step(nxt, pos, cache)
             pos += 1
 
