@@ -107,19 +107,36 @@ def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
 
 @triton.jit
+def _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr,
+          PER_PAIR: tl.constexpr):
+    """Tile pid_m's expert (-1: past the end), the buffer rows of its BLOCK_M lanes and their pairs (n_pairs: none).
+    Sorted layout: rows pid_m * BLOCK_M.., pairs from sorted_pair, the expert of the block holding the tile.
+    PER_PAIR (a few pairs, no backward: decoding): tile m is pair m alone, in lane 0 and buffer row m, its expert
+    read straight from the flat topk_ids passed as block_expert_ptr: no sort, no alignment pass."""
+    lane = tl.arange(0, BLOCK_M)
+    if PER_PAIR:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+        rows = (pid_m + lane * 0).to(tl.int64)
+        pair = tl.where(lane == 0, pid_m, n_pairs)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+        rows = (pid_m * BLOCK_M + lane).to(tl.int64)
+        pair = tl.load(sorted_pair_ptr + rows)
+    return expert, rows, pair
+
+
+@triton.jit
 def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_expert_ptr,
                    n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_a,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
     """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3]."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, PER_PAIR)
     if expert < 0:
         return
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    pair = tl.load(sorted_pair_ptr + rows)
     valid = pair < n_pairs
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +154,7 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_e
         x_ptrs += BLOCK_K
         w_off += BLOCK_K
     a = acc1 * tl.sigmoid(acc1) * acc3
-    n_ok = (offs_n < I)[None, :]
+    n_ok = valid[:, None] & (offs_n < I)[None, :]  # padding lanes write nothing (per pair: they share row m)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
     tl.store(h_ptrs, acc1.to(h_ptr.dtype.element_ty), mask=n_ok)
     tl.store(h_ptrs + I, acc3.to(h_ptr.dtype.element_ty), mask=n_ok)
@@ -159,18 +176,16 @@ def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, b
                    n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out,
                    TWO: tl.constexpr, MUL_GATE: tl.constexpr,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
     """out[pair] = (gate[pair] *) a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
     pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
     (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, PER_PAIR)
     if expert < 0:
         return
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    pair = tl.load(sorted_pair_ptr + rows)
     valid = pair < n_pairs
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -198,11 +213,9 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
+    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, False)
     if expert < 0:
         return
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    pair = tl.load(sorted_pair_ptr + rows)
     valid = pair < n_pairs
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -334,7 +347,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, o_ptr, lse_ptr, pos_ptr, M, H, chunk, scal
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
     o_ptrs = o_ptr + b * stride_ob + split * stride_os + offs_m[:, None] * stride_om + offs_c[None, :]
-    tl.store(o_ptrs, out, mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
     tl.store(lse_ptr + b * stride_lb + split * stride_ls + offs_m, lse, mask=m_ok)
 
 @triton.jit
@@ -406,15 +419,17 @@ def moe_align(topk_ids, n_experts, align_m):
     return sorted_pair, block_expert, pad[0], pad[1]
 
 
-def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, mul_gate, w2nd=None):
+def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, mul_gate, w2nd=None,
+               per_pair=False):
     """out[pair] = (gate *) a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3)."""
     t = tiles["dx" if w2nd is not None else "down"]
-    grid = (sorted_pair.numel() // t["BLOCK_M"] * triton.cdiv(N, t["BLOCK_N"]),)
+    m_tiles = n_pairs if per_pair else sorted_pair.numel() // t["BLOCK_M"]
+    grid = (m_tiles * triton.cdiv(N, t["BLOCK_N"]),)
     stride_we, stride_wk, stride_wn = w_strides
     _moe_mm_kernel[grid](a, w, w if w2nd is None else w2nd, out, gate, sorted_pair, block_expert,
                          n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we, stride_wk=stride_wk,
                          stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None, MUL_GATE=mul_gate,
-                         ALIGN_M=tiles["ALIGN_M"], PRECISION=prec, **t)
+                         ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, PRECISION=prec, **t)
 
 
 def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, top_k, tiles, prec, gather_l, gather_r,
@@ -438,7 +453,7 @@ class _FusedMoE(torch.autograd.Function):
     kernels' fp32 accumulators, with no bf16 round trip)."""
 
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, dtype):
+    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair):
         N, D = x.shape
         K = topk_ids.shape[1]
         E, I, _ = w1.shape
@@ -446,21 +461,28 @@ class _FusedMoE(torch.autograd.Function):
         tiles, prec = _tiles(x, n_pairs), _precision(dtype)
         xc = x.to(dtype).contiguous()
         w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
-        sorted_pair, block_expert, pad_start, pad_end = moe_align(topk_ids, E, tiles["ALIGN_M"])
-        rows = sorted_pair.numel()
+        if per_pair:  # no sort: tile m is pair m (see _tile)
+            sorted_pair = block_expert = topk_ids.contiguous().view(-1)
+            rows = m_tiles = n_pairs
+        else:
+            sorted_pair, block_expert, pad_start, pad_end = moe_align(topk_ids, E, tiles["ALIGN_M"])
+            rows = sorted_pair.numel()
+            m_tiles = rows // tiles["up"]["BLOCK_M"]
         gate = topk_weights.detach().float().contiguous().view(-1)  # (N*K,), pair order
         h = torch.empty(rows, 2 * I, device=x.device, dtype=dtype)  # [h1 ; h3] per sorted row, saved
         a = torch.empty(rows, I, device=x.device, dtype=dtype)  # silu(h1) * h3
         t = tiles["up"]
-        grid = (rows // t["BLOCK_M"] * triton.cdiv(I, t["BLOCK_N"]),)
+        grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
         _moe_up_kernel[grid](xc, w1c, w3c, h, a, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
                              w1c.stride(0), w1c.stride(1), h.stride(0), a.stride(0), ALIGN_M=tiles["ALIGN_M"],
-                             PRECISION=prec, **t)
+                             PER_PAIR=per_pair, PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
         _launch_mm(a, w2c, out, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
-                   w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, mul_gate=True)
-        ctx.save_for_backward(xc, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
+                   w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, mul_gate=True,
+                   per_pair=per_pair)
+        if not per_pair:
+            ctx.save_for_backward(xc, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
         ctx.top_k, ctx.dtypes = K, (x.dtype, topk_weights.dtype, w1.dtype, w2.dtype, w3.dtype)
         return out.view(N, K, D).sum(dim=1, dtype=x.dtype)  # the K experts of each token; fp32 sum
 
@@ -501,7 +523,7 @@ class _FusedMoE(torch.autograd.Function):
             dw3 = torch.empty(w3.shape, device=x.device, dtype=w3_dtype)
             _launch_wgrad(dh[:, :I], x, dw1, *args, tiles, prec, gather_l=False, gather_r=True, left2=dh[:, I:],
                           out2=dw3)
-        return dx, None, dg, dw1, dw2, dw3, None
+        return dx, None, dg, dw1, dw2, dw3, None, None
 
 
 def _tiles(x, n_pairs):
@@ -517,9 +539,12 @@ def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
 
     x (N, d); topk_ids int64 (N, K); topk_weights fp32 (N, K), may require grad; w1, w3 (E, I, d); w2 (E, d, I).
     Returns (N, d) in x's dtype. The matmuls run in x's dtype, or in the autocast dtype where autocast is on (as
-    nn.Linear's would), with fp32 accumulation."""
+    nn.Linear's would), with fp32 accumulation. Without gradients and with no more (token, expert) pairs than
+    experts (decoding), each pair is its own tile: no sort and no alignment pass, three launches in all."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2, w3))
+    per_pair = not needs_grad and topk_ids.numel() <= w1.shape[0]  # at most one pair per expert on average
+    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair)
 
 
 # -----------------------------------------------------------------------------
@@ -573,7 +598,9 @@ def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
                               triton.cdiv(end, MLA_TILES["min_keys"])))
     chunk = triton.cdiv(triton.cdiv(end, n_splits), BLOCK_N) * BLOCK_N
     n_splits = triton.cdiv(end, chunk)
-    o_part = torch.empty(B, n_splits, M, C, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, M, C, device=q.device, dtype=q.dtype)
+    # one split writes the output itself; several write fp32 partial outputs that the combine kernel merges
+    o_part = out[:, None] if n_splits == 1 else torch.empty(B, n_splits, M, C, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, n_splits, M, device=q.device, dtype=torch.float32)
     extra = dict(num_warps=MLA_TILES["num_warps"], num_stages=stages) if q.is_cuda else {}
     _mla_decode_kernel[(B, m_tiles, n_splits)](
@@ -582,7 +609,8 @@ def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
         stride_ob=o_part.stride(0), stride_os=o_part.stride(1), stride_om=o_part.stride(2), stride_lb=lse.stride(0),
         stride_ls=lse.stride(1), C=C, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         FP32=fp32, PRECISION=_precision(torch.float32 if fp32 else q.dtype), **extra)
-    out = torch.empty(B, M, C, device=q.device, dtype=q.dtype)
+    if n_splits == 1:
+        return out.view(B, T, H, C)
     _mla_combine_kernel[(B, M)](o_part, lse, out, n_splits=n_splits, M=M, stride_ob=o_part.stride(0),
                                 stride_os=o_part.stride(1), stride_om=o_part.stride(2), stride_lb=lse.stride(0),
                                 stride_ls=lse.stride(1), stride_outb=out.stride(0), stride_outm=out.stride(1), C=C,

@@ -682,6 +682,19 @@ def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtyp
             assert g[empty_expert].abs().max().item() == 0.0, f"{name} of the empty expert is not zero"
 
 
+@needs_triton
+@interpreted
+def test_fused_moe_per_pair_interpreted():
+    """Decoding: no gradients and no more pairs than experts take the per-pair tiles (no sort); two tokens that share
+    an expert, a token's K experts summed, against the float64 reference."""
+    x, ids, gates, w1, w2, w3, _ = moe_inputs(4, 2, 8, 40, 40, torch.float32, "cpu", None)
+    ids = torch.tensor([[3, 5], [5, 0], [7, 3], [1, 2]])
+    with torch.no_grad():
+        got = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        want = experts_reference(x.double(), ids, *(t.double() for t in (gates, w1, w2, w3)))
+    assert rel_err("fused_moe per pair", got, want) < 1e-5
+
+
 def test_everything_runs_where_triton_does_not_import():
     """kernels.py defines its kernels without Triton and usable() sends every caller to the PyTorch paths."""
     code = ("import sys; sys.modules['triton'] = None\n"
