@@ -784,6 +784,17 @@ def test_fused_moe_decode_sizes_gpu(N):
 
 
 @needs_cuda
+@pytest.mark.parametrize("N", [1, 10])
+def test_fused_moe_per_pair_gpu(N):
+    """Decoding sizes without gradients: one tile per pair (6 and 60 pairs, 64 experts)."""
+    x, ids, gates, w1, w2, w3, _ = moe_inputs(N, 6, 64, 768, 384, torch.bfloat16, "cuda", None)
+    with torch.no_grad():
+        got = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        want = experts_reference(x.double(), ids, *(t.double() for t in (gates, w1, w2, w3)))
+    assert rel_err(f"fused_moe per pair, N={N}", got, want) < 1e-2
+
+
+@needs_cuda
 def test_fused_moe_fp32_gpu():
     check_fused_moe(N=1000, K=6, E=64, d=768, I=384, dtype=torch.float32, device="cuda", tol=1e-4, empty_expert=0)
 
