@@ -7,6 +7,7 @@ Sample from a trained nanoseek model, decoding with MLA's latent KV cache (DeepS
     python sample.py --init_from=path/to/hf_folder         # a DeepSeek-V2/V3-format checkpoint folder
     python sample.py --save_pretrained=out/hf              # export out/ckpt.pt for transformers, then exit
     python sample.py --no_cache                            # recompute the whole sequence every step, to compare
+    python sample.py --compile                             # GPU: compile the captured decoding step (fewer kernels)
     python sample.py --cuda_graph=False                    # GPU: decode eagerly, one launch per kernel
     python sample.py --show_routing --routing_layer=6      # the routed experts of every token in one MoE layer
 
@@ -47,6 +48,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
 use_kernels = True  # kernels.py's Triton paths where they apply; False: plain PyTorch (overrides the checkpoint)
 cuda_graph = True  # on CUDA with use_kernels: capture the decoding step once in a CUDA graph and replay it
+compile = False  # with the CUDA graph: torch.compile the decoding step first (fewer kernels; ~20 s to compile)
 no_cache = False  # recompute the whole sequence every step instead of decoding against the latent cache
 show_routing = False  # print the routed experts of every token of the first sample in one MoE layer (eager decoding)
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
@@ -239,7 +241,7 @@ def main(argv=None):
     sync(device)
     t0 = t_first = time.perf_counter()
     steps = model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, generator,
-                                  use_cache=not no_cache, cuda_graph=graph, cache=cache)
+                                  use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache)
     for nxt in steps:
         if not new:
             sync(device)
@@ -268,7 +270,7 @@ def main(argv=None):
     print(f"prompt {len(prompt)} tokens x {num_samples} samples, generated {len(new)} x {num_samples} = {n_new} tokens "
           f"in {seconds:.2f} s: {n_new / seconds:,.1f} tokens/s ({decode_rate:,.1f} tokens/s after the first, "
           f"which took {1000 * (t_first - t0):.0f} ms){', no cache' if no_cache else ''}"
-          f"{', CUDA graph' if graph else ''}", file=sys.stderr)
+          f"{', CUDA graph' if graph else ''}{' of the compiled step' if graph and compile else ''}", file=sys.stderr)
     mla, mha = cache_values_per_token(cfg)
     elt = ptdtype.itemsize
     positions = num_samples * min(len(prompt) + max_new_tokens, cfg.block_size)
