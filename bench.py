@@ -23,6 +23,8 @@ Sections:
          cache of the same model (MHACache below: same function, bigger cache) and no cache, each with and without
          the CUDA graph; the bandwidth a batch-1 step reaches; latent vs MHA at decode_long; and the largest batch
          that decodes at decode_context in decode_budget_gib GiB, for each cache, with its tokens/s
+  decode_profile  the torch profiler over replays of the compiled, captured batch-1 decoding step: kernels per
+         step, GPU busy time and the kernels that take it
   train  a whole training step (forward, backward, clip, AdamW, bias update) of the small MoE model vs its dense
          baseline of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s and MFU
   balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
@@ -34,7 +36,7 @@ Sections:
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-balance, load, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
+balance, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
 (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
@@ -57,7 +59,7 @@ from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, train, balance, load, tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, balance, load, tune, profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
@@ -505,6 +507,50 @@ def bench_decode():
                              max_batch={k: dict(batch=b, tok_s=r[0], ms=r[1], peak_gib=r[2]) for k, (b, r) in fit.items()})
 
 
+@torch.no_grad()
+def bench_decode_profile(context=64, reps=10):
+    """Where a batch-1 decoding step's time goes: the torch profiler over replays of the compiled, captured step
+    of the small config (bf16, random weights): kernels per step, GPU busy time, the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = small_config(block_size=4 * context)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Model(cfg)
+    for p in model.parameters():
+        if not any(p is m.gate.weight for m in model.moe_layers()):
+            p.data = p.data.to(torch.bfloat16)
+    model.eval()
+    cache = model.new_cache(1, 4 * context)
+    compiled = torch.compile(model.decode_step, dynamic=False)
+    step = CUDAGraphStep(lambda t, p: compiled(t, p, cache), 1, device, context)
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for _ in range(3):
+        step(tokens)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        step(tokens)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step(tokens)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / reps
+    by_name = {}
+    for e in kernels:
+        n, us = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, us + e.device_time)
+    print(f"\n## A batch-1 decoding step, compiled and captured: {ms:.3f} ms per replay (unprofiled), "
+          f"{len(kernels) / reps:.0f} kernels, GPU busy {busy:.0f} us per step (profiled)\n")
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]
+    print(table(["kernel", "per step", "us each", "us per step"],
+                [[k[:70], f"{n / reps:.0f}", f"{us / n:.1f}", f"{us / reps:.0f}"] for k, (n, us) in top]))
+    results["decode_profile"] = dict(ms=ms, kernels=len(kernels) / reps, busy_us=busy,
+                                     top={k: dict(count=n / reps, us=us / n) for k, (n, us) in top})
+
+
 # -----------------------------------------------------------------------------
 # training step
 
@@ -821,7 +867,7 @@ def main(argv):
               "(measured)")
     for section in names:
         t0 = time.time()
-        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, train=bench_train, balance=bench_balance,
+        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile, train=bench_train, balance=bench_balance,
              load=bench_load, tune=bench_tune, profile=bench_profile)[section]()
         print(f"({section} section: {time.time() - t0:.0f} s)")
     if json_path:

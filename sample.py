@@ -92,7 +92,7 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
 def cast_weights(model, dtype):
     """Parameters to dtype for inference (no per-step casts, half the bytes read per token in bf16). The router,
     the expert biases and the RoPE tables stay float32: routing compares s + b at full precision, as in training."""
-    router = {id(m.gate.weight) for m in model.moe_layers()}  # fp32 as well, as Model.from_pretrained keeps it
+    router = {id(m.gate.weight) for m in model.moe_layers()}  # fp32 as well, as hf.from_pretrained keeps it
     for p in model.parameters():
         if id(p) not in router:
             p.data = p.data.to(dtype)
