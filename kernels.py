@@ -107,12 +107,16 @@ def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
 
 @triton.jit
-def _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr,
-          PER_PAIR: tl.constexpr):
-    """Tile pid_m's expert (-1: past the end), the buffer rows of its BLOCK_M lanes and their pairs (n_pairs: none).
+def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, PER_PAIR: tl.constexpr):
+    """This program's tile (BLOCK_M rows x BLOCK_N of n_cols output columns): its expert (-1: past the end), the
+    buffer rows of its lanes, their pairs (n_pairs: none), which are real, their tokens, its columns.
     Sorted layout: rows pid_m * BLOCK_M.., pairs from sorted_pair, the expert of the block holding the tile.
     PER_PAIR (a few pairs, no backward: decoding): tile m is pair m alone, in lane 0 and buffer row m, its expert
     read straight from the flat topk_ids passed as block_expert_ptr: no sort, no alignment pass."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles
     lane = tl.arange(0, BLOCK_M)
     if PER_PAIR:
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
@@ -122,7 +126,9 @@ def _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M: tl.constex
         expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M)  # BLOCK_M divides ALIGN_M: one expert
         rows = (pid_m * BLOCK_M + lane).to(tl.int64)
         pair = tl.load(sorted_pair_ptr + rows)
-    return expert, rows, pair
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, pair, pair < n_pairs, tok, offs_n
 
 
 @triton.jit
@@ -131,15 +137,10 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_e
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
     """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3]."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(I, BLOCK_N)
-    pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, PER_PAIR)
+    expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
+                                                   BLOCK_M, BLOCK_N, PER_PAIR)
     if expert < 0:
         return
-    valid = pair < n_pairs
-    tok = (pair // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]  # gather: the prologue permutes
     w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
@@ -180,14 +181,10 @@ def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, b
     """out[pair] = (gate[pair] *) a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
     pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
     (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, PER_PAIR)
+    expert, rows, pair, valid, _, offs_n = _tile(N, sorted_pair_ptr, block_expert_ptr, n_pairs, 1, ALIGN_M, BLOCK_M,
+                                                 BLOCK_N, PER_PAIR)
     if expert < 0:
         return
-    valid = pair < n_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
@@ -210,15 +207,10 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     """Backward through the down projection and the SwiGLU, one tile of I:
     da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
     da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(I, BLOCK_N)
-    pid_m, pid_n = pid // n_tiles, pid % n_tiles
-    expert, rows, pair = _tile(pid_m, sorted_pair_ptr, block_expert_ptr, n_pairs, ALIGN_M, BLOCK_M, False)
+    expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
+                                                   BLOCK_M, BLOCK_N, False)
     if expert < 0:
         return
-    valid = pair < n_pairs
-    tok = (pair // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < I
     # the epilogue's operands, loaded before the main loop so that their latency hides behind it
@@ -240,6 +232,7 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     sig = tl.sigmoid(h1)
     silu = h1 * sig
     a = silu * h3
+    pid_n = tl.program_id(0) % tl.cdiv(I, BLOCK_N)  # this tile's slice of I: its partial of dg
     tl.store(dg_ptr + pid_n * n_pairs + pair, tl.sum(acc * a, axis=1), mask=valid)  # dL/dg = dy . (a W2^T)
     tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], (a * g[:, None]).to(ga_ptr.dtype.element_ty),
              mask=n_ok[None, :])
@@ -384,11 +377,8 @@ MOE_TILES = dict(ALIGN_M=128,
                  down_bwd=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
                  dx=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                  wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3))
-SMALL_TILES = dict(ALIGN_M=16,
-                   up=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                   down=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                   down_bwd=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-                   dx=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+_SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+SMALL_TILES = dict(ALIGN_M=16, up=_SMALL, down=_SMALL, down_bwd=_SMALL, dx=_SMALL,
                    wgrad=dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=4, num_stages=3))
 SMALL_PAIRS = 4096  # up to this many (token, expert) pairs take SMALL_TILES
 INTERPRET_TILES = dict(ALIGN_M=32, up=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
