@@ -8,6 +8,7 @@ releases and of transformers' DeepseekV2/V3ForCausalLM, converted to and from na
 
 Nothing is downloaded: the folder must be on disk. What nanoseek cannot run fails in one line naming the key.
 """
+import dataclasses
 import json
 import os
 import re
@@ -39,7 +40,9 @@ from model import Model, ModelConfig
 #     routed_scaling_factor only when it does not renormalize (norm_topk_prob), V3's always: V2 maps to
 #     (norm_topk=True, route_scale=1) or (norm_topk=False, route_scale=factor).
 #   - the router weight and the expert bias stay float32 whatever dtype the rest loads in (as transformers keeps them).
-#   - V3's multi-token-prediction layer (model.layers.{num_hidden_layers}) is skipped.
+#   - V3's multi-token-prediction module k (num_nextn_predict_layers of them) is model.layers.{num_hidden_layers + k}:
+#     enorm, hnorm, eh_proj, shared_head.norm, a decoder layer, and copies of embed_tokens and shared_head.head (the
+#     model's own, shared: not loaded, written back on save). Here it is mtp.{k}: enorm, hnorm, eh_proj, norm, block.
 
 HF_NAMES = {  # one dotted piece of a transformers / DeepSeek tensor name -> ours
     "embed_tokens": "embed", "lm_head": "head", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -60,13 +63,31 @@ HF_DEFAULTS = {  # transformers' values for keys a config.json leaves out (or se
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
-def hf_to_ours(name):
-    """'model.layers.3.mlp.experts.5.gate_proj.weight' -> 'layers.3.ffn.experts.5.w1.weight'"""
+MTP_OWN = ("enorm", "hnorm", "eh_proj")  # an MTP module's own pieces; the rest of its layer is a block or shared
+
+
+def hf_to_ours(name, n_layer=None):
+    """'model.layers.3.mlp.experts.5.gate_proj.weight' -> 'layers.3.ffn.experts.5.w1.weight'; with n_layer, a layer
+    past it is an MTP module: 'model.layers.{n_layer}.self_attn.q_proj.weight' -> 'mtp.0.block.attn.wq.weight'.
+    The MTP layer's copies of the embedding and the head map to None (shared with the model)."""
     name = ".".join(HF_NAMES.get(p, p) for p in name.removeprefix("model.").split("."))
-    return name.replace("gate.expert_bias", "expert_bias")
+    name = name.replace("gate.expert_bias", "expert_bias")
+    m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+    if n_layer is None or not m or int(m[1]) < n_layer:
+        return name
+    k, rest = int(m[1]) - n_layer, m[2]
+    if rest in ("embed.weight", "shared_head.head.weight"):
+        return None
+    if rest == "shared_head.norm.weight":
+        return f"mtp.{k}.norm.weight"
+    return f"mtp.{k}.{rest}" if rest.startswith(MTP_OWN) else f"mtp.{k}.block.{rest}"
 
 
-def ours_to_hf(name):
+def ours_to_hf(name, n_layer=None):
+    m = re.fullmatch(r"mtp\.(\d+)\.(block\.)?(.*)", name)
+    if m:  # MTP module k -> layer n_layer + k
+        rest = "shared_head.norm.weight" if m[3] == "norm.weight" and not m[2] else m[3]
+        name = f"layers.{n_layer + int(m[1])}.{rest}"
     name = ".".join(OURS_TO_HF.get(p, p) for p in name.split(".")).replace("e_score", "gate.e_score")
     return name if name.startswith("lm_head") else "model." + name
 
@@ -138,7 +159,8 @@ def config_from_hf(hf, **overrides):
         n_shared=c["n_shared_experts"] or 0, moe_inter_dim=c.get("moe_intermediate_size") or 1,
         score_func=score if moe else "sigmoid", n_group=c["n_group"] if grouped else 1,
         topk_group=c["topk_group"] if grouped else 1, norm_topk=norm, route_scale=scale,
-        tie_embeddings=bool(c["tie_word_embeddings"]), norm_eps=c["rms_norm_eps"])
+        tie_embeddings=bool(c["tie_word_embeddings"]), norm_eps=c["rms_norm_eps"],
+        mtp_depth=c.get("num_nextn_predict_layers") or 0)
     args.update(overrides)
     return ModelConfig(**args)
 
@@ -159,7 +181,7 @@ def config_to_hf(cfg, dtype):
         n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk,
         routed_scaling_factor=cfg.route_scale, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, rope_theta=cfg.rope_theta, rope_scaling=None,
-        bos_token_id=None, eos_token_id=None, num_nextn_predict_layers=0, torch_dtype=str(dtype).removeprefix("torch."))
+        bos_token_id=None, eos_token_id=None, num_nextn_predict_layers=cfg.mtp_depth, torch_dtype=str(dtype).removeprefix("torch."))
     if v3:
         hf["rope_interleave"] = True  # our layout, DeepSeek's
     if cfg.rope_factor > 1:
@@ -171,10 +193,10 @@ def config_to_hf(cfg, dtype):
 
 def _pieces(name, t, cfg):
     """A checkpoint tensor under our name -> [(our parameter, index into it, values)]; t=None: just the names."""
-    m = re.fullmatch(r"(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight", name)
+    m = re.fullmatch(r"((?:layers\.\d+|mtp\.\d+\.block)\.ffn\.experts)\.(\d+)\.(w[123])\.weight", name)
     if m:  # one routed expert: a row of our stacked tensor
         return [(f"{m[1]}.{m[3]}", int(m[2]), t)]
-    m = re.fullmatch(r"(layers\.\d+\.ffn\.shared_experts)\.(\d+)\.(w[123])\.weight", name)
+    m = re.fullmatch(r"((?:layers\.\d+|mtp\.\d+\.block)\.ffn\.shared_experts)\.(\d+)\.(w[123])\.weight", name)
     if m:  # shared experts stored one by one: slices of our fused one's hidden dim
         hidden = slice(int(m[2]) * cfg.moe_inter_dim, (int(m[2]) + 1) * cfg.moe_inter_dim)
         return [(f"{m[1]}.{m[3]}.weight", (slice(None), hidden) if m[3] == "w2" else hidden, t)]
@@ -218,17 +240,24 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
         for fn in files:
             with safe_open(os.path.join(path, fn), "pt") as f:
                 file_of.update({k: fn for k in f.keys()})
+    layers = {int(m[1]) for name in file_of if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    mtp_present = sum(1 for i in layers if i >= cfg.n_layer)
+    if cfg.mtp_depth > mtp_present and "mtp_depth" not in overrides:  # transformers saves none of its MTP layers
+        print(f"note: config.json names {cfg.mtp_depth} multi-token-prediction layer(s), the folder holds "
+              f"{mtp_present}: loading {mtp_present}")
+        cfg = dataclasses.replace(cfg, mtp_depth=mtp_present)
     # which tensors go where, checked before reading any data
     with torch.device("meta"):
         model = Model(cfg)
     loadable = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if "expert_bias" in n}
     skipped, plan, unknown = 0, {}, []
     for name in file_of:
-        ours = hf_to_ours(name)
-        layer = re.match(r"layers\.(\d+)\.", ours)
+        ours = hf_to_ours(name, cfg.n_layer)
         if name.endswith(("_scale_inv", "rotary_emb.inv_freq")) or (cfg.tie_embeddings and ours == "head.weight"):
             continue
-        if layer and int(layer[1]) >= cfg.n_layer:  # V3's multi-token-prediction module
+        if ours is None:  # the MTP layer's copies of the shared embedding and head
+            skipped += 1
+        elif ours.startswith("mtp.") and int(ours.split(".")[1]) >= cfg.mtp_depth:  # modules past mtp_depth
             skipped += 1
         elif all(p in loadable and (not isinstance(i, int) or i < len(loadable[p])) for p, i, _ in _pieces(ours, None, cfg)):
             plan[name] = ours
@@ -274,7 +303,8 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
     if missing:
         raise ValueError(f"incomplete checkpoint: {len(missing)} of our tensors not (fully) loaded: {missing[:8]}")
     if skipped:
-        print(f"skipped {skipped} tensors of layers >= num_hidden_layers (multi-token prediction)")
+        print(f"skipped {skipped} tensors of the multi-token-prediction layers (copies of the shared embedding and "
+              "head, or modules past mtp_depth)")
     return model.eval()
 
 
@@ -292,11 +322,14 @@ def save_pretrained(model, path, max_shard_size=5 * 2**30):
     for name, t in model.state_dict().items():
         if (cfg.tie_embeddings and name == "head.weight") or (cfg.score_func == "softmax" and name.endswith("expert_bias")):
             continue
-        m = re.fullmatch(r"(layers\.\d+\.ffn\.experts)\.(w[123])", name)
+        m = re.fullmatch(r"((?:layers\.\d+|mtp\.\d+\.block)\.ffn\.experts)\.(w[123])", name)
         if m:  # our stacked experts -> one tensor per expert
-            tensors.update({ours_to_hf(f"{m[1]}.{j}.{m[2]}.weight"): w for j, w in enumerate(t)})
+            tensors.update({ours_to_hf(f"{m[1]}.{j}.{m[2]}.weight", cfg.n_layer): w for j, w in enumerate(t)})
         else:
-            tensors[ours_to_hf(name)] = t
+            tensors[ours_to_hf(name, cfg.n_layer)] = t
+    for k in range(cfg.mtp_depth):  # V3's layout gives each MTP layer its own copy of the embedding and the head
+        tensors[f"model.layers.{cfg.n_layer + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
+        tensors[f"model.layers.{cfg.n_layer + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
     shards, size = [[]], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()

@@ -83,9 +83,9 @@ class LatentCache:
     reads each token's 576-style row in one go; layer i uses kv[i].
     """
 
-    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
+    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32, n_layer=None):
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.kv = torch.zeros(cfg.n_layer, batch, max_len, width, device=device, dtype=dtype)
+        self.kv = torch.zeros(n_layer or cfg.n_layer, batch, max_len, width, device=device, dtype=dtype)
 
     def nbytes(self):
         return self.kv.numel() * self.kv.element_size()

@@ -79,6 +79,9 @@ class ModelConfig:
     norm_eps: float = 1e-6           # RMSNorm epsilon
     init_std: float = 0.02           # std of the normal init of every weight matrix
     use_kernels: bool = True         # use kernels.py's Triton paths where they apply (CUDA + Triton); False = PyTorch
+    # --- multi-token prediction (DeepSeek-V3 section 2.2)
+    mtp_depth: int = 0               # D: MTP modules, module k predicts the token k + 1 ahead; 0 = off (V3: 1)
+    mtp_loss_weight: float = 0.3     # lambda: the loss adds lambda * mean over depths of their cross-entropies
 
     def __post_init__(self):
         # derived values live here, nowhere else
@@ -88,7 +91,8 @@ class ModelConfig:
             self.softmax_scale *= yarn_mscale(self.rope_factor, self.rope_mscale_all_dim) ** 2
         if self.norm_topk is None:
             self.norm_topk = self.score_func == "sigmoid"
-        self.n_moe_layers = max(self.n_layer - self.n_dense_layers, 0)
+        self.mtp_moe = self.n_layer > self.n_dense_layers  # MTP blocks are MoE when the model has MoE layers
+        self.n_moe_layers = max(self.n_layer - self.n_dense_layers, 0) + (self.mtp_depth if self.mtp_moe else 0)
         self.validate()
 
     def validate(self):
@@ -113,12 +117,12 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer_id):
+    def __init__(self, cfg, moe):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.ffn = FFN(cfg.n_embd, cfg.dense_inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.ffn = MoE(cfg) if moe else FFN(cfg.n_embd, cfg.dense_inter_dim)
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
@@ -126,12 +130,33 @@ class Block(nn.Module):
         return x
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (DeepSeek-V3 section 2.2): h'_i = M_k [RMSNorm(Emb(t_(i+k))) ; RMSNorm(h_i)]
+    (eq. 21; the embedding first, as the released weights expect), then one transformer block (eq. 22); its output,
+    through its own RMSNorm and the model's shared head, predicts t_(i+k+1) (eq. 23)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.enorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.hnorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)  # M_k
+        self.block = Block(cfg, moe=cfg.mtp_moe)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)  # the output head's norm (shared_head.norm)
+
+    def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
+        """h (B, T, n_embd): the previous depth's states at positions start_pos..; emb: the embeddings of the
+        tokens k ahead of them. Returns this depth's states (B, T, n_embd), before self.norm."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin, cache, start_pos)
+
+
 class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.layers = nn.ModuleList([Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layer)])
+        self.mtp = nn.ModuleList([MTPModule(cfg) for _ in range(cfg.mtp_depth)])
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -159,31 +184,60 @@ class Model(nn.Module):
             m.tokens_per_expert.zero_()
 
     def moe_layers(self):
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        blocks = list(self.layers) + [m.block for m in self.mtp]  # the MTP blocks balance like any other
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
-    def forward(self, idx, targets=None, cache=None, start_pos=0):
-        """idx (B, T) token ids at positions start_pos.. (an int, or a 0-d device tensor: see CUDAGraphStep);
-        returns (logits (B, T, vocab), loss or None).
-        loss = cross-entropy (targets == -1 ignored) + the enabled balance losses of the MoE layers."""
-        B, T = idx.shape
-        if isinstance(start_pos, torch.Tensor):  # a captured decoding step: RoPE rows picked on the device
-            positions = start_pos + torch.arange(T, device=idx.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        elif start_pos + T > self.config.block_size:
+    def rope(self, T, start_pos=0):
+        """The RoPE rows (cos, sin) of positions start_pos..start_pos+T-1 (start_pos an int or a 0-d tensor)."""
+        if isinstance(start_pos, torch.Tensor):  # a captured decoding step: rows picked on the device
+            positions = start_pos + torch.arange(T, device=self.rope_cos.device)
+            return self.rope_cos[positions], self.rope_sin[positions]
+        if start_pos + T > self.config.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size {self.config.block_size}")
-        else:
-            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+
+    def hidden(self, idx, cache=None, start_pos=0):
+        """The last block's output (B, T, n_embd), before the final norm: h^0 of the MTP modules."""
+        cos, sin = self.rope(idx.shape[1], start_pos)
         x = self.embed(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache.kv[i], start_pos)
-        logits = self.head(self.norm(x))
+        return x
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        """idx (B, T) token ids at positions start_pos.. (an int, or a 0-d device tensor: see CUDAGraphStep);
+        returns (logits (B, T, vocab), loss or None). loss = cross-entropy (targets == -1 ignored) + the enabled
+        balance losses of the MoE layers + in training, with mtp_depth > 0, the MTP loss (V3 eq. 25)."""
+        h = self.hidden(idx, cache, start_pos)
+        logits = self.head(self.norm(h))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            if self.mtp:
+                self.mtp_loss, self.mtp_accuracy = self.mtp_losses(h, targets)
+                if self.training:  # eval reports the main head's loss alone, comparable with mtp_depth = 0
+                    loss = loss + self.config.mtp_loss_weight * self.mtp_loss.mean()
             for m in self.moe_layers():
                 if m.aux_loss is not None:
                     loss = loss + m.aux_loss
         return logits, loss
+
+    def mtp_losses(self, h, targets):
+        """Cross-entropy and top-1 accuracy of each MTP depth, (D,) each (V3 eqs. 21-24). targets[:, i] is token
+        i + 1, so depth k at position i reads the embedding of t_(i+k) = targets[:, i+k-1] and predicts
+        t_(i+k+1) = targets[:, i+k], for the T - k positions where both exist."""
+        T = h.shape[1]
+        inputs = targets.clamp(min=0)  # an ignored (-1) target is never a prediction; as an input, any id will do
+        losses, accuracy = [], []
+        for k, module in enumerate(self.mtp, start=1):
+            cos, sin = self.rope(T - k)
+            h = module(h[:, :T - k], self.embed(inputs[:, k - 1:T - 1]), cos, sin)
+            logits = self.head(module.norm(h)).float()
+            want = targets[:, k:]
+            losses.append(F.cross_entropy(logits.flatten(0, 1), want.flatten(), ignore_index=-1))
+            counted = want != -1
+            accuracy.append(((logits.argmax(-1) == want) & counted).sum() / counted.sum().clamp(min=1))
+        return torch.stack(losses), torch.stack(accuracy).detach()
 
     # -------------------------------------------------------------------------
     # counting
@@ -234,9 +288,11 @@ class Model(nn.Module):
     # -------------------------------------------------------------------------
     # generation
 
-    def new_cache(self, batch, max_len, device=None, dtype=None):
+    def new_cache(self, batch, max_len, device=None, dtype=None, mtp=False):
+        """A LatentCache of the model's layers, and of its MTP blocks after them with mtp=True (speculation)."""
         p = self.embed.weight
-        return LatentCache(self.config, batch, max_len, device or p.device, dtype or p.dtype)
+        n = self.config.n_layer + (self.config.mtp_depth if mtp else 0)
+        return LatentCache(self.config, batch, max_len, device or p.device, dtype or p.dtype, n_layer=n)
 
     def decode_step(self, tokens, pos, cache):
         """tokens (B, T) at positions pos.. (an int, or a 0-d device tensor when captured) -> the last position's
@@ -245,7 +301,8 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                        use_cache=True, cuda_graph=False, compile=False, cache=None, step=None):
+                        use_cache=True, cuda_graph=False, compile=False, cache=None, step=None, speculative=False,
+                        stats=None):
         """Yield the next (B, 1) tokens one step at a time for the batch of prompts idx (B, T). Call in eval mode.
 
         use_cache: prefill the prompts once into a LatentCache ([c_kv ; k_pe] per token per layer, nothing else),
@@ -259,7 +316,12 @@ class Model(nn.Module):
             elementwise kernels (norms, RoPE, router), so the graph replays fewer, fuller kernels.
         cache, step: another cache and its step(tokens, pos, cache) -> logits (B, vocab) (bench.py's MHA cache);
             default: a LatentCache of the model's dtype and Model.decode_step.
+        speculative: draft with the first MTP module and verify with the model (speculate(); eager decoding);
+            stats: a dict that receives its counts of drafts and accepted drafts.
         """
+        if speculative:
+            yield from self.speculate(idx, max_new_tokens, temperature, top_k, top_p, generator, stats)
+            return
         B, T = idx.shape
         block_size = self.config.block_size
         if not use_cache:
@@ -292,6 +354,65 @@ class Model(nn.Module):
                 continue
             logits = graph(nxt) if graph is not None else step(nxt, pos, cache)
             pos += 1
+
+    @torch.no_grad()
+    def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None):
+        """Self-speculative decoding with the first MTP module (DeepSeek-V3 section 2.2 uses it so): it drafts the
+        token after next, and one forward pass of the model over [token, draft] both checks the draft and gives
+        the token after it. A draft d is accepted with probability min(1, p(d) / q(d)) (p: the model's filtered
+        distribution, q: the draft's), else the token is drawn from max(0, p - q) normalized: the tokens have
+        exactly the distribution of plain sampling (greedy: the draft is accepted when it is the argmax). A step
+        emits two tokens when every row of the batch accepts, else one (the rows keep one shared position).
+        Yields (B, 1) tokens like generate_stream; stats gets {"drafts": n, "accepted": n}."""
+        if not self.mtp:
+            raise ValueError("speculative decoding needs an MTP module: train with --mtp_depth=1")
+        B, T = idx.shape
+        if T + max_new_tokens + 1 > self.config.block_size:
+            raise ValueError(f"speculative decoding keeps the whole context: prompt ({T}) + max_new_tokens "
+                             f"({max_new_tokens}) + 1 must fit block_size {self.config.block_size}")
+        stats = {} if stats is None else stats
+        stats.update(drafts=0, accepted=0)
+        mtp, mtp_cache = self.mtp[0], self.config.n_layer
+        cache = self.new_cache(B, T + max_new_tokens + 1, mtp=True)
+        probs = lambda logits: sample_probs(logits.float(), temperature, top_k, top_p)
+
+        def draft(h, tokens, pos):
+            """MTP over positions pos.. (h: the model's states there; tokens: the tokens one ahead of them) ->
+            a draft of the token two ahead of the last position, and its distribution q."""
+            cos, sin = self.rope(h.shape[1], pos)
+            g = mtp(h, self.embed(tokens), cos, sin, cache.kv[mtp_cache], pos)
+            q = probs(self.head(mtp.norm(g[:, -1])))
+            return torch.multinomial(q, 1, generator=generator), q
+
+        h = self.hidden(idx, cache)  # prefill
+        tok = sample_next(self.head(self.norm(h[:, -1])).float(), temperature, top_k, top_p, generator)
+        yield tok
+        d, q = draft(h, torch.cat([idx[:, 1:], tok], dim=1), 0)
+        pos, emitted = T, 1
+        while emitted < max_new_tokens:
+            h = self.hidden(torch.cat([tok, d], dim=1), cache, pos)  # verify: tok at pos, the draft at pos + 1
+            p = probs(self.head(self.norm(h)))  # (B, 2, V)
+            p_d, q_d = p[:, 0].gather(1, d), q.gather(1, d)
+            accept = torch.rand(B, 1, device=idx.device, generator=generator) * q_d < p_d  # P = min(1, p/q)
+            stats["drafts"] += B
+            stats["accepted"] += int(accept.sum())
+            if bool(accept.all()):
+                bonus = torch.multinomial(p[:, 1], 1, generator=generator)
+                yield d
+                emitted += 1
+                if emitted < max_new_tokens:
+                    yield bonus
+                    emitted += 1
+                d, q = draft(h, torch.cat([d, bonus], dim=1), pos)
+                tok, pos = bonus, pos + 2
+            else:
+                residual = (p[:, 0] - q).clamp(min=0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, 0])
+                tok = torch.where(accept, d, torch.multinomial(residual, 1, generator=generator))
+                yield tok
+                emitted += 1
+                d, q = draft(h[:, :1], tok, pos)  # the draft's row in the cache is rewritten by the next step
+                pos += 1
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, **kwargs):
@@ -341,10 +462,11 @@ class CUDAGraphStep:
         return self.logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> (B, 1). temperature 0 (or top_k 1) is greedy."""
+def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> the distribution sample_next draws from (B, V): tempered, top-k and top-p filtered;
+    temperature 0 (or top_k 1) puts all the mass on the argmax."""
     if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -354,7 +476,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return logits.softmax(dim=-1)
 
 
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> (B, 1). temperature 0 (or top_k 1) is greedy."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator)

@@ -1477,6 +1477,128 @@ def test_routing_is_recorded_from_generation():
 
 
 # -----------------------------------------------------------------------------
+# multi-token prediction (DeepSeek-V3 section 2.2): the loss, checkpoints, self-speculative decoding
+
+
+def mtp_model(seed=0, vocab_size=101, **kw):
+    return tiny_model(seed, **{"mtp_depth": 1, "vocab_size": vocab_size, **kw})
+
+
+def test_mtp_loss_is_the_formula():
+    """V3 eqs. 21-25 by hand on a tiny case: depth k reads h^(k-1) and Emb(t_(i+k)), predicts t_(i+k+1); the
+    training loss adds lambda / D times the sum of the depths' cross-entropies; eval reports the main loss alone."""
+    model = mtp_model(mtp_depth=2, mtp_loss_weight=0.3).train()
+    idx = torch.randint(101, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(101, (2, 12), generator=torch.Generator().manual_seed(2))
+    _, loss = model(idx, targets)
+    h = model.hidden(idx)
+    main = F.cross_entropy(model.head(model.norm(h)).flatten(0, 1), targets.flatten())
+    want = []
+    for k, module in enumerate(model.mtp, start=1):
+        cos, sin = model.rope_cos[:12 - k], model.rope_sin[:12 - k]
+        x = module.eh_proj(torch.cat([module.enorm(model.embed(targets[:, k - 1:11])), module.hnorm(h[:, :12 - k])], -1))
+        h = module.block(x, cos, sin)
+        want.append(F.cross_entropy(model.head(module.norm(h)).flatten(0, 1), targets[:, k:].flatten()))
+    assert_close("MTP losses", model.mtp_loss, torch.stack(want), 1e-5)
+    assert_close("training loss", loss, main + 0.3 / 2 * sum(want), 1e-5)
+    model.eval()
+    assert_close("eval loss is the main head's", model(idx, targets)[1], main, 1e-5)
+
+
+def test_mtp_depth_0_changes_nothing():
+    """The main model of an MTP model is the same function as the model without it, with the same weights."""
+    with_mtp, plain = mtp_model(), tiny_model()
+    state = {k: v for k, v in with_mtp.state_dict().items() if not k.startswith("mtp.")}
+    plain.load_state_dict(state)
+    idx = torch.randint(101, (2, 10), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(with_mtp(idx)[0], plain(idx)[0])
+    assert len(with_mtp.moe_layers()) == len(plain.moe_layers()) + 1  # the MTP block's MoE balances too
+
+
+@pytest.mark.parametrize("vocab_size", [5, 101])
+def test_greedy_speculative_decoding_equals_plain(vocab_size):
+    """A random MTP module: with 5 tokens its drafts are accepted often, with 101 almost never; either way greedy
+    speculation gives exactly plain greedy decoding's tokens, for several prompts and a batch."""
+    model = mtp_model(vocab_size=vocab_size)
+    for seed, (B, T) in enumerate([(1, 3), (1, 9), (3, 5)]):
+        idx = torch.randint(vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+        stats = {}
+        spec = torch.cat(list(model.generate_stream(idx, 30, temperature=0, speculative=True, stats=stats)), 1)
+        assert torch.equal(spec, model.generate(idx, 30, temperature=0)[:, T:]), (vocab_size, seed)
+        print(f"vocab {vocab_size}, B {B}: {stats['accepted']} of {stats['drafts']} drafts accepted")
+        if vocab_size == 5 and B == 1:
+            assert 0 < stats["accepted"] < stats["drafts"]  # both paths taken
+
+
+def test_every_draft_accepted():
+    """Heads that always predict token 0 (their norms zeroed): every draft is accepted, two tokens per step."""
+    model = mtp_model()
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.mtp[0].norm.weight.zero_()
+    idx = torch.randint(101, (2, 4), generator=torch.Generator().manual_seed(4))
+    stats = {}
+    spec = torch.cat(list(model.generate_stream(idx, 11, temperature=0, speculative=True, stats=stats)), 1)
+    assert torch.equal(spec, torch.zeros(2, 11, dtype=torch.long))
+    assert stats["accepted"] == stats["drafts"] == 2 * 5  # 1 + 5 steps of 2 tokens
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """4,000 rows sample two tokens from one prompt, speculating (the rejection rule) with a random MTP module:
+    the empirical distribution of the pairs matches the model's own p(x1) p(x2 | x1) (chi-square, 24 dof)."""
+    V, N = 5, 4000
+    model = mtp_model(vocab_size=V)
+    prompt = torch.tensor([[1, 3, 2]])
+    with torch.no_grad():
+        p1 = model(prompt)[0][0, -1].softmax(-1)
+        ext = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = model(ext)[0][:, -1].softmax(-1)
+    want = (p1[:, None] * p2).flatten()
+    stats = {}
+    got = torch.cat(list(model.generate_stream(prompt.repeat(N, 1), 2, temperature=1.0, speculative=True,
+                                               generator=torch.Generator().manual_seed(5), stats=stats)), 1)
+    counts = torch.bincount(got[:, 0] * V + got[:, 1], minlength=V * V).double()
+    chi2 = ((counts - N * want) ** 2 / (N * want)).sum().item()
+    print(f"chi-square {chi2:.1f} (24 dof), {stats['accepted']} of {stats['drafts']} drafts accepted")
+    assert 0 < stats["accepted"] < stats["drafts"] and chi2 < 51.2  # p = 0.001
+
+
+def test_speculative_refuses_without_mtp_or_room():
+    with pytest.raises(ValueError, match="mtp_depth"):
+        list(tiny_model().generate_stream(torch.zeros(1, 3, dtype=torch.long), 5, speculative=True))
+    with pytest.raises(ValueError, match="block_size"):
+        list(mtp_model().generate_stream(torch.zeros(1, 30, dtype=torch.long), 40, speculative=True))
+
+
+def test_mtp_checkpoint_in_v3_layout_round_trips(tmp_path):
+    """save_pretrained writes the MTP module as DeepSeek-V3 does (layer num_hidden_layers: enorm, hnorm, eh_proj,
+    shared_head.{norm, head}, embed_tokens, a decoder layer); it loads, gives the same logits and MTP loss, and
+    saves again to the same tensors."""
+    from safetensors.torch import load_file
+    model = mtp_model(q_lora_rank=24)
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.expert_bias.uniform_(-0.1, 0.1)
+    hf.save_pretrained(model, tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "model.safetensors")
+    n = model.config.n_layer
+    for name in ["enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
+                 "embed_tokens.weight", "self_attn.q_a_proj.weight", "mlp.experts.7.down_proj.weight",
+                 "mlp.gate.e_score_correction_bias", "input_layernorm.weight"]:
+        assert f"model.layers.{n}.{name}" in saved, name
+    assert json.load(open(tmp_path / "a" / "config.json"))["num_nextn_predict_layers"] == 1
+    again = hf.from_pretrained(tmp_path / "a")
+    idx = torch.randint(101, (2, 12), generator=torch.Generator().manual_seed(6))
+    model.eval()
+    assert torch.equal(again(idx, idx)[0], model(idx, idx)[0])
+    assert torch.equal(again.mtp_loss, model.mtp_loss)
+    hf.save_pretrained(again, tmp_path / "b")
+    resaved = load_file(tmp_path / "b" / "model.safetensors")
+    assert resaved.keys() == saved.keys() and all(torch.equal(resaved[k], saved[k]) for k in saved)
+    assert hf.from_pretrained(tmp_path / "a", mtp_depth=0).config.mtp_depth == 0  # dropping the module on load
+
+
+# -----------------------------------------------------------------------------
 # the script, end to end, on a checkpoint in train.py's format with a char tokenizer from prepare.py
 
 

@@ -380,6 +380,7 @@ def evaluate():
     counts that drive the bias are untouched; the val counts are read by hooks on the experts' inputs instead."""
     raw_model.eval()
     out = {}
+    mtp_sums = torch.zeros(2, len(raw_model.mtp), device=device)
     val_counts = torch.zeros(n_moe, n_experts, device=device)
 
     def count_hook(i):
@@ -396,9 +397,13 @@ def evaluate():
             with ctx:
                 _, loss = raw_model(X, Y)  # eval mode: cross-entropy only, no balance loss
             losses[k] = loss.item()
+            if split == "val" and raw_model.mtp:  # the MTP modules' own loss and top-1 accuracy, per depth
+                mtp_sums += torch.stack([raw_model.mtp_loss, raw_model.mtp_accuracy]) / eval_iters
         for h in hooks:
             h.remove()
         out[split] = losses.mean().item()
+    if raw_model.mtp:
+        out["mtp_loss"], out["mtp_accuracy"] = mtp_sums.tolist()
     raw_model.train()
     return out, val_counts
 
@@ -448,6 +453,10 @@ while True:
             rec = {"kind": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
                    "train_loss": losses["train"], "val_loss": losses["val"]}
             line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            if raw_model.mtp:  # V3 eq. 24 on val; the val loss above is the main head's alone
+                rec["val_mtp_loss"], rec["val_mtp_accuracy"] = losses["mtp_loss"], losses["mtp_accuracy"]
+                line += (f", MTP loss {' '.join(f'{x:.4f}' for x in losses['mtp_loss'])} accuracy "
+                         f"{' '.join(f'{x:.3f}' for x in losses['mtp_accuracy'])}")
             if n_moe:
                 rec["maxvio_global"] = moe_max_vio(val_counts).item()
                 rec["val_load"] = (val_counts / val_counts.mean(1, keepdim=True)).tolist()
@@ -466,6 +475,7 @@ while True:
 
     # one optimizer step: grad_accum micro-batches on each rank
     step_loss = torch.zeros((), device=device)
+    step_mtp = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
         if ddp:  # all-reduce the gradients only on the last micro-batch
             model.require_backward_grad_sync = micro_step == grad_accum - 1
@@ -477,6 +487,8 @@ while True:
         X, Y = get_batch("train", 0, *nxt)
         scaler.scale(loss).backward()
         step_loss += loss.detach()
+        if raw_model.mtp:
+            step_mtp += raw_model.mtp_loss.detach().mean() / grad_accum
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -507,7 +519,10 @@ while True:
             t0, window_iters = time.time(), 0
             rec = {"kind": "train", "iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss_f,
                    "lr": lr, "ms": dt * 1000, "tok_s": tokens_per_iter / dt}
-            line = (f"iter {iter_num}/{max_iters} | loss {loss_f:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
+            if raw_model.mtp:  # the loss above includes mtp_loss_weight times this
+                rec["mtp_loss"] = step_mtp.item()
+            line = (f"iter {iter_num}/{max_iters} | loss {loss_f:.4f}"
+                    + (f" (MTP {rec['mtp_loss']:.4f})" if raw_model.mtp else "") + f" | lr {lr:.2e} | {dt * 1000:.1f} ms | "
                     f"{tokens_per_iter / dt:,.0f} tok/s")
             if peak:
                 rec["mfu"] = flops_per_token * tokens_per_iter / world_size / dt / peak
