@@ -1178,8 +1178,9 @@ def test_resume_is_exact(data_root, tmp_path):
 def test_checkpoint_round_trips_into_model(data_root, tmp_path):
     g = run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)  # no pickled code needed
-    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data"}
     assert ckpt["iter_num"] == 4 and ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["data_root"] == data_root
+    assert ckpt["data"]["dir"] == os.path.join(data_root, "tiny") and ckpt["data"]["tokenizer"]["kind"] == "char"
     assert ckpt["config"]["n_experts"] == 8 and ckpt["model_args"]["vocab_size"] == g["data"].vocab_size
     model = Model(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])  # strict: same names and shapes, expert biases included
@@ -1223,7 +1224,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--n_expert=4"], "unknown setting --n_expert; did you mean --n_experts"),
     (["--learning_rat=1e-3"], "did you mean --learning_rate"),
-    (["--n_experts=2.5"], "--n_experts expects a int"),
+    (["--n_experts=2.5"], "--n_experts expects an int"),
     (["--compile=maybe"], "--compile expects true or false"),
     (["--balance=loss"], "--balance must be bias, aux or none"),
     (["--top_k=9"], "invalid config: top_k (9) must be in 1..n_experts (8)"),
