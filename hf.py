@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from data import atomic_write, data_dir, error_text, read_valid_meta, tokenizer_identity
+from data import atomic_write, data_dir, error_text, fail, read_valid_meta, tokenizer_identity
 from mla import precompute_rope
 from model import Model, ModelConfig
 
@@ -216,8 +216,13 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
 def _from_pretrained(path, dtype, device, overrides):
     from safetensors import safe_open
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}/config.json is not JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}/config.json is not a JSON object")
     cfg = config_from_hf(hf, **overrides)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -419,12 +424,15 @@ def load_tokenizer(path):
         return load_prepared(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # whatever transformers makes of a damaged tokenizer.json or tokenizer_config.json
+            fail(f"cannot read the tokenizer in {path} ({error_text(e)})")
         eot = tok.eos_token_id if tok.eos_token_id is not None else 0
         # encode adds what the tokenizer's template adds (DeepSeek: BOS); decode leaves such special tokens out
         return tok.encode, (lambda ids: tok.decode(ids, skip_special_tokens=True)), eot
-    raise SystemExit(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that "
-                     "python prepare.py writes")
+    fail(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that python "
+         "prepare.py writes")
 
 
 def copy_tokenizer(src, dst):
