@@ -45,8 +45,8 @@ def error_text(e):
     os_error = e if isinstance(e, OSError) else e.__context__
     if isinstance(os_error, OSError) and os_error.strerror:
         return os_error.strerror
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for a paragraph
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 @contextmanager

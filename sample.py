@@ -232,7 +232,6 @@ def main(argv=None):
     settings = dict(_settings)
     configure(settings, sys.argv[1:] if argv is None else argv, _types)
     globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
-    print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)
     check_settings()
     ptdtype = DTYPES[dtype]
     torch.manual_seed(seed)
@@ -265,6 +264,7 @@ def main(argv=None):
             fail(f"--routing_layer={routing_layer} is not an MoE layer: pick one of {moe_ids[0]}..{moe_ids[-1]}"
                  if moe_ids else "this model has no MoE layer")
         recorder = RoutingRecorder(model.layers[layer_id].ffn, num_samples)
+    print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
     new, first = [], list(prompt)

@@ -11,7 +11,8 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
 (configurator.py); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
-checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png.
+checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png,
+each whole or not at all; log.jsonl is appended to. A bad input ends the run with one line (README, "Failure behaviour").
 
 Load balancing (--balance):
   bias  auxiliary-loss-free (Wang et al. arXiv 2408.15664 Algorithm 1; DeepSeek-V3 section 2.1.2): after every
@@ -121,25 +122,28 @@ if os.path.exists(out_dir) and not os.path.isdir(out_dir):
 # drops that run's records after the checkpoint's iter, which it is about to write again.
 
 
+def parse_record(line):
+    """A line of log.jsonl -> its record, or None for a line that is not one (cut short by a crash mid-write)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and "kind" in r and "iter" in r else None
+
+
 def read_log(path):
-    """The records of log.jsonl; a line that is not a record (cut short by a crash mid-write) is skipped."""
-    recs = []
     with open(path, "rb") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and "kind" in r and "iter" in r:
-                recs.append(r)
-    return recs
+        return [r for r in map(parse_record, f) if r is not None]
 
 
 def keep_log_until(path, run, last_iter):
-    """Rewrite log.jsonl (whole or not at all) without run's records after last_iter and without broken lines."""
-    kept = [r for r in read_log(path) if not (r.get("run") == run and r["iter"] > last_iter)]
+    """Rewrite log.jsonl (whole or not at all) without run's records after last_iter and without broken lines;
+    every other line stays byte for byte."""
+    with open(path, "rb") as f:
+        lines = [(line.rstrip(b"\n"), parse_record(line)) for line in f]
     with atomic_write(path) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+        f.write(b"".join(line + b"\n" for line, r in lines
+                         if r is not None and not (r.get("run") == run and r["iter"] > last_iter)))
 
 
 # -----------------------------------------------------------------------------
@@ -348,6 +352,13 @@ except ValueError as e:
 model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
 for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
+if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
+    unremarkable = ("out_dir", "init_from", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
+                    "wandb_run_name", "dataset", "data_root")
+    changed = [f"{k}={settings[k]!r} (was {v!r})" for k, v in ckpt["config"].items()
+               if k in settings and k not in unremarkable and settings[k] != v]
+    if changed:
+        say(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
 
 # -----------------------------------------------------------------------------
 # system
