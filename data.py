@@ -41,7 +41,7 @@ def fail(msg):
 
 def error_text(e):
     """An exception as a short phrase for a one-line error: an OSError's reason (also when torch wraps one in a
-    RuntimeError), else its type and the first line of its message."""
+    RuntimeError), else its type and the first sentence of its message."""
     os_error = e if isinstance(e, OSError) else e.__context__
     if isinstance(os_error, OSError) and os_error.strerror:
         return os_error.strerror
