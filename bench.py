@@ -744,7 +744,9 @@ def bench_balance():
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            logs[name] = [json.loads(line) for line in f]
+            recs = [json.loads(line) for line in f]
+        run = [r for r in recs if r["kind"] == "start"][-1].get("run")  # log.jsonl keeps earlier runs' records
+        logs[name] = [r for r in recs if r.get("run") == run]
         print(f"  {time.time() - t0:.0f} s", flush=True)
     rows = []
     for name, recs in logs.items():

@@ -3,52 +3,55 @@ nanoGPT-style overrides for the scripts' module-level settings, one mechanism fo
 
     python train.py config/train_small.py --batch_size=32 --compile
 
-A bare `--flag` sets a bool to True. Values are parsed as Python literals and must match the default's type
-(an int may stand where a float is expected; a None default takes any literal, or the raw string). Unknown
-keys and wrong types end the program with one line naming the close matches.
+Each setting has one type, declared once: its default's, or, for a default of None, the script's `types` entry
+(None then means "derived": e.g. lr_decay_iters None = max_iters). Every value is checked against it wherever it
+comes from, a config file or the command line: an int may stand where a float is expected; None only where the
+default is None; a bool is true/false/1/0/yes/no/on/off on the command line (a bare `--flag` is true) and True or
+False in a config file. Command-line values are Python literals (strings as they are). Unknown keys and wrong types
+end the program with one line naming the close matches or the type expected.
 
     settings = {k: v for k, v in globals().items() if ...}   # the script's defaults
-    configure(settings, sys.argv[1:]); globals().update(settings)
+    given = configure(settings, sys.argv[1:], types={"lr_decay_iters": int}); globals().update(settings)
 """
 import difflib
 import os
 import sys
 from ast import literal_eval
 
+from data import fail
 
-def _fail(msg):
-    raise SystemExit(msg)
+TYPE_NAMES = {bool: "true or false", int: "an int", float: "a float", str: "a string", tuple: "a tuple"}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _parse(key, raw, default):
-    if isinstance(default, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        _fail(f"--{key} expects true or false, got {raw!r}")
-    if isinstance(default, str):
+def _check(where, value, kind, nullable):
+    """value if it is of type kind (an int is taken for a float, None where nullable), else one line and exit."""
+    if value is None and nullable:
+        return None
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        fail(f"{where} expects {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    return value
+
+
+def _parse(raw, kind, nullable):
+    """A command-line string -> the value it stands for (checked by _check afterwards)."""
+    if kind is bool and raw.lower() in TRUE + FALSE:
+        return raw.lower() in TRUE
+    if kind is str and not (nullable and raw == "None"):
         return raw
     try:
-        value = literal_eval(raw)
+        return literal_eval(raw)
     except (ValueError, SyntaxError):
-        if default is None:
-            return raw
-        _fail(f"--{key} expects a {type(default).__name__}, got {raw!r}")
-    if default is None or value is None:
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not type(default):
-        _fail(f"--{key} expects a {type(default).__name__}, got {raw!r}")
-    return value
+        return raw  # not a literal: _check reports it as the string it is
 
 
 def _check_key(key, settings):
     if key not in settings:
         close = difflib.get_close_matches(key, list(settings), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        _fail(f"unknown setting --{key}{hint}")
+        fail(f"unknown setting --{key}{hint}")
 
 
 def read_config_file(path):
@@ -60,26 +63,35 @@ def read_config_file(path):
     return {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
-def configure(settings, argv):
-    """Update the dict `settings` in place from config files and --key=value arguments, in order."""
+def configure(settings, argv, types=None):
+    """Update the dict `settings` in place from config files and --key=value arguments, in order; types gives the
+    type of each setting whose default is None. Returns the names the arguments set (config files included)."""
+    types = dict(types or {})
+    for key, default in settings.items():
+        if default is None and key not in types:
+            raise TypeError(f"setting {key} defaults to None: declare its type in configure(types=...)")
+        types.setdefault(key, type(default))
+    nullable = {k for k, v in settings.items() if v is None}
+    given = set()
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain Python assigning some of the settings
             if not os.path.isfile(arg):
-                _fail(f"no config file {arg}: pass a path like config/train_small.py or --key=value")
+                fail(f"no config file {arg}: pass a path like config/train_small.py or --key=value")
             for key, value in read_config_file(arg).items():
                 _check_key(key, settings)
-                settings[key] = value
+                settings[key] = _check(f"{key} in {arg}", value, types[key], key in nullable)
+                given.add(key)
             continue
         key, eq, raw = arg[2:].partition("=")
         _check_key(key, settings)
-        if not eq:
-            if not isinstance(settings[key], bool):
-                _fail(f"--{key} needs a value: --{key}=...")
-            settings[key] = True
-        else:
-            settings[key] = _parse(key, raw, settings[key])
-    return settings
+        if not eq and types[key] is not bool:
+            fail(f"--{key} needs a value: --{key}=...")
+        value = True if not eq else _parse(raw, types[key], key in nullable)
+        settings[key] = _check(f"--{key}", value, types[key], key in nullable)
+        given.add(key)
+    return given
 
 
 if __name__ == "__main__":
-    print(configure({"a": 1, "b": 0.5, "c": "x", "d": False, "e": None}, sys.argv[1:]))
+    demo = {"a": 1, "b": 0.5, "c": "x", "d": False, "e": None}
+    print(configure(demo, sys.argv[1:], types={"e": int}), demo)

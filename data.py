@@ -1,20 +1,78 @@
 """
 The run-time side of the data: open what prepare.py wrote in data/NAME/ (memmapped token bins, meta.json) and its
 tokenizer (a byte-level BPE run through tiktoken, or a character vocabulary). train.py and sample.py use this;
-prepare.py uses it too, to write the same tokenizer formats it reads.
+prepare.py uses it too, to write the same tokenizer formats it reads. It imports nothing of nanoseek's, so it also
+holds the two things every entry point shares: atomic_write (every file nanoseek writes goes through it) and fail
+(the one-line error).
 
     from data import load_data, load_tokenizer
     data = load_data("shakespeare")     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
 """
 import base64
+import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 EOT = "<|endoftext|>"  # the one special token, appended after every document
+
+
+# -----------------------------------------------------------------------------
+# one-line errors and all-or-nothing writes, for every entry point
+
+
+def debugging():
+    """NANOSEEK_DEBUG=1 (any value but 0): show tracebacks instead of one-line errors."""
+    return os.environ.get("NANOSEEK_DEBUG", "0") not in ("", "0")
+
+
+def fail(msg):
+    """End the program with one line for an error the user can fix (exit status 1, the line on stderr).
+    NANOSEEK_DEBUG=1 raises it as a RuntimeError instead, so the traceback and the exception behind it show."""
+    msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+    if debugging():
+        raise RuntimeError(msg)
+    raise SystemExit(msg)
+
+
+def error_text(e):
+    """An exception as a short phrase for a one-line error: an OSError's reason (also when torch wraps one in a
+    RuntimeError), else its type and the first sentence of its message."""
+    os_error = e if isinstance(e, OSError) else e.__context__
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for a paragraph
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+@contextmanager
+def atomic_write(path):
+    """with atomic_write(path) as f: ...  -- path gets everything written to f, or keeps what it had.
+
+    f is path + ".tmp" in the same folder, created exclusively and never through a symlink (O_EXCL | O_NOFOLLOW:
+    a link someone put there is not followed), flushed to the disk (fsync) and renamed over path. On any error or
+    interruption (a full disk, Ctrl-C) the temp file is removed. A kill -9 can leave it: the next write removes it
+    first (the name is ours). The mode is 0666 minus the umask, as open() gives."""
+    tmp = path + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)  # unlinks a symlink itself, never its target
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with open(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def data_dir(dataset, data_root="data"):
@@ -42,7 +100,7 @@ def tiktoken_encoding(ranks, pattern, eot, name="nanoseek"):
     try:
         import tiktoken
     except ImportError:
-        raise SystemExit("the tokenizer needs tiktoken: pip install tiktoken")
+        fail("the tokenizer needs tiktoken: pip install tiktoken")
     return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: eot})
 
 
@@ -64,7 +122,7 @@ def char_encoder(chars):
 
 def save_tiktoken_file(ranks, path):
     """tiktoken's own format, one "base64(token) rank" per line (tiktoken.load.load_tiktoken_bpe reads it)."""
-    with open(path, "wb") as f:
+    with atomic_write(path) as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
 
@@ -80,6 +138,7 @@ def load_tiktoken_file(path):
 
 
 def read_meta(data_dir):
+    """data_dir/meta.json as a dict; None when there is none (or it is not JSON)."""
     try:
         with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
             return json.load(f)
@@ -87,29 +146,73 @@ def read_meta(data_dir):
         return None
 
 
-def load_tokenizer(data_dir):
-    """-> (encode(str) -> list[int], decode(list[int]) -> str, eot id) for the tokenizer saved in data_dir."""
+META_CHECKS = {  # what train.py and sample.py rely on in a meta.json, checked before any of it is used
+    "vocab_size": lambda m: type(m["vocab_size"]) is int and m["vocab_size"] > 0,
+    "dtype": lambda m: m["dtype"] in ("uint16", "uint32"),
+    "eot_token": lambda m: type(m["eot_token"]) is int and 0 <= m["eot_token"] < m["vocab_size"],
+    "tokenizer.kind": lambda m: m["tokenizer"]["kind"] in ("bpe", "gpt2", "char"),
+    "tokenizer.file": lambda m: m["tokenizer"]["file"] in ("tokenizer.json", "tokenizer.tiktoken"),
+    "tokenizer.pattern": lambda m: m["tokenizer"]["kind"] == "char" or isinstance(m["tokenizer"]["pattern"], str),
+    "tokens": lambda m: all(type(m["tokens"][s]) is int and m["tokens"][s] >= 0 for s in ("train", "val")),
+}
+
+
+def meta_problem(meta):
+    """None when meta is a meta.json as prepare.py writes it, else the first field that is missing or wrong."""
+    for field, ok in META_CHECKS.items():
+        try:
+            if ok(meta):
+                continue
+        except (KeyError, TypeError, IndexError):
+            pass
+        return f"its {field} is missing or wrong"
+    return None
+
+
+def read_valid_meta(data_dir):
+    """meta.json of data_dir, checked: ends the program in one line when it is missing or not prepare.py's."""
     meta = read_meta(data_dir)
     if meta is None:
-        raise SystemExit(f"no data in {data_dir}: run python prepare.py first")
+        fail(f"no data in {data_dir}: run python prepare.py first")
+    problem = meta_problem(meta)
+    if problem:
+        fail(f"{data_dir}/meta.json is not one prepare.py wrote ({problem}): run python prepare.py --force")
+    return meta
+
+
+def tokenizer_identity(data_dir, meta):
+    """What a checkpoint records of the tokenizer its token ids mean: kind, vocab size and a hash of the file."""
+    with open(os.path.join(data_dir, meta["tokenizer"]["file"]), "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()
+    return {"kind": meta["tokenizer"]["kind"], "vocab_size": meta["vocab_size"], "sha1": digest}
+
+
+def load_tokenizer(data_dir):
+    """-> (encode(str) -> list[int], decode(list[int]) -> str, eot id) for the tokenizer saved in data_dir."""
+    meta = read_valid_meta(data_dir)
     tok = meta["tokenizer"]
     eot = meta["eot_token"]
     path = os.path.join(data_dir, tok["file"])
-    if not os.path.exists(path):
-        raise SystemExit(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
+    if not os.path.isfile(path):
+        fail(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
+    try:
+        if tok["kind"] == "char":
+            with open(path, encoding="utf-8") as f:
+                chars = json.load(f)["chars"]
+            to_ids = char_encoder(chars)
+        else:
+            enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a file that is not what prepare.py wrote
+        fail(f"cannot read the tokenizer {path} ({error_text(e)}): run python prepare.py --force")
     if tok["kind"] == "char":
-        with open(path, encoding="utf-8") as f:
-            chars = json.load(f)["chars"]
-        to_ids = char_encoder(chars)
         itos = list(chars) + [EOT]
 
         def encode(text):
             return to_ids(text).tolist()
 
-        def decode(ids):
-            return "".join(itos[i] for i in ids)
+        def decode(ids):  # ids past the vocabulary (a model may have spare embedding rows) show as U+FFFD
+            return "".join(itos[i] if i < len(itos) else "\ufffd" for i in ids)
         return encode, decode, eot
-    enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
 
     def encode(text):
         return enc.encode(text, allowed_special={EOT})  # a prompt may contain <|endoftext|> on purpose
@@ -132,12 +235,11 @@ def bins_match_meta(data_dir, meta):
 def load_data(dataset, data_root="data"):
     """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
     path = data_dir(dataset, data_root)
-    meta = read_meta(path)
-    if meta is None or not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
-        raise SystemExit(f"no data in {path}: run python prepare.py first")
+    if read_meta(path) is None or not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
+        fail(f"no data in {path}: run python prepare.py first")
+    meta = read_valid_meta(path)
     if not bins_match_meta(path, meta):
-        raise SystemExit(f"the bins in {path} do not match its meta.json (changed or cut short?): "
-                         "run python prepare.py --force")
+        fail(f"the bins in {path} do not match its meta.json (changed or cut short?): run python prepare.py --force")
     encode, decode, eot = load_tokenizer(path)
     bins = {}
     for split in ("train", "val"):

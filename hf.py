@@ -7,15 +7,17 @@ releases and of transformers' DeepseekV2/V3ForCausalLM, converted to and from na
     hf.save_pretrained(model, "out/hf")          # AutoModelForCausalLM.from_pretrained("out/hf") loads it
 
 Nothing is downloaded: the folder must be on disk. What nanoseek cannot run fails in one line naming the key.
+train.py's own checkpoints (ckpt.pt) are read here too (read_checkpoint), with the same care: shapes are checked on
+the meta device before any memory is taken.
 """
 import dataclasses
 import json
 import os
 import re
-import shutil
 
 import torch
 
+from data import atomic_write, data_dir, error_text, fail, read_valid_meta, tokenizer_identity
 from mla import precompute_rope
 from model import Model, ModelConfig
 
@@ -222,11 +224,27 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
     """Load a DeepSeek-V2 / V2-Lite / V3 folder (config.json + *.safetensors, FP8 or not) as a Model in eval mode.
     overrides: ModelConfig fields to change, e.g. block_size=4096, attn_impl="absorb". Streams one tensor at a time
     into a model allocated once (on the meta device first, so shapes are checked before any memory is taken), so
-    memory stays near one copy of the model (plus one tensor)."""
+    memory stays near one copy of the model (plus one tensor).
+
+    A folder it cannot load raises ValueError (one line) or OSError: whatever a crafted or damaged folder makes
+    the reading code raise (a value of the wrong type, a missing key, a safetensors error) is turned into one."""
+    from safetensors import SafetensorError
+    try:
+        return _from_pretrained(path, dtype, device, overrides)
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"cannot read the checkpoint in {path} ({error_text(e)})") from e
+
+
+def _from_pretrained(path, dtype, device, overrides):
     from safetensors import safe_open
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}/config.json is not JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}/config.json is not a JSON object")
     cfg = config_from_hf(hf, **overrides)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -285,6 +303,8 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
     with torch.no_grad():
         for name, ours in plan.items():
             t = handles[file_of[name]].get_tensor(name)
+            if not t.is_floating_point():
+                raise ValueError(f"unsupported checkpoint: {name} is stored as {t.dtype}, not as floating-point weights")
             if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 scale = name + "_scale_inv"
                 if scale not in file_of:
@@ -310,8 +330,9 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
 
 def save_pretrained(model, path, max_shard_size=5 * 2**30):
     """Write config.json + safetensors that transformers' AutoModelForCausalLM loads (DeepSeek-V3 layout, or V2 for
-    softmax routing). Shards above max_shard_size bytes, with model.safetensors.index.json."""
-    from safetensors.torch import save_file
+    softmax routing). Shards above max_shard_size bytes, with model.safetensors.index.json. Each file is written
+    whole or not at all (data.atomic_write)."""
+    from safetensors.torch import save
     cfg = model.config
     if cfg.score_func == "softmax":  # transformers' DeepseekV2 gate has no bias and never renormalizes
         if cfg.n_moe_layers and cfg.norm_topk:
@@ -340,16 +361,88 @@ def save_pretrained(model, path, max_shard_size=5 * 2**30):
     os.makedirs(path, exist_ok=True)
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fn, names in zip(files, shards):  # one shard in CPU memory at a time
-        save_file({n: tensors[n].detach().cpu().contiguous() for n in names}, os.path.join(path, fn),
-                  metadata={"format": "pt"})
+    for fn, names in zip(files, shards):  # one shard in CPU memory at a time (and its bytes, once)
+        with atomic_write(os.path.join(path, fn)) as f:
+            f.write(save({n: tensors[n].detach().cpu().contiguous() for n in names}, metadata={"format": "pt"}))
     if len(shards) > 1:
         weight_map = {n: fn for fn, names in zip(files, shards) for n in names}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, model.embed.weight.dtype), f, indent=2)
+        with atomic_write(os.path.join(path, "model.safetensors.index.json")) as f:
+            f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
+    with atomic_write(os.path.join(path, "config.json")) as f:
+        f.write(json.dumps(config_to_hf(cfg, model.embed.weight.dtype), indent=2).encode())
+
+
+# -----------------------------------------------------------------------------
+# train.py's checkpoints (out_dir/ckpt.pt): model, optimizer, model_args, config, iter_num, best_val_loss, the data
+
+
+def read_checkpoint(path):
+    """train.py's ckpt.pt, checked before anything is built from it: a dict with its keys, model_args a valid
+    ModelConfig, and its tensors exactly the names, shapes and kinds (floating point or not) of that model, compared
+    on the meta device (a crafted n_embd=60000 costs nothing). -> (ckpt, ModelConfig); ValueError (one line) if not.
+    torch.load runs with weights_only=True: a pickle in the file can run no code."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zero-byte, truncated, random, a folder: whatever torch.load makes of it
+        raise ValueError(f"{path} is not a readable checkpoint ({error_text(e)})") from e
+    fields_ok = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and \
+        isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("config"), dict) and \
+        type(ckpt.get("iter_num")) is int and ckpt["iter_num"] >= 0 and \
+        all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()) and \
+        ("data" not in ckpt or (isinstance(ckpt["data"], dict) and isinstance(ckpt["data"].get("dir"), str) and
+                                isinstance(ckpt["data"].get("tokenizer"), dict)))
+    if not fields_ok:
+        raise ValueError(f"{path} is not a checkpoint train.py wrote (its model, model_args, config or iter_num "
+                         "is missing or of the wrong type)")
+    try:
+        cfg = ModelConfig(**ckpt["model_args"])
+    except TypeError as e:  # a field ModelConfig does not have
+        raise ValueError(f"{path}: its model_args are not a nanoseek config ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: its model_args are an {e}") from e
+    with torch.device("meta"):
+        want = Model(cfg).state_dict()
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # saved from a compiled model
+    for name in sorted(want.keys() | state.keys()):
+        w, t = want.get(name), state.get(name)
+        if w is None or t is None or w.shape != t.shape or w.is_floating_point() != t.is_floating_point():
+            have = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            expect = "no such tensor" if w is None else f"{tuple(w.shape)} {w.dtype}"
+            raise ValueError(f"{path} does not match its own model_args: {name} is {have}, model_args make "
+                             f"{expect} (a damaged or hand-edited checkpoint)")
+    ckpt["model"] = state
+    return ckpt, cfg
+
+
+def checkpoint_data_dir(ckpt):
+    """The data folder a checkpoint was trained on: the absolute path train.py records; if that folder is gone
+    (the project moved), or for a checkpoint from before it recorded one, its dataset and data_root settings,
+    relative to the current folder."""
+    recorded = ckpt.get("data", {}).get("dir")
+    if recorded and os.path.isdir(recorded):
+        return recorded
+    cfg = ckpt["config"]
+    dataset, root = cfg.get("dataset"), cfg.get("data_root", "data")
+    if isinstance(dataset, str) and isinstance(root, str):
+        return os.path.abspath(data_dir(dataset, root))
+    return recorded or "(no data folder recorded)"
+
+
+def check_checkpoint_tokenizer(ckpt, folder):
+    """ValueError unless folder's tokenizer is the one the checkpoint's token ids were trained on (when the
+    checkpoint records it): a dataset prepared again with another tokenizer would decode them into nonsense."""
+    recorded = ckpt.get("data", {}).get("tokenizer")
+    if recorded is None:
+        return
+    current = tokenizer_identity(folder, read_valid_meta(folder))
+    if current != recorded:
+        def show(t):
+            return f"{t.get('kind')} vocab {t.get('vocab_size')} sha1 {str(t.get('sha1'))[:10]}"
+        raise ValueError(f"the tokenizer in {folder} ({show(current)}) is not the one the checkpoint was trained "
+                         f"with ({show(recorded)}): prepare.py has rebuilt it since; use the data it was trained on")
 
 
 # -----------------------------------------------------------------------------
@@ -364,12 +457,15 @@ def load_tokenizer(path):
         return load_prepared(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # whatever transformers makes of a damaged tokenizer.json or tokenizer_config.json
+            fail(f"cannot read the tokenizer in {path} ({error_text(e)})")
         eot = tok.eos_token_id if tok.eos_token_id is not None else 0
         # encode adds what the tokenizer's template adds (DeepSeek: BOS); decode leaves such special tokens out
         return tok.encode, (lambda ids: tok.decode(ids, skip_special_tokens=True)), eot
-    raise SystemExit(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that "
-                     "python prepare.py writes")
+    fail(f"no tokenizer in {path}: it needs tokenizer.json, or meta.json + the tokenizer file that python "
+         "prepare.py writes")
 
 
 def copy_tokenizer(src, dst):
@@ -380,4 +476,5 @@ def copy_tokenizer(src, dst):
             names.append(json.load(f)["tokenizer"]["file"])  # prepare.py's tokenizer file
     for name in names:
         if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copy(os.path.join(src, name), dst)
+            with open(os.path.join(src, name), "rb") as f, atomic_write(os.path.join(dst, name)) as out:
+                out.write(f.read())

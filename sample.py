@@ -19,6 +19,7 @@ follow when the batch is done; the counts, tokens/s and cache bytes (next to a s
 of the same model) go to stderr. Weights run in --dtype (bf16 on a GPU); the router, the expert biases and the
 RoPE tables stay fp32. The decode benchmark (latent cache vs MHA cache vs none) is `python bench.py --sections=decode`.
 """
+import math
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 
 import hf
 from configurator import configure
-from data import data_dir, load_tokenizer
+from data import error_text, fail, load_tokenizer
 from mla import cache_values_per_token
 from model import DTYPES, Model, ModelConfig
 
@@ -40,9 +41,9 @@ out_dir = "out"  # where train.py wrote ckpt.pt
 start = "\n"  # the prompt; "FILE:path" reads it from a file; "" starts from <|endoftext|>
 num_samples = 3  # samples, all generated together as one batch
 max_new_tokens = 500  # tokens generated per sample
-temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
-top_k = 200  # sample among the k most likely tokens only; None or 0 = all
-top_p = 1.0  # nucleus sampling: the smallest set of tokens with this much mass; 1.0 = off
+temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy (so is anything below 1e-5)
+top_k = 200  # sample among the k most likely tokens only; 0 = all
+top_p = 1.0  # nucleus sampling: the smallest set of tokens with this much mass, in (0, 1]; 1.0 = off
 seed = 1337  # the same seed gives the same samples
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", "mps"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
@@ -55,6 +56,7 @@ routing_layer = None  # the layer --show_routing shows; None = the middle MoE la
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
 _settings = {k: v for k, v in globals().items()
              if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+_types = {"routing_layer": int}  # the settings whose default is None
 
 # -----------------------------------------------------------------------------
 # loading
@@ -72,20 +74,28 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         if not os.path.exists(path):
-            raise SystemExit(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            fail(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first")
+        try:
+            ckpt, _ = hf.read_checkpoint(path)
+        except ValueError as e:
+            fail(f"{e}: point --out_dir at a good checkpoint, or train again")
         model = Model(ModelConfig(**{**ckpt["model_args"], "use_kernels": use_kernels}))
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # saved from a compiled model
-        model.load_state_dict(state)
-        tokenizer_dir = data_dir(ckpt["config"]["dataset"], ckpt["config"].get("data_root", "data"))
-        return (model.to(device).eval(), *load_tokenizer(tokenizer_dir), tokenizer_dir)
+        model.load_state_dict(ckpt["model"])
+        # the data the checkpoint recorded (absolute), whatever the current folder; its tokenizer must be the same
+        tokenizer_dir = hf.checkpoint_data_dir(ckpt)
+        encode, decode, eot = load_tokenizer(tokenizer_dir)
+        try:
+            hf.check_checkpoint_tokenizer(ckpt, tokenizer_dir)
+        except ValueError as e:
+            fail(e)
+        return model.to(device).eval(), encode, decode, eot, tokenizer_dir
     if not os.path.isfile(os.path.join(init_from, "config.json")):
-        raise SystemExit(f"--init_from={init_from!r} is neither 'resume' (loads {out_dir}/ckpt.pt) nor a folder with "
-                         "config.json + *.safetensors")
+        fail(f"--init_from={init_from!r} is neither 'resume' (loads {out_dir}/ckpt.pt) nor a folder with "
+             "config.json + *.safetensors")
     try:
         model = hf.from_pretrained(init_from, dtype=dtype, device=device, use_kernels=use_kernels)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"cannot load {init_from}: {e}")
+        fail(f"cannot load {init_from}: {error_text(e) if isinstance(e, OSError) else e}")
     return (model, *hf.load_tokenizer(init_from), init_from)
 
 
@@ -108,8 +118,11 @@ def read_prompt(start, encode, eot, block_size):
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
-    ids = encode(text) if text else []
+            fail(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
+    try:
+        ids = encode(text) if text else []
+    except ValueError as e:  # a char vocabulary meets a character it does not have
+        fail(f"cannot encode the prompt: {e}; use only characters of the training text")
     if not ids:
         ids = [eot]  # an empty prompt starts a new document
     if len(ids) > block_size:
@@ -198,21 +211,42 @@ def sync(device):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    settings = configure(dict(_settings), sys.argv[1:] if argv is None else argv)
-    globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
-    print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)
+def check_settings():
+    """Every sampling setting in its domain, one line each, before anything is loaded."""
+    if not temperature >= 0 or math.isinf(temperature):
+        fail(f"--temperature={temperature} must be a number >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        fail(f"--top_p={top_p} must be in (0, 1] (1: off)")
+    for name, low in (("top_k", 0), ("num_samples", 1), ("max_new_tokens", 1)):
+        if globals()[name] < low:
+            fail(f"--{name}={globals()[name]} must be >= {low}")
+    if not 0 <= seed < 2**63:
+        fail(f"--seed={seed} must be in 0..2**63-1")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device} but no CUDA GPU is visible: pass --device=cpu")
-    ptdtype = DTYPES.get(dtype)
-    if ptdtype is None:
-        raise SystemExit(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
+        fail(f"--device={device} but no CUDA GPU is visible: pass --device=cpu")
+    if dtype not in DTYPES:
+        fail(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
+    if save_pretrained and os.path.exists(save_pretrained) and not os.path.isdir(save_pretrained):
+        fail(f"--save_pretrained={save_pretrained} is a file: give a folder to write the checkpoint into")
+
+
+def main(argv=None):
+    settings = dict(_settings)
+    configure(settings, sys.argv[1:] if argv is None else argv, _types)
+    globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
+    check_settings()
+    ptdtype = DTYPES[dtype]
     torch.manual_seed(seed)
     model, encode, decode, eot, tokenizer_dir = load_model(init_from, out_dir, device, use_kernels,
                                                            torch.float32 if save_pretrained else ptdtype)
     if save_pretrained:
-        hf.save_pretrained(model, save_pretrained)
-        hf.copy_tokenizer(tokenizer_dir, save_pretrained)
+        try:
+            hf.save_pretrained(model, save_pretrained)
+            hf.copy_tokenizer(tokenizer_dir, save_pretrained)
+        except OSError as e:
+            fail(f"cannot write {save_pretrained} ({error_text(e)}): pick a folder you can write")
+        except ValueError as e:  # a model transformers cannot express
+            fail(e)
         print(f"wrote {save_pretrained}: config.json, safetensors and the tokenizer; load it with python sample.py "
               f"--init_from={save_pretrained} or transformers' AutoModelForCausalLM.from_pretrained", file=sys.stderr)
         return
@@ -229,9 +263,10 @@ def main(argv=None):
         moe_ids = list(range(cfg.n_dense_layers, cfg.n_layer))
         layer_id = moe_ids[len(moe_ids) // 2] if routing_layer is None else routing_layer
         if layer_id not in moe_ids:
-            raise SystemExit(f"--routing_layer={routing_layer} is not an MoE layer: pick one of "
-                             f"{moe_ids[0]}..{moe_ids[-1]}" if moe_ids else "this model has no MoE layer")
+            fail(f"--routing_layer={routing_layer} is not an MoE layer: pick one of {moe_ids[0]}..{moe_ids[-1]}"
+                 if moe_ids else "this model has no MoE layer")
         recorder = RoutingRecorder(model.layers[layer_id].ffn, num_samples)
+    print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
     new, first = [], list(prompt)
@@ -287,4 +322,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted")

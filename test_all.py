@@ -8,14 +8,20 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: the kernel tests run interpreted on CPU
 
+import contextlib
+import errno
+import importlib.util
 import itertools
 import json
 import math
 import random
 import re
 import runpy
+import shutil
+import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -1154,12 +1160,16 @@ def data_root(tmp_path_factory):
 
 def run_train(data_root, out_dir, *args):
     """Run train.py in this process (no interpreter start-up) and return its module globals."""
-    argv = sys.argv
-    sys.argv = ["train.py", "--dataset=tiny", f"--data_root={data_root}", f"--out_dir={out_dir}", *TRAIN_TINY, *args]
+    return run_train_argv("--dataset=tiny", f"--data_root={data_root}", f"--out_dir={out_dir}", *TRAIN_TINY, *args)
+
+
+def run_train_argv(*args):
+    argv, hook = sys.argv, sys.excepthook
+    sys.argv = ["train.py", *args]
     try:
         return runpy.run_path(TRAIN, run_name="__main__")
     finally:
-        sys.argv = argv
+        sys.argv, sys.excepthook = argv, hook  # train.py sets its Ctrl-C hook: not for this process
 
 
 def fails_with(data_root, tmp_path, *args):
@@ -1202,8 +1212,9 @@ def test_resume_is_exact(data_root, tmp_path):
 def test_checkpoint_round_trips_into_model(data_root, tmp_path):
     g = run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)  # no pickled code needed
-    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data"}
     assert ckpt["iter_num"] == 4 and ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["data_root"] == data_root
+    assert ckpt["data"]["dir"] == os.path.join(data_root, "tiny") and ckpt["data"]["tokenizer"]["kind"] == "char"
     assert ckpt["config"]["n_experts"] == 8 and ckpt["model_args"]["vocab_size"] == g["data"].vocab_size
     model = Model(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])  # strict: same names and shapes, expert biases included
@@ -1247,7 +1258,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--n_expert=4"], "unknown setting --n_expert; did you mean --n_experts"),
     (["--learning_rat=1e-3"], "did you mean --learning_rate"),
-    (["--n_experts=2.5"], "--n_experts expects a int"),
+    (["--n_experts=2.5"], "--n_experts expects an int"),
     (["--compile=maybe"], "--compile expects true or false"),
     (["--balance=loss"], "--balance must be bias, aux or none"),
     (["--top_k=9"], "invalid config: top_k (9) must be in 1..n_experts (8)"),
@@ -1704,3 +1715,369 @@ def test_init_from_a_folder_with_a_hugging_face_tokenizer(capsys, tmp_path):
     assert out[0][:2] == [2, 3] and len(out[0]) == 8
     assert stdout.startswith("to be")
 
+
+
+# -----------------------------------------------------------------------------
+# failure behaviour (README, "Failure behaviour"): every bad invocation of train.py, sample.py and prepare.py ends
+# with one line on stderr and a non-zero exit, touching nothing; a failed save keeps the previous checkpoint;
+# prepare.py swaps a dataset in whole; logs keep their history
+
+
+@pytest.fixture(scope="module")
+def good_run(data_root, tmp_path_factory):
+    """A tiny finished run (ckpt.pt at iter 2, log.jsonl) trained with a relative --data_root, its export to a
+    Hugging Face folder, and the crafted files the bad invocations point at."""
+    root = tmp_path_factory.mktemp("failures")
+    here = os.getcwd()
+    os.chdir(os.path.dirname(data_root))  # the checkpoint must record the data's absolute path
+    try:
+        run_train_argv("--dataset=tiny", f"--data_root={os.path.basename(data_root)}", f"--out_dir={root / 'good'}",
+                       *TRAIN_TINY, "--max_iters=2", "--eval_interval=2")
+    finally:
+        os.chdir(here)
+    good_ckpt = torch.load(root / "good" / "ckpt.pt", weights_only=True)
+    model = Model(ModelConfig(**good_ckpt["model_args"]))
+    model.load_state_dict(good_ckpt["model"])
+    hf.save_pretrained(model, str(root / "hf_good"))
+    hf.copy_tokenizer(os.path.join(data_root, "tiny"), str(root / "hf_good"))
+
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "a_file").write_text("not a folder")
+    (bad / "no_log").mkdir()
+    os.mkfifo(bad / "fifo.txt")
+    (bad / "types_config.py").write_text('batch_size = "four"\n')
+    (bad / "resume_config.py").write_text("n_head = 4\n")
+    text = "\n".join(f"{i} other words, other letters: {i * 7}!" for i in range(400)) + "\n"
+    (bad / "other.txt").write_text(text)
+    prepare.main([f"--input={bad / 'other.txt'}", "--tokenizer=char", f"--data_root={bad / 'data'}", "--name=other"])
+    (bad / "data" / "empty_meta").mkdir()
+    (bad / "data" / "empty_meta" / "meta.json").write_text("{}")
+    for split in ("train", "val"):
+        (bad / "data" / "empty_meta" / f"{split}.bin").write_bytes(bytes(100))
+
+    raw = (root / "good" / "ckpt.pt").read_bytes()
+    for name, content in [("zero", b""), ("truncated", raw[:len(raw) // 2]), ("random", os.urandom(4096))]:
+        (bad / name).mkdir()
+        (bad / name / "ckpt.pt").write_bytes(content)
+    (bad / "folder" / "ckpt.pt").mkdir(parents=True)
+
+    def crafted_ckpt(name, edit):
+        ckpt = torch.load(root / "good" / "ckpt.pt", weights_only=True)
+        edit(ckpt)
+        (bad / name).mkdir()
+        torch.save(ckpt, bad / name / "ckpt.pt")
+    crafted_ckpt("huge_args", lambda c: c["model_args"].update(n_embd=60000))
+    crafted_ckpt("int_weights", lambda c: c["model"].update({"embed.weight": c["model"]["embed.weight"].long()}))
+    crafted_ckpt("retokenized", lambda c: c["data"].update(dir=str(bad / "data" / "other")))  # as if re-prepared
+
+    def crafted_hf(name, edit_config=None, safetensors=None):
+        shutil.copytree(root / "hf_good", bad / name)
+        if edit_config:
+            config = json.loads((bad / name / "config.json").read_text())
+            edit_config(config)
+            (bad / name / "config.json").write_text(json.dumps(config))
+        if safetensors is not None:
+            (bad / name / "model.safetensors").write_bytes(safetensors)
+    from safetensors.torch import load_file, save
+    weights = load_file(root / "hf_good" / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].to(torch.int32)
+    crafted_hf("hf_huge", lambda c: c.update(num_hidden_layers=10_000_000, hidden_size=60000))
+    crafted_hf("hf_int", safetensors=save(weights))
+    crafted_hf("hf_corrupt", safetensors=b"garbage" * 10)
+    crafted_hf("hf_type", lambda c: c.update(hidden_size="wide"))
+    crafted_hf("hf_key", lambda c: c.pop("vocab_size"))
+    crafted_hf("hf_list", lambda c: c.update(quantization_config=[1]))
+    return root
+
+
+BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {places} as in the test below
+    # resume asks for another model or other data
+    ("train", ["--init_from=resume", "--dataset={data}"], "but the checkpoint was trained on"),
+    ("train", ["--init_from=resume", "--n_layer=8"], "--n_layer=8 but the checkpoint has n_layer=3"),
+    ("train", ["--init_from=resume", "--n_embd=256"], "--n_embd=256 but the checkpoint has n_embd=32"),
+    ("train", ["--init_from=resume", "--vocab_size=500"], "--vocab_size=500 but the checkpoint has vocab_size="),
+    ("train", ["--init_from=resume", "{bad}/resume_config.py"], "--n_head=4 but the checkpoint has n_head=2"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/retokenized", "--dataset={data}"],
+     "is not the one the checkpoint was trained with"),
+    ("train", ["--init_from={hf_good}", "--n_layer=5"], "has n_layer=3"),
+    # corrupt or crafted checkpoints
+    ("train", ["--init_from=resume", "--out_dir={bad}/zero"], "not a readable checkpoint (EOFError)"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/truncated"], "not a readable checkpoint (RuntimeError"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/random"], "not a readable checkpoint (UnpicklingError"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/folder"], "not a readable checkpoint (Is a directory)"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/huge_args"], "does not match its own model_args: embed.weight"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/int_weights"], "embed.weight is (25, 32) torch.int64"),
+    ("train", ["--init_from={bad}/hf_huge"], "n_layer (10000000) is over 10000"),
+    ("train", ["--init_from={bad}/hf_int"], "stored as torch.int32, not as floating-point weights"),
+    # types and sizes
+    ("train", ["--lr_decay_iters=abc"], "--lr_decay_iters expects an int, got 'abc'"),
+    ("train", ["--min_lr=abc"], "--min_lr expects a float, got 'abc'"),
+    ("train", ["--vocab_size=abc"], "--vocab_size expects an int"),
+    ("train", ["--norm_topk=maybe"], "--norm_topk expects true or false, got 'maybe'"),
+    ("train", ["--compile=2"], "--compile expects true or false"),
+    ("train", ["{bad}/types_config.py"], "batch_size in {bad}/types_config.py expects an int, got 'four'"),
+    ("train", ["--n_embd=0"], "n_embd must be >= 1, got 0"),
+    ("train", ["--n_head=-1"], "n_head must be >= 1, got -1"),
+    ("train", ["--block_size=0"], "block_size must be >= 1"),
+    ("train", ["--moe_inter_dim=0"], "moe_inter_dim must be >= 1"),
+    ("train", ["--n_layer=10000000"], "n_layer (10000000) is over 10000"),
+    ("train", ["--max_iters=-5"], "--max_iters=-5 must be >= 0"),
+    ("train", ["--seed=-1"], "--seed=-1 must be in"),
+    # places
+    ("train", ["--out_dir={bad}/a_file"], "is a file, not a folder"),
+    ("train", ["--out_dir={bad}/a_file", "--plot_only"], "is a file, not a folder"),
+    ("train", ["--out_dir={bad}/no_log", "--plot_only"], "log.jsonl to plot: train first"),
+    ("train", ["--dataset={bad}/data/empty_meta"], "meta.json is not one prepare.py wrote"),
+    # sampling arguments
+    ("sample", ["--temperature=-1"], "--temperature=-1.0 must be a number >= 0"),
+    ("sample", ["--temperature=nan"], "--temperature expects a float, got 'nan'"),
+    ("sample", ["--top_p=2"], "--top_p=2.0 must be in (0, 1]"),
+    ("sample", ["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    ("sample", ["--top_k=-1"], "--top_k=-1 must be >= 0"),
+    ("sample", ["--top_k=None"], "--top_k expects an int, got None"),
+    ("sample", ["--num_samples=0"], "--num_samples=0 must be >= 1"),
+    ("sample", ["--max_new_tokens=0"], "--max_new_tokens=0 must be >= 1"),
+    ("sample", ["--seed=-1"], "--seed=-1 must be in"),
+    ("sample", ["--start=caf\u00e9"], "character '\u00e9' is not in this char vocabulary"),
+    ("sample", ["--save_pretrained={bad}/a_file"], "is a file"),
+    # sample.py on corrupt or crafted inputs
+    ("sample", ["--out_dir={bad}/zero"], "not a readable checkpoint"),
+    ("sample", ["--out_dir={bad}/folder"], "not a readable checkpoint (Is a directory)"),
+    ("sample", ["--out_dir={bad}/huge_args"], "does not match its own model_args"),
+    ("sample", ["--out_dir={bad}/retokenized"], "is not the one the checkpoint was trained with"),
+    ("sample", ["--init_from={bad}/hf_huge"], "n_layer (10000000) is over 10000"),
+    ("sample", ["--init_from={bad}/hf_int"], "not as floating-point weights"),
+    ("sample", ["--init_from={bad}/hf_corrupt"], "SafetensorError"),
+    ("sample", ["--init_from={bad}/hf_type"], "n_embd must be int, got 'wide'"),
+    ("sample", ["--init_from={bad}/hf_key"], "config.json lacks ['vocab_size']"),
+    ("sample", ["--init_from={bad}/hf_list"], "cannot read the checkpoint in"),
+    # prepare.py
+    ("prepare", ["--input={bad}/fifo.txt"], "is not a regular file"),
+    ("prepare", ["--vocab_size=abc"], "argument --vocab_size: invalid int value: 'abc'"),
+    ("prepare", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("prepare", ["--input={bad}/other.txt", "--data_root={bad}/a_file"], "is not a folder"),
+]
+
+
+def entry_point_fails(script, args):
+    """Run train.py, sample.py or prepare.py in this process with args -> the one-line message it exits with."""
+    with pytest.raises(SystemExit) as e:
+        if script == "train":
+            run_train_argv("--device=cpu", "--plot=False", "--dataset=tiny", *args)
+        elif script == "sample":
+            sample.main(["--device=cpu", *args])
+        else:
+            prepare.main(args)
+    return e.value.code
+
+
+@pytest.mark.parametrize("script, args, words", BAD_INVOCATIONS,
+                         ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INVOCATIONS])
+def test_bad_invocation_is_one_line_and_touches_nothing(good_run, data_root, capsys, monkeypatch, script, args, words):
+    monkeypatch.delenv("NANOSEEK_DEBUG", raising=False)
+    places = dict(good=good_run / "good", bad=good_run / "bad", hf_good=good_run / "hf_good",
+                  data=good_run / "bad" / "data" / "other")
+    args = [a.format(**places) for a in args]
+    if script == "train":
+        args = [f"--data_root={data_root}", f"--out_dir={places['good']}", *args]
+    elif script == "sample":
+        args = [f"--out_dir={places['good']}", *args]
+    kept = {name: (places["good"] / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    capsys.readouterr()
+    msg = entry_point_fails(script, args)
+    assert isinstance(msg, str) and words.format(**places) in msg, msg  # a message: exit status 1
+    assert "\n" not in msg and "Traceback" not in msg
+    assert capsys.readouterr().err == ""  # so the process's stderr is this one line
+    assert all((places["good"] / name).read_bytes() == b for name, b in kept.items())
+
+
+def test_bad_invocations_print_one_line_without_traceback(good_run, data_root):
+    """The real processes: one line on stderr, a non-zero exit; NANOSEEK_DEBUG=1 shows the traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_DEBUG"}
+    cases = [
+        ([TRAIN, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={good_run / 'good'}", "--init_from=resume",
+          "--n_layer=8"], "--n_layer=8 but the checkpoint has n_layer=3"),
+        ([os.path.join(HERE, "sample.py"), f"--out_dir={good_run / 'bad' / 'truncated'}", "--device=cpu"],
+         "not a readable checkpoint"),
+        ([os.path.join(HERE, "prepare.py"), f"--input={good_run / 'bad' / 'fifo.txt'}"], "is not a regular file"),
+    ]
+    for argv, words in cases:
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=good_run)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, *cases[2][0]], capture_output=True, text=True,
+                       env={**env, "NANOSEEK_DEBUG": "1"}, cwd=good_run)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "is not a regular file" in r.stderr
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(good_run, data_root, tmp_path):
+    shutil.copytree(good_run / "good", tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "-u", TRAIN, f"--data_root={data_root}", "--dataset=tiny",
+                          f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=1000000",
+                          "--eval_interval=4", "--device=cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_DEBUG": "0"})
+    for line in p.stdout:
+        if line.startswith("eval 8"):  # a checkpoint of iter 4 or 8 is saved, or being saved
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and re.fullmatch(r"interrupted at iter \d+: \S+ckpt.pt keeps iter [48]\n", err), err
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]  # no temp file
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] in (4, 8)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(good_run, data_root, tmp_path, monkeypatch):
+    """A disk that fills up half-way through torch.save: one line, ckpt.pt byte-identical, no temp file left."""
+    shutil.copytree(good_run / "good", tmp_path / "out")
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    real_atomic_write = data_py.atomic_write
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        with real_atomic_write(path) as f:
+            written = [0]
+
+            def write(b):
+                if written[0] + len(b) > len(before) // 2:
+                    f.write(bytes(b)[:len(before) // 2 - written[0]])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written[0] += len(b)
+                return f.write(b)
+            yield types.SimpleNamespace(write=write, flush=f.flush)
+    monkeypatch.setattr(data_py, "atomic_write", full_disk)  # train.py imports it from data
+    msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=4")
+    assert re.fullmatch(r"cannot save \S+ckpt.pt at iter 4 \(No space left on device\): stopping; \S+ckpt.pt keeps "
+                        r"iter 2", msg), msg
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_atomic_write_never_follows_a_link_and_leaves_nothing_on_failure(tmp_path):
+    target, victim = tmp_path / "ckpt.pt", tmp_path / "victim"
+    target.write_bytes(b"old")
+    victim.write_bytes(b"someone else's")
+    os.symlink(victim, tmp_path / "ckpt.pt.tmp")  # planted where the temp file goes
+    with data_py.atomic_write(str(target)) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and victim.read_bytes() == b"someone else's"
+    with pytest.raises(OSError):
+        with data_py.atomic_write(str(target)) as f:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "victim"]
+    umask = os.umask(0o022)
+    try:
+        with data_py.atomic_write(str(tmp_path / "model.safetensors")) as f:
+            f.write(b"x")
+    finally:
+        os.umask(umask)
+    assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == "0o644"
+
+
+def test_log_keeps_every_run_and_a_resume_drops_only_its_later_records(good_run, data_root, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(good_run / "good", out)
+    first = (out / "log.jsonl").read_bytes()
+    run_train(data_root, out, "--max_iters=4", "--eval_interval=2")  # a new run in the same out_dir: appended
+    second = (out / "log.jsonl").read_bytes()
+    assert second.startswith(first) and len(second) > len(first)
+    run_b = json.loads(second[len(first):].splitlines()[0])["run"]
+    with open(out / "log.jsonl", "a") as f:  # what a crash after the iter-4 checkpoint leaves: iter 6, half a line
+        f.write(json.dumps({"kind": "train", "iter": 6, "run": run_b, "loss": 0.0, "tokens": 0}) + '\n{"kind": "tr')
+    run_train(data_root, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    third = (out / "log.jsonl").read_bytes()
+    assert third.startswith(second)  # everything up to the checkpoint kept as it was
+    later = [json.loads(line) for line in third[len(second):].splitlines()]
+    assert [r["kind"] for r in later][:2] == ["start", "eval"] and later[0]["iter"] == 4
+    assert all(r["run"] == run_b for r in later) and all(r.get("loss") != 0.0 for r in later)
+    if importlib.util.find_spec("matplotlib"):  # a partial last line does not stop the plots
+        with open(out / "log.jsonl", "a") as f:
+            f.write('{"kind": "ev')
+        with pytest.raises(SystemExit) as e:
+            run_train(data_root, out, "--plot_only")
+        assert e.value.code is None and (out / "loss.png").exists()
+
+
+def test_sample_finds_the_data_from_another_folder(good_run, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run used a relative --data_root: the checkpoint records the absolute folder
+    out, _, _ = run_main(capsys, f"--out_dir={good_run / 'good'}", "--num_samples=1", "--max_new_tokens=4",
+                         "--device=cpu", "--temperature=1e-30")  # a tiny temperature is greedy, not NaN
+    assert len(out[0]) == 5
+    out_zero, _, _ = run_main(capsys, f"--out_dir={good_run / 'good'}", "--num_samples=1", "--max_new_tokens=4",
+                              "--device=cpu", "--temperature=0")
+    assert out == out_zero
+
+
+def test_save_pretrained_writes_normal_permissions(good_run, capsys, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        run_main(capsys, f"--out_dir={good_run / 'good'}", f"--save_pretrained={tmp_path / 'hf'}", "--device=cpu")
+    finally:
+        os.umask(umask)
+    assert {os.stat(tmp_path / "hf" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "hf")} == {0o644}
+
+
+def test_fifo_in_an_input_folder_is_skipped(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(numbered_text(100))
+    os.mkfifo(tmp_path / "in" / "pipe.txt")
+    data = data_py.load_data(run(tmp_path, f"--input={tmp_path / 'in'}", "--tokenizer=char"))
+    assert "skipping 1 name(s) that are not regular files: pipe.txt" in capsys.readouterr().err
+    assert data.meta["documents"] == 1
+
+
+def dataset_files(folder):
+    return {n: (folder / n).read_bytes() for n in ("train.bin", "val.bin", "tokenizer.json")}
+
+
+def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
+    """A kill at each rename of prepare.py's last step leaves the whole old dataset or the whole new one: as it
+    stands (swap_in alone, no cleanup: a kill -9), after the next run's recover_swap, and through main()'s own
+    cleanup when the rename raises instead."""
+    (tmp_path / "old.txt").write_text(numbered_text(300, seed=1))
+    (tmp_path / "new.txt").write_text(numbered_text(300, seed=2).upper())  # other characters: another tokenizer
+    make = ["--tokenizer=char", "--name=ds"]
+    prepare.main([f"--input={tmp_path / 'old.txt'}", f"--data_root={tmp_path / 'old'}", *make])
+    prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={tmp_path / 'new'}", *make])
+    old, new = dataset_files(tmp_path / "old" / "ds"), dataset_files(tmp_path / "new" / "ds")
+    assert old != new
+    real_rename = os.rename
+
+    def rename_killed_at(k):
+        calls = []
+
+        def rename(a, b):
+            calls.append((a, b))
+            if len(calls) - 1 == k:
+                raise KeyboardInterrupt
+            return real_rename(a, b)
+        return rename
+
+    data = tmp_path / "data"
+    for k in range(3):  # swap_in renames twice: killed before the first, before the second, not at all
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(tmp_path / "old", data)
+        shutil.copytree(tmp_path / "new" / "ds", data / ".ds.tmp-killed")
+        monkeypatch.setattr(os, "rename", rename_killed_at(k))
+        try:
+            prepare.swap_in(str(data / ".ds.tmp-killed"), str(data / "ds"))
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(os, "rename", real_rename)
+        if (data / "ds").exists():
+            assert dataset_files(data / "ds") in (old, new)
+        else:
+            assert dataset_files(data / ".ds.old") == old
+        prepare.recover_swap(str(data / "ds"))  # what the next run does first
+        assert dataset_files(data / "ds") == (new if k == 2 else old) and os.listdir(data) == ["ds"]
+    for k in range(2):  # the same through main(): its cleanup puts the old dataset back
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "old", data)
+        monkeypatch.setattr(os, "rename", rename_killed_at(k))
+        with pytest.raises(KeyboardInterrupt):
+            prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={data}", *make])
+        monkeypatch.setattr(os, "rename", real_rename)
+        assert dataset_files(data / "ds") == old and os.listdir(data) == ["ds"]
+    prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={data}", *make])
+    assert dataset_files(data / "ds") == new and os.listdir(data) == ["ds"]

@@ -11,7 +11,8 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
 (configurator.py); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
-checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png.
+checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png,
+each whole or not at all; log.jsonl is appended to. A bad input ends the run with one line (README, "Failure behaviour").
 
 Load balancing (--balance):
   bias  auxiliary-loss-free (Wang et al. arXiv 2408.15664 Algorithm 1; DeepSeek-V3 section 2.1.2): after every
@@ -29,6 +30,7 @@ import os
 import sys
 import textwrap
 import time
+import uuid
 from contextlib import nullcontext
 
 import numpy as np
@@ -38,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
 from configurator import configure
-from data import load_data
+from data import atomic_write, data_dir, debugging, error_text, fail, load_data, tokenizer_identity
 from model import DTYPES, Model, ModelConfig, peak_flops
 from moe import max_vio
 
@@ -90,15 +92,12 @@ seed = 1337
 # -----------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
-configure(settings, sys.argv[1:])
+# every setting's type: its default's, or for the None defaults ModelConfig's annotation or this
+types = {f.name: f.type for f in dataclasses.fields(ModelConfig)} | {"lr_decay_iters": int, "min_lr": float}
+given = configure(settings, sys.argv[1:], types)  # the names the command line and config files set
 globals().update(settings)
 model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
 # -----------------------------------------------------------------------------
-
-
-def fail(msg):
-    raise SystemExit(msg)
-
 
 # settings that no config can repair, one line each, before any work
 if balance not in ("bias", "aux", "none"):
@@ -109,10 +108,47 @@ if dtype not in ("auto", "float32", "bfloat16", "float16"):
     fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
 if min(batch_size, gradient_accumulation_steps, eval_iters, log_interval, eval_interval) < 1:
     fail("batch_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval must be >= 1")
+for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "bias_update_rate", "aux_alpha"):
+    if settings[_name] is not None and not settings[_name] >= 0:
+        fail(f"--{_name}={settings[_name]} must be >= 0")
+if not 0 <= seed < 2**63:
+    fail(f"--seed={seed} must be in 0..2**63-1")
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    fail(f"--out_dir={out_dir} is a file, not a folder: pick another --out_dir")
+
+# -----------------------------------------------------------------------------
+# log.jsonl: one JSON record per line, every record tagged with its run. Runs in the same out_dir append to it, so
+# no run ever loses the history of another; a resumed run continues its checkpoint's run (the same tag) and first
+# drops that run's records after the checkpoint's iter, which it is about to write again.
+
+
+def parse_record(line):
+    """A line of log.jsonl -> its record, or None for a line that is not one (cut short by a crash mid-write)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and "kind" in r and "iter" in r else None
+
+
+def read_log(path):
+    with open(path, "rb") as f:
+        return [r for r in map(parse_record, f) if r is not None]
+
+
+def keep_log_until(path, run, last_iter):
+    """Rewrite log.jsonl (whole or not at all) without run's records after last_iter and without broken lines;
+    every other line stays byte for byte."""
+    with open(path, "rb") as f:
+        lines = [(line.rstrip(b"\n"), parse_record(line)) for line in f]
+    with atomic_write(path) as f:
+        f.write(b"".join(line + b"\n" for line, r in lines
+                         if r is not None and not (r.get("run") == run and r["iter"] > last_iter)))
+
 
 # -----------------------------------------------------------------------------
 # plots: train/val loss vs tokens, and the load of every expert of every MoE layer over training.
-# Drawn from log.jsonl at the end of a run, or alone with --plot_only.
+# Drawn from log.jsonl (its last run) at the end of a run, or alone with --plot_only.
 
 
 def plot_run(out_dir):
@@ -120,11 +156,12 @@ def plot_run(out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = read_log(os.path.join(out_dir, "log.jsonl"))
+    run = next((r.get("run") for r in reversed(records) if r["kind"] == "start"), None)
     recs = {}
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            recs[(r["kind"], r["iter"])] = r  # a resumed run rewrites the iters after its checkpoint: last wins
+    for r in records:
+        if r.get("run") == run:
+            recs[(r["kind"], r["iter"])] = r  # a resumed run writes its checkpoint's iter again: last wins
     train = sorted((r for r in recs.values() if r["kind"] == "train"), key=lambda r: r["iter"])
     evals = sorted((r for r in recs.values() if r["kind"] == "eval"), key=lambda r: r["iter"])
     start = next((r for r in recs.values() if r["kind"] == "start"), {})
@@ -142,7 +179,8 @@ def plot_run(out_dir):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    with atomic_write(os.path.join(out_dir, "loss.png")) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     written = ["loss.png"]
 
@@ -182,16 +220,31 @@ def plot_run(out_dir):
                      label="log2(tokens / mean)")
         fig.suptitle(f"{out_dir}: expert load over training tokens (balance={start.get('balance', '?')}; "
                      "red = overloaded, blue = starved)", fontsize=10)
-        fig.savefig(os.path.join(out_dir, "expert_load.png"), dpi=110)
+        with atomic_write(os.path.join(out_dir, "expert_load.png")) as f:
+            fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
         written.append("expert_load.png")
     print(f"plots: {', '.join(os.path.join(out_dir, w) for w in written)}")
 
 
+def draw_plots(out_dir):
+    """plot_run; -> None, or one line saying why it could not draw."""
+    try:
+        plot_run(out_dir)
+    except ImportError:
+        return "matplotlib is not installed; pip install matplotlib, then python train.py --plot_only"
+    except OSError as e:
+        return f"cannot draw the plots in {out_dir} ({error_text(e)}): pick an --out_dir you can write"
+    except (KeyError, TypeError, ValueError) as e:  # records that are not train.py's
+        return f"cannot plot {out_dir}/log.jsonl: a record is not one train.py wrote ({error_text(e)})"
+
+
 if plot_only:
-    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
+    if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
         fail(f"no {out_dir}/log.jsonl to plot: train first")
-    plot_run(out_dir)
+    problem = draw_plots(out_dir)
+    if problem:
+        fail(problem)
     sys.exit()
 
 # -----------------------------------------------------------------------------
@@ -228,26 +281,59 @@ def say(*args):
 # -----------------------------------------------------------------------------
 # data, model config, checkpoint
 
-data = load_data(dataset, data_root=data_root)  # exits with "run python prepare.py first"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = None
+# On resume, and when fine-tuning a folder, the model is the source's: every ModelConfig field the arguments do not
+# give takes the source's value, and one they give must agree with it (a resumed run continues the same model, on
+# the same data). What may differ, safely: the runtime switches use_kernels and attn_impl (the same numbers) and the
+# loss weights seq_aux_alpha and aux_alpha (a folder also takes this run's block_size: from_pretrained gets it);
+# and every setting outside ModelConfig: max_iters, the learning rate and its schedule, batch size, eval and log
+# settings, balance, seed, and the runtime switches compile, device and dtype.
+MAY_DIFFER = ("use_kernels", "attn_impl", "seq_aux_alpha", "aux_alpha")
+
+
+def take_model_settings(source, values):
+    for k, v in values.items():
+        if k in given and k in MAY_DIFFER:
+            continue
+        if k in given and settings[k] != v:
+            fail(f"--{k}={settings[k]!r} but {source} has {k}={v!r}: its model is kept as it is; drop --{k} "
+                 f"(or start a new run with --init_from=scratch)")
+        globals()[k] = v
+
+
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    # the architecture is the checkpoint's; the runtime switches stay this command's
-    for k, v in ckpt["model_args"].items():
-        if k not in ("use_kernels", "attn_impl"):
-            globals()[k] = v
+    try:
+        ckpt, _ = hf.read_checkpoint(ckpt_path)
+    except ValueError as e:
+        fail(f"{e}: cannot resume; start a new run (--init_from=scratch) or point --out_dir at a good checkpoint")
+    if not isinstance(ckpt.get("optimizer"), dict):
+        fail(f"{ckpt_path} has no optimizer state (not saved by train.py): cannot resume it; fine-tune an export "
+             "of it instead (python sample.py --save_pretrained=DIR, then --init_from=DIR)")
+    take_model_settings("the checkpoint", ckpt["model_args"])
+    trained_on = hf.checkpoint_data_dir(ckpt)
+    if given & {"dataset", "data_root"} and os.path.abspath(data_dir(dataset, data_root)) != trained_on:
+        fail(f"--dataset={dataset} (in {os.path.abspath(data_dir(dataset, data_root))}) but the checkpoint was "
+             f"trained on {trained_on}: a resumed run continues on its own data; drop --dataset and --data_root "
+             "(or start a new run with --init_from=scratch)")
+    dataset = trained_on
 elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architecture, this run's context and switches
     runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
                    aux_alpha=aux_alpha if balance == "aux" else 0.0)
     try:
         pretrained = hf.from_pretrained(init_from, **runtime)
     except (ValueError, OSError) as e:
-        fail(f"cannot load {init_from}: {e}")
-    for k in model_fields:
-        globals()[k] = getattr(pretrained.config, k)
+        fail(f"cannot load {init_from}: {error_text(e) if isinstance(e, OSError) else e}")
+    take_model_settings(init_from, {k: getattr(pretrained.config, k) for k in model_fields})
+data = load_data(dataset, data_root=data_root)  # exits with "run python prepare.py first"
+data_identity = {"dir": os.path.abspath(data.dir), "tokenizer": tokenizer_identity(data.dir, data.meta)}
+if ckpt is not None:
+    try:
+        hf.check_checkpoint_tokenizer(ckpt, data.dir)
+    except ValueError as e:
+        fail(f"{e}; cannot resume")
 if vocab_size is None:
     vocab_size = data.vocab_size
 if vocab_size < data.vocab_size:
@@ -264,8 +350,15 @@ try:
 except ValueError as e:
     fail(str(e))
 model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
-for k in ("vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
+for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
+if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
+    unremarkable = ("out_dir", "init_from", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
+                    "wandb_run_name", "dataset", "data_root")
+    changed = [f"{k}={settings[k]!r} (was {v!r})" for k, v in ckpt["config"].items()
+               if k in settings and k not in unremarkable and settings[k] != v]
+    if changed:
+        say(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
 
 # -----------------------------------------------------------------------------
 # system
@@ -286,6 +379,9 @@ def get_batch(split, *key):
     ix = np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)  # no RNG state to save
     x = torch.from_numpy(np.stack([arr[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([arr[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if max(x.max(), y.max()) >= vocab_size:  # on the host, before the copy: an index error on the GPU is fatal
+        fail(f"{data.dir}/{split}.bin holds token id {int(max(x.max(), y.max()))}, past the vocabulary "
+             f"({vocab_size}): it is not what prepare.py wrote with this meta.json; run python prepare.py --force")
     if device_type == "cuda":  # pinned host memory: the copy overlaps with the GPU's work
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -317,8 +413,14 @@ elif init_from not in ("scratch", "resume"):
 model.to(device)
 raw_model = model  # the uncompiled, un-DDP'd module: saved, evaluated, its MoE layers read
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+run_id = uuid.uuid4().hex[:12]  # tags this run's records in log.jsonl and its checkpoints
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{ckpt_path}: its optimizer state does not fit its model ({error_text(e)}): cannot resume it")
+    run_id = ckpt.get("run")  # the same run goes on (None: a checkpoint from before runs were tagged)
+saved_iter = iter_num if ckpt is not None else None  # the iter ckpt.pt holds, for the messages of a stop
 ckpt = None  # free the memory
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 if compile:
@@ -348,8 +450,19 @@ if master:
     say(f"training: {device} {dtype}{' (' + gpu_name + ')' if device_type == 'cuda' else ''}, "
         f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
         f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
-    os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if init_from == "resume" and os.path.exists(log_path):
+            keep_log_until(log_path, run_id, iter_num)
+        log_file = open(log_path, "a")  # appended to, never truncated: earlier runs' records stay
+        if log_file.tell() > 0:
+            with open(log_path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    log_file.write("\n")  # end a line a crash cut short, so the next record starts on its own
+    except OSError as e:
+        fail(f"cannot write to --out_dir={out_dir} ({error_text(e)}): pick a folder you can write")
 wandb_run = None
 if wandb_log and master:
     try:
@@ -362,8 +475,11 @@ if wandb_log and master:
 def log(rec):
     if not master:
         return
-    log_file.write(json.dumps(rec) + "\n")
-    log_file.flush()
+    try:
+        log_file.write(json.dumps({**rec, "run": run_id}) + "\n")
+        log_file.flush()
+    except OSError as e:
+        fail(f"cannot write {log_path} ({error_text(e)}): stopping; {kept_checkpoint()}")
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in rec.items() if not isinstance(v, list)}, step=rec["iter"])
 
@@ -409,11 +525,21 @@ def evaluate():
 
 
 def save_checkpoint():
+    """Whole or not at all (atomic_write): a full disk or a kill mid-save leaves the previous ckpt.pt as it was."""
+    global saved_iter
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-            "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss}
-    tmp = ckpt_path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint whole
+            "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "run": run_id,
+            "data": data_identity}
+    try:
+        with atomic_write(ckpt_path) as f:
+            torch.save(ckpt, f)
+    except (OSError, RuntimeError) as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
+        fail(f"cannot save {ckpt_path} at iter {iter_num} ({error_text(e)}): stopping; {kept_checkpoint()}")
+    saved_iter = iter_num
+
+
+def kept_checkpoint():
+    return f"{ckpt_path} keeps iter {saved_iter}" if saved_iter is not None else "no checkpoint was saved"
 
 
 def stop_if_nonfinite():
@@ -422,8 +548,19 @@ def stop_if_nonfinite():
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item() >= 0:
-        kept = f"{ckpt_path} keeps the last good state" if os.path.exists(ckpt_path) else "no checkpoint was saved"
-        fail(f"loss became NaN/inf at iter {bad.item()}: stopping; {kept}")
+        fail(f"loss became NaN/inf at iter {bad.item()}: stopping; {kept_checkpoint()}")
+
+
+def report_interrupt(kind, value, tb):
+    """Ctrl-C: one line on stderr instead of a traceback (NANOSEEK_DEBUG=1 keeps it). A save it interrupts leaves
+    the previous checkpoint whole (atomic_write)."""
+    if kind is KeyboardInterrupt and not debugging():
+        print(f"interrupted at iter {iter_num}: {kept_checkpoint()}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+sys.excepthook = report_interrupt
 
 
 def fmt_time(s):
@@ -546,7 +683,6 @@ if ddp:
     dist.destroy_process_group()
 
 if plot and master:
-    try:
-        plot_run(out_dir)
-    except ImportError:
-        print("plot: matplotlib is not installed; pip install matplotlib, then python train.py --plot_only")
+    problem = draw_plots(out_dir)  # the run itself is done and saved: a plot that fails is only a warning
+    if problem:
+        print(f"plot: {problem}", file=sys.stderr)
