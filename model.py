@@ -407,7 +407,8 @@ class Model(nn.Module):
         stats.update(drafts=0, accepted=0)
         mtp, mtp_cache = self.mtp[0], self.config.n_layer
         cache = self.new_cache(B, T + max_new_tokens + 1, mtp=True)
-        probs = lambda logits: sample_probs(logits.float(), temperature, top_k, top_p)
+        def probs(logits):  # (..., V) -> sample_next's distributions, (..., V)
+            return sample_probs(logits.float().flatten(0, -2), temperature, top_k, top_p).view(logits.shape)
 
         def draft(h, tokens, pos):
             """MTP over positions pos.. (h: the model's states there; tokens: the tokens one ahead of them) ->

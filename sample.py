@@ -10,6 +10,7 @@ Sample from a trained nanoseek model, decoding with MLA's latent KV cache (DeepS
     python sample.py --compile                             # GPU: compile the captured decoding step (fewer kernels)
     python sample.py --cuda_graph=False                    # GPU: decode eagerly, one launch per kernel
     python sample.py --show_routing --routing_layer=6      # the routed experts of every token in one MoE layer
+    python sample.py --speculative=False                   # an MTP model: decode without drafting, to compare
 
 This file is the command line around Model.generate_stream (model.py): the prompt goes through the model once and
 fills a preallocated cache that holds [c_kv ; k_pe] per token per layer and nothing else, then each new token
@@ -53,10 +54,11 @@ compile = False  # with the CUDA graph: torch.compile the decoding step first (f
 no_cache = False  # recompute the whole sequence every step instead of decoding against the latent cache
 show_routing = False  # print the routed experts of every token of the first sample in one MoE layer (eager decoding)
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
+speculative = None  # draft with the MTP module, verify with the model (exact); None = on when the model has one
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
 _settings = {k: v for k, v in globals().items()
              if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
-_types = {"routing_layer": int}  # the settings whose default is None
+_types = {"routing_layer": int, "speculative": bool}  # the settings whose default is None
 
 # -----------------------------------------------------------------------------
 # loading
@@ -252,7 +254,13 @@ def main(argv=None):
         return
     cast_weights(model, ptdtype)
     cfg = model.config
-    graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing
+    speculate = bool(cfg.mtp_depth) if speculative is None else speculative
+    if speculate and not cfg.mtp_depth:
+        fail("--speculative needs a model with an MTP module (train with --mtp_depth=1)")
+    if speculate and (no_cache or show_routing):
+        fail("--speculative decodes with the latent cache: drop --no_cache and --show_routing, or pass --speculative=False")
+    graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing \
+        and not speculate
     if cuda_graph and device.startswith("cuda") and show_routing:
         print("note: --show_routing decodes eagerly (it records each step's routing on the host)", file=sys.stderr)
     prompt = read_prompt(start, encode, eot, cfg.block_size)
@@ -272,11 +280,23 @@ def main(argv=None):
     new, first = [], list(prompt)
     shown = decode(first)
     print(shown, end="", flush=True)
-    cache = None if no_cache else model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
+    cache = None if no_cache or speculate else \
+        model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
+    if speculate and speculative is None and len(prompt) + max_new_tokens + 1 > cfg.block_size:
+        print(f"note: decoding without speculation: it keeps the whole context, and prompt ({len(prompt)}) + "
+              f"max_new_tokens ({max_new_tokens}) + 1 exceeds block_size {cfg.block_size}", file=sys.stderr)
+        speculate = False
+        graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing
+        cache = model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
+    if speculate and len(prompt) + max_new_tokens + 1 > cfg.block_size:
+        fail(f"--speculative keeps the whole context: prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + 1 "
+             f"must fit block_size {cfg.block_size}; ask for fewer tokens or pass --speculative=False")
+    stats = {}
     sync(device)
     t0 = t_first = time.perf_counter()
     steps = model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, generator,
-                                  use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache)
+                                  use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache,
+                                  speculative=speculate, stats=stats)
     for nxt in steps:
         if not new:
             sync(device)
@@ -306,6 +326,10 @@ def main(argv=None):
           f"in {seconds:.2f} s: {n_new / seconds:,.1f} tokens/s ({decode_rate:,.1f} tokens/s after the first, "
           f"which took {1000 * (t_first - t0):.0f} ms){', no cache' if no_cache else ''}"
           f"{', CUDA graph' if graph else ''}{' of the compiled step' if graph and compile else ''}", file=sys.stderr)
+    if speculate:
+        print(f"speculative decoding with the MTP module: {stats['accepted']:,} of {stats['drafts']:,} drafts accepted "
+              f"({stats['accepted'] / max(stats['drafts'], 1):.1%}); --speculative=False decodes plainly, to compare",
+              file=sys.stderr)
     mla, mha = cache_values_per_token(cfg)
     elt = ptdtype.itemsize
     positions = num_samples * min(len(prompt) + max_new_tokens, cfg.block_size)
@@ -313,7 +337,7 @@ def main(argv=None):
     if no_cache:
         print(f"cache: none (recomputed every step); the latent cache would be {mla * positions * elt:,} bytes, "
               f"a standard multi-head attention cache {mha_bytes:,} bytes", file=sys.stderr)
-    else:
+    elif cache is not None:
         print(f"cache: {cache.nbytes():,} bytes of latents [c_kv ; k_pe] ({mla} values per token over "
               f"{cfg.n_layer} layers, {dtype}); a standard multi-head attention cache of the same model "
               f"({cfg.n_layer} layers x 2 x {cfg.n_head} heads x {cfg.v_head_dim}) would need {mha_bytes:,} bytes, "

@@ -286,10 +286,11 @@ ckpt = None
 # On resume, and when fine-tuning a folder, the model is the source's: every ModelConfig field the arguments do not
 # give takes the source's value, and one they give must agree with it (a resumed run continues the same model, on
 # the same data). What may differ, safely: the runtime switches use_kernels and attn_impl (the same numbers) and the
-# loss weights seq_aux_alpha and aux_alpha (a folder also takes this run's block_size: from_pretrained gets it);
+# loss weights seq_aux_alpha, aux_alpha and mtp_loss_weight (V3 lowers lambda from 0.3 to 0.1 late in training; a
+# folder also takes this run's block_size: from_pretrained gets it);
 # and every setting outside ModelConfig: max_iters, the learning rate and its schedule, batch size, eval and log
 # settings, balance, seed, and the runtime switches compile, device and dtype.
-MAY_DIFFER = ("use_kernels", "attn_impl", "seq_aux_alpha", "aux_alpha")
+MAY_DIFFER = ("use_kernels", "attn_impl", "seq_aux_alpha", "aux_alpha", "mtp_loss_weight")
 
 
 def take_model_settings(source, values):
