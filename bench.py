@@ -30,13 +30,16 @@ Sections:
   balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
            --balance=bias vs aux (alpha 0.01, 0.001) vs none; final val loss, MaxVio_global, tokens/s, and
            balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
+  mtp      two train.py runs (config/train_balance.py, mtp_depth 0 and 1): the main head's val loss, the MTP
+           head's loss and accuracy, mtp_dir/mtp.png; then greedy decoding of the MTP checkpoint, plain (eager and
+           CUDA graph) and speculative, at batch 1 and 32: tokens/s, drafts accepted, the same tokens or not
   load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-balance, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
+balance, mtp, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
 (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
@@ -47,19 +50,22 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import kernels
 import hf
 from configurator import configure, read_config_file
+from data import load_data
 from mla import MLA, apply_rope, cache_values_per_token, latent_attention
 from model import CUDAGraphStep, Model, ModelConfig, peak_flops
 from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, balance, load, tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, balance, mtp, load,
+                                 # tune, profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
@@ -75,6 +81,9 @@ decode_context = 8192            # the context of the largest-batch comparison
 decode_budget_gib = 40           # ... in this much GPU memory
 balance_dir = "out/balance"      # the balance section's runs (one train.py out_dir each) and balance.png
 balance_args = ""                # extra train.py arguments for every balance run, e.g. "--max_iters=400"
+mtp_dir = "out/mtp"              # the mtp section's two runs and mtp.png
+mtp_args = ""                    # extra train.py arguments for both mtp runs
+mtp_new = 256                    # tokens decoded per sample in the mtp section
 load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
 load_layers = 8                  # DeepSeek-V2-Lite has 27
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
@@ -733,13 +742,14 @@ BALANCE_RUNS = {"bias": ["--balance=bias"], "aux 0.01": ["--balance=aux", "--aux
                 "aux 0.001": ["--balance=aux", "--aux_alpha=0.001"], "none": ["--balance=none"]}
 
 
-def bench_balance():
+def train_runs(config, runs, out_root, extra):
+    """One train.py run per entry of runs {name: [arguments]} on top of config, each in out_root/name; returns
+    {name: that run's log.jsonl records}."""
     import subprocess
     logs = {}
-    for name, args in BALANCE_RUNS.items():
-        out_dir = os.path.join(balance_dir, name.replace(" ", ""))
-        cmd = [sys.executable, "train.py", "config/train_balance.py", *args, f"--out_dir={out_dir}",
-               *balance_args.split()]
+    for name, args in runs.items():
+        out_dir = os.path.join(out_root, name.replace(" ", ""))
+        cmd = [sys.executable, "train.py", config, *args, f"--out_dir={out_dir}", *extra.split()]
         print("$ " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -748,6 +758,11 @@ def bench_balance():
         run = [r for r in recs if r["kind"] == "start"][-1].get("run")  # log.jsonl keeps earlier runs' records
         logs[name] = [r for r in recs if r.get("run") == run]
         print(f"  {time.time() - t0:.0f} s", flush=True)
+    return logs
+
+
+def bench_balance():
+    logs = train_runs("config/train_balance.py", BALANCE_RUNS, balance_dir, balance_args)
     rows = []
     for name, recs in logs.items():
         ev = [r for r in recs if r["kind"] == "eval"]
@@ -786,6 +801,84 @@ def bench_balance():
     fig.tight_layout()
     fig.savefig(os.path.join(balance_dir, "balance.png"), dpi=120)
     print(f"wrote {os.path.join(balance_dir, 'balance.png')} (and each run's expert_load.png)")
+
+
+# -----------------------------------------------------------------------------
+# multi-token prediction: does it help the main model, how good are its drafts, what does speculation buy
+
+
+def bench_mtp():
+    """config/train_balance.py (64 experts, top-6, 2 shared) with mtp_depth 0 and 1, same data, tokens and seed:
+    the main head's val loss and the MTP head's; then the MTP checkpoint decodes greedily, plainly and
+    speculatively, at batch 1 and 32: acceptance, tokens/s, and whether the tokens are the same."""
+    logs = train_runs("config/train_balance.py", {"mtp 0": ["--mtp_depth=0"], "mtp 1": ["--mtp_depth=1"]}, mtp_dir,
+                      mtp_args)
+    rows = []
+    for name, recs in logs.items():
+        ev = [r for r in recs if r["kind"] == "eval"]
+        tr = [r for r in recs if r["kind"] == "train"]
+        rows.append(dict(run=name, val_loss=ev[-1]["val_loss"], mtp_loss=ev[-1].get("val_mtp_loss", [None])[0],
+                         mtp_accuracy=ev[-1].get("val_mtp_accuracy", [None])[0], tokens=ev[-1]["tokens"],
+                         tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]))
+    print(table(["mtp_depth", "val loss (main head)", "val loss (MTP head, token t+2)", "MTP top-1 accuracy",
+                 "training tokens/s"],
+                [[r["run"][-1], f"{r['val_loss']:.4f}", "-" if r["mtp_loss"] is None else f"{r['mtp_loss']:.4f}",
+                  "-" if r["mtp_accuracy"] is None else f"{r['mtp_accuracy']:.3f}", f"{r['tok_s']:,.0f}"]
+                 for r in rows]))
+    print(f"{rows[0]['tokens']:,} training tokens per run")
+    results["mtp"] = dict(training=rows)
+
+    ckpt = torch.load(os.path.join(mtp_dir, "mtp1", "ckpt.pt"), map_location="cpu", weights_only=True)
+    model = Model(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model = model.to(device).eval()
+    for p in model.parameters():  # bf16 as sample.py runs it, the router in fp32
+        if not any(p is m.gate.weight for m in model.moe_layers()):
+            p.data = p.data.to(torch.bfloat16)
+    val = load_data(ckpt["data"]["dir"]).val
+    decoding = []
+    for batch in (1, 32):
+        starts = np.random.default_rng(seed).integers(0, len(val) - 64, size=batch)
+        idx = torch.tensor(np.stack([val[s:s + 64] for s in starts]).astype(np.int64), device=device)
+        out = {}
+        for mode, kw in [("plain, eager", {}), ("plain, CUDA graph", dict(cuda_graph=True)),
+                         ("speculative", dict(speculative=True))]:
+            stats = {}
+            model.generate(idx, 8, temperature=0, **kw)  # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tokens = torch.cat(list(model.generate_stream(idx, mtp_new, temperature=0, stats=stats, **kw)), 1)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            out[mode] = tokens
+            row = dict(batch=batch, mode=mode, tok_s=batch * mtp_new / seconds,
+                       acceptance=stats["accepted"] / stats["drafts"] if stats else None,
+                       same=bool(torch.equal(tokens, out["plain, eager"])))
+            decoding.append(row)
+    print(table(["batch", "decoding (greedy, 64-token prompts from val)", f"tokens/s ({mtp_new} new)",
+                 "drafts accepted", "tokens = plain eager"],
+                [[r["batch"], r["mode"], f"{r['tok_s']:,.0f}", "-" if r["acceptance"] is None else
+                  f"{r['acceptance']:.1%}", "yes" if r["same"] else "no"] for r in decoding]))
+    results["mtp"]["decoding"] = decoding
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, recs in logs.items():
+        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
+        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label=f"{name}: main head")
+        if "val_mtp_loss" in ev[-1]:
+            ax.plot([r["tokens"] for r in ev], [r["val_mtp_loss"][0] for r in ev], "s--", ms=3,
+                    label=f"{name}: MTP head (token t+2)")
+    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"config/train_balance.py, mtp_depth 0 vs 1 ({gpu})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(mtp_dir, "mtp.png"), dpi=120)
+    print(f"wrote {os.path.join(mtp_dir, 'mtp.png')}")
 
 
 # -----------------------------------------------------------------------------
@@ -869,7 +962,7 @@ def main(argv):
               "(measured)")
     for section in names:
         t0 = time.time()
-        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile, train=bench_train, balance=bench_balance,
+        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile, train=bench_train, balance=bench_balance, mtp=bench_mtp,
              load=bench_load, tune=bench_tune, profile=bench_profile)[section]()
         print(f"({section} section: {time.time() - t0:.0f} s)")
     if json_path:
