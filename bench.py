@@ -59,7 +59,7 @@ import hf
 from configurator import configure, read_config_file
 from data import load_data
 from mla import MLA, apply_rope, cache_values_per_token, latent_attention
-from model import CUDAGraphStep, Model, ModelConfig, peak_flops
+from model import CUDAGraph, Model, ModelConfig, peak_flops
 from moe import experts_reference
 
 # -----------------------------------------------------------------------------
@@ -415,7 +415,8 @@ def long_context_rate(model, kind, batch, context, new=32, compile=False):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     decode = torch.compile(step, dynamic=False) if compile else step
-    replay = CUDAGraphStep(lambda tokens, p: decode(tokens, p, cache), batch, device, context)
+    replay = CUDAGraph(lambda tokens, p: decode(tokens, p, cache), torch.zeros(batch, 1, dtype=torch.long, device=device),
+                       torch.tensor(context, device=device))  # every step at the last position: the same work
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -531,7 +532,8 @@ def bench_decode_profile(context=64, reps=10):
     model.eval()
     cache = model.new_cache(1, 4 * context)
     compiled = torch.compile(model.decode_step, dynamic=False)
-    step = CUDAGraphStep(lambda t, p: compiled(t, p, cache), 1, device, context)
+    step = CUDAGraph(lambda t, p: compiled(t, p, cache), torch.zeros(1, 1, dtype=torch.long, device=device),
+                     torch.tensor(context, device=device))
     tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
     for _ in range(3):
         step(tokens)
@@ -842,7 +844,8 @@ def bench_mtp():
         idx = torch.tensor(np.stack([val[s:s + 64] for s in starts]).astype(np.int64), device=device)
         out = {}
         for mode, kw in [("plain, eager", {}), ("plain, CUDA graph", dict(cuda_graph=True)),
-                         ("speculative", dict(speculative=True))]:
+                         ("speculative, eager", dict(speculative=True)),
+                         ("speculative, CUDA graphs", dict(speculative=True, cuda_graph=True))]:
             stats = {}
             model.generate(idx, 8, temperature=0, **kw)  # warm-up
             torch.cuda.synchronize()

@@ -238,7 +238,7 @@ class Model(nn.Module):
         return x
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
-        """idx (B, T) token ids at positions start_pos.. (an int, or a 0-d device tensor: see CUDAGraphStep);
+        """idx (B, T) token ids at positions start_pos.. (an int, or a 0-d device tensor: see CUDAGraph);
         returns (logits (B, T, vocab), loss or None). loss = cross-entropy (targets == -1 ignored) + the enabled
         balance losses of the MoE layers + in training, with mtp_depth > 0, the MTP loss (V3 eq. 25)."""
         h = self.hidden(idx, cache, start_pos)
@@ -342,18 +342,18 @@ class Model(nn.Module):
             then feed one token per step (absorbed MLA). A full cache (block_size) is refilled with the last half of
             the context at positions 0.. and decoding goes on. Without: recompute the whole sequence (its last
             block_size tokens) every step, as nanoGPT does.
-        cuda_graph: capture the decoding step once in a CUDA graph and replay it every step (CUDAGraphStep; the
+        cuda_graph: capture the decoding step once in a CUDA graph and replay it every step (CUDAGraph; the
             prefill stays eager). Same tokens as the eager path: the same kernels run, launched by the GPU. On a
             CPU it runs the same static, position-on-device step without capture.
         compile: with cuda_graph, torch.compile the decoding step before the capture: Inductor fuses its small
             elementwise kernels (norms, RoPE, router), so the graph replays fewer, fuller kernels.
         cache, step: another cache and its step(tokens, pos, cache) -> logits (B, vocab) (bench.py's MHA cache);
             default: a LatentCache of the model's dtype and Model.decode_step.
-        speculative: draft with the first MTP module and verify with the model (speculate(); eager decoding);
-            stats: a dict that receives its counts of drafts and accepted drafts.
+        speculative: draft with the first MTP module and verify with the model (speculate(); with cuda_graph its
+            three steps are captured); stats: a dict that receives its counts of drafts and accepted drafts.
         """
         if speculative:
-            yield from self.speculate(idx, max_new_tokens, temperature, top_k, top_p, generator, stats)
+            yield from self.speculate(idx, max_new_tokens, temperature, top_k, top_p, generator, stats, cuda_graph)
             return
         B, T = idx.shape
         block_size = self.config.block_size
@@ -371,7 +371,13 @@ class Model(nn.Module):
         graph = None
         if cuda_graph and max_new_tokens > 1:  # captured before the first token, so the steps after it are all replays
             decode = torch.compile(step, dynamic=False) if compile else step
-            graph = CUDAGraphStep(lambda tokens, p: decode(tokens, p, cache), B, idx.device, pos)
+
+            def advance(tokens, p):  # one step at position p (a device tensor), which the graph then advances
+                logits = decode(tokens, p, cache)
+                p += 1
+                return logits
+            graph = CUDAGraph(advance, torch.zeros(B, 1, dtype=torch.long, device=idx.device),
+                              torch.tensor(pos, device=idx.device))
         new = []  # the generated tokens, kept for a refill
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -383,19 +389,22 @@ class Model(nn.Module):
                 keep = max(block_size // 2, 1)
                 logits, pos = step(torch.cat([idx] + new, dim=1)[:, -keep:], 0, cache), keep
                 if graph is not None:
-                    graph.pos.fill_(pos)
+                    graph.inputs[1].fill_(pos)
                 continue
             logits = graph(nxt) if graph is not None else step(nxt, pos, cache)
             pos += 1
 
     @torch.no_grad()
-    def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None):
+    def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None,
+                  cuda_graph=False):
         """Self-speculative decoding with the first MTP module (DeepSeek-V3 section 2.2 uses it so): it drafts the
         token after next, and one forward pass of the model over [token, draft] both checks the draft and gives
         the token after it. A draft d is accepted with probability min(1, p(d) / q(d)) (p: the model's filtered
         distribution, q: the draft's), else the token is drawn from max(0, p - q) normalized: the tokens have
         exactly the distribution of plain sampling (greedy: the draft is accepted when it is the argmax). A step
         emits two tokens when every row of the batch accepts, else one (the rows keep one shared position).
+        With cuda_graph the three steps (verify two tokens; draft after two, or after one) are each captured
+        once and replayed, the position in a device tensor; the host reads one flag per step (all accepted?).
         Yields (B, 1) tokens like generate_stream; stats gets {"drafts": n, "accepted": n}."""
         if not self.mtp:
             raise ValueError("speculative decoding needs an MTP module: train with --mtp_depth=1")
@@ -407,37 +416,54 @@ class Model(nn.Module):
         stats.update(drafts=0, accepted=0)
         mtp, mtp_cache = self.mtp[0], self.config.n_layer
         cache = self.new_cache(B, T + max_new_tokens + 1, mtp=True)
+
         def probs(logits):  # (..., V) -> sample_next's distributions, (..., V)
             return sample_probs(logits.float().flatten(0, -2), temperature, top_k, top_p).view(logits.shape)
 
-        def draft(h, tokens, pos):
-            """MTP over positions pos.. (h: the model's states there; tokens: the tokens one ahead of them) ->
-            a draft of the token two ahead of the last position, and its distribution q."""
+        def verify(tokens, pos):  # the model over tokens at pos..: its states and next-token logits
+            h = self.hidden(tokens, cache, pos)
+            return h, self.head(self.norm(h))
+
+        def draft_logits(h, tokens, pos):  # MTP over pos.. (h: the model's states there; tokens: one ahead of them)
             cos, sin = self.rope(h.shape[1], pos)
             g = mtp(h, self.embed(tokens), cos, sin, cache.kv[mtp_cache], pos)
-            q = probs(self.head(mtp.norm(g[:, -1])))
+            return self.head(mtp.norm(g[:, -1]))  # the token two ahead of the last position
+
+        steps = {}  # captured on first use: "verify", "draft 2", "draft 1"
+
+        def run(name, fn, *args):
+            if not cuda_graph:
+                return fn(*args)
+            if name not in steps:
+                steps[name] = CUDAGraph(fn, *args)
+            return steps[name](*args)
+
+        def draft(q_logits):
+            q = probs(q_logits)
             return torch.multinomial(q, 1, generator=generator), q
 
         h = self.hidden(idx, cache)  # prefill
         tok = sample_next(self.head(self.norm(h[:, -1])).float(), temperature, top_k, top_p, generator)
         yield tok
-        d, q = draft(h, torch.cat([idx[:, 1:], tok], dim=1), 0)
-        pos, emitted = T, 1
+        d, q = draft(draft_logits(h, torch.cat([idx[:, 1:], tok], dim=1), 0))
+        pos = torch.tensor(T, device=idx.device) if cuda_graph else T
+        emitted = 1
         while emitted < max_new_tokens:
-            h = self.hidden(torch.cat([tok, d], dim=1), cache, pos)  # verify: tok at pos, the draft at pos + 1
-            p = probs(self.head(self.norm(h)))  # (B, 2, V)
+            h, logits = run("verify", verify, torch.cat([tok, d], dim=1), pos)  # tok at pos, the draft at pos + 1
+            p = probs(logits)  # (B, 2, V)
             p_d, q_d = p[:, 0].gather(1, d), q.gather(1, d)
             accept = torch.rand(B, 1, device=idx.device, generator=generator) * q_d < p_d  # P = min(1, p/q)
             stats["drafts"] += B
-            stats["accepted"] += int(accept.sum())
-            if bool(accept.all()):
+            n_accepted = int(accept.sum())  # the one sync of a step
+            stats["accepted"] += n_accepted
+            if n_accepted == B:
                 bonus = torch.multinomial(p[:, 1], 1, generator=generator)
                 yield d
                 emitted += 1
                 if emitted < max_new_tokens:
                     yield bonus
                     emitted += 1
-                d, q = draft(h, torch.cat([d, bonus], dim=1), pos)
+                d, q = draft(run("draft 2", draft_logits, h, torch.cat([d, bonus], dim=1), pos))
                 tok, pos = bonus, pos + 2
             else:
                 residual = (p[:, 0] - q).clamp(min=0)
@@ -445,8 +471,9 @@ class Model(nn.Module):
                 tok = torch.where(accept, d, torch.multinomial(residual, 1, generator=generator))
                 yield tok
                 emitted += 1
-                d, q = draft(h[:, :1], tok, pos)  # the draft's row in the cache is rewritten by the next step
-                pos += 1
+                # the draft's row in the cache is rewritten by the next step
+                d, q = draft(run("draft 1", draft_logits, h[:, :1], tok, pos))
+                pos = pos + 1
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, **kwargs):
@@ -458,42 +485,35 @@ class Model(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
-class CUDAGraphStep:
-    """step(tokens (B, 1), pos) -> logits, captured once in a CUDA graph for fixed buffers and replayed: the GPU
-    launches the step's kernels itself, back to back, so the host's cost per token is one replay. The position
-    lives in device memory and advances inside the graph (pos += 1), so no value changes on the host between
-    steps; everything the step reads by position (RoPE rows, the cache row to write, the keys to attend to) is
-    indexed on the device. Replays overwrite .logits: read it before the next call. On a CPU the same static
-    step runs eagerly (nothing to capture): the tests' check of what the graph computes."""
+class CUDAGraph:
+    """fn(*inputs) captured once in a CUDA graph on static copies of its tensor inputs, then replayed: the GPU
+    launches the call's kernels itself, back to back, so the host's cost is one replay. A call copies its
+    arguments into the first static inputs (the others keep their values, e.g. a position that the captured fn
+    advances itself) and returns the static outputs, which the next replay overwrites. A position passed as a 0-d
+    device tensor leaves nothing on the host to change between replays: the RoPE rows, the cache rows written and
+    the keys attended to are all picked on the device. On a CPU fn runs as it is (the tests' check of the same
+    static computation)."""
 
-    def __init__(self, step, batch, device, pos):
-        self.step = step
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.pos = torch.full((), pos, dtype=torch.long, device=device)
-        self.graph = None
-        if self.tokens.is_cuda:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+    def __init__(self, fn, *inputs):
+        self.fn, self.inputs, self.graph = fn, [x.clone() for x in inputs], None
+        if self.inputs[0].is_cuda:
+            side = torch.cuda.Stream(self.inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, lazy inits, cuBLAS handles
-                for _ in range(2):
-                    step(self.tokens, self.pos)  # writes a cache row at pos, which the real step at pos rewrites
-            torch.cuda.current_stream(device).wait_stream(side)
+                for _ in range(2):  # on the real inputs: the cache rows it writes are the ones the call will write
+                    fn(*[x.clone() for x in self.inputs])
+            torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._body()
+                self.outputs = fn(*self.inputs)
 
-    def _body(self):
-        logits = self.step(self.tokens, self.pos)
-        self.pos += 1
-        return logits
-
-    def __call__(self, tokens):
-        self.tokens.copy_(tokens)
+    def __call__(self, *args):
+        for static, x in zip(self.inputs, args):
+            static.copy_(x)
         if self.graph is None:
-            self.logits = self._body()
-        else:
-            self.graph.replay()
-        return self.logits
+            return self.fn(*self.inputs)
+        self.graph.replay()
+        return self.outputs
 
 
 def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):

@@ -259,8 +259,7 @@ def main(argv=None):
         fail("--speculative needs a model with an MTP module (train with --mtp_depth=1)")
     if speculate and (no_cache or show_routing):
         fail("--speculative decodes with the latent cache: drop --no_cache and --show_routing, or pass --speculative=False")
-    graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing \
-        and not speculate
+    graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing
     if cuda_graph and device.startswith("cuda") and show_routing:
         print("note: --show_routing decodes eagerly (it records each step's routing on the host)", file=sys.stderr)
     prompt = read_prompt(start, encode, eot, cfg.block_size)
@@ -286,7 +285,6 @@ def main(argv=None):
         print(f"note: decoding without speculation: it keeps the whole context, and prompt ({len(prompt)}) + "
               f"max_new_tokens ({max_new_tokens}) + 1 exceeds block_size {cfg.block_size}", file=sys.stderr)
         speculate = False
-        graph = cuda_graph and device.startswith("cuda") and use_kernels and not no_cache and not show_routing
         cache = model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
     if speculate and len(prompt) + max_new_tokens + 1 > cfg.block_size:
         fail(f"--speculative keeps the whole context: prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + 1 "

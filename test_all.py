@@ -1419,7 +1419,7 @@ def test_greedy_and_seeded_sampling_are_deterministic():
 
 @pytest.mark.parametrize("cache", ["latent", "mha"])
 def test_static_decode_step_equals_eager(cache):
-    """cuda_graph=True runs the step CUDAGraphStep captures: the position in a device tensor that the step advances,
+    """cuda_graph=True runs the step CUDAGraph captures: the position in a device tensor that the step advances,
     the whole preallocated cache read with the rows past the position masked. On the CPU it runs uncaptured: the
     same tokens as the eager, slice-by-position path, through a refill past block_size too."""
     model = tiny_model(block_size=32)
@@ -1449,6 +1449,24 @@ def test_cuda_graph_decoding_matches_eager_gpu():
         eager = model.generate(idx, 64, temperature=0)
         graph = model.generate(idx, 64, temperature=0, cuda_graph=True)
         assert torch.equal(graph, eager)
+
+
+@needs_cuda
+def test_speculative_decoding_with_cuda_graphs_gpu():
+    """fp32 on the GPU, kernels on: speculation with its three steps captured gives the tokens of eager
+    speculation, and both those of plain greedy decoding."""
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{**SAMPLE_TINY, "vocab_size": 7, "block_size": 96, "mtp_depth": 1})).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    idx = torch.randint(7, (2, 5), device="cuda")
+    plain = model.generate(idx, 40, temperature=0)
+    stats = {}
+    eager = torch.cat([idx] + list(model.generate_stream(idx, 40, temperature=0, speculative=True, stats=stats)), 1)
+    graph = model.generate(idx, 40, temperature=0, speculative=True, cuda_graph=True)
+    assert torch.equal(eager, plain) and torch.equal(graph, plain) and stats["accepted"] > 0
 
 
 def test_refill_past_block_size():
@@ -1539,6 +1557,8 @@ def test_greedy_speculative_decoding_equals_plain(vocab_size):
         stats = {}
         spec = torch.cat(list(model.generate_stream(idx, 30, temperature=0, speculative=True, stats=stats)), 1)
         assert torch.equal(spec, model.generate(idx, 30, temperature=0)[:, T:]), (vocab_size, seed)
+        static = model.generate(idx, 30, temperature=0, speculative=True, cuda_graph=True)[:, T:]
+        assert torch.equal(static, spec)  # the steps a CUDA graph captures: positions on the device
         print(f"vocab {vocab_size}, B {B}: {stats['accepted']} of {stats['drafts']} drafts accepted")
         if vocab_size == 5 and B == 1:
             assert 0 < stats["accepted"] < stats["drafts"]  # both paths taken
