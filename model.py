@@ -343,8 +343,8 @@ class Model(nn.Module):
             the context at positions 0.. and decoding goes on. Without: recompute the whole sequence (its last
             block_size tokens) every step, as nanoGPT does.
         cuda_graph: capture the decoding step once in a CUDA graph and replay it every step (CUDAGraph; the
-            prefill stays eager). Same tokens as the eager path: the same kernels run, launched by the GPU. On a
-            CPU it runs the same static, position-on-device step without capture.
+            prefill stays eager). The same math as the eager path (the same tokens in fp32), launched by the GPU.
+            On a CPU it runs the same static, position-on-device step without capture.
         compile: with cuda_graph, torch.compile the decoding step before the capture: Inductor fuses its small
             elementwise kernels (norms, RoPE, router), so the graph replays fewer, fuller kernels.
         cache, step: another cache and its step(tokens, pos, cache) -> logits (B, vocab) (bench.py's MHA cache);
