@@ -61,6 +61,7 @@ from data import load_data
 from mla import MLA, apply_rope, cache_values_per_token, latent_attention
 from model import CUDAGraph, Model, ModelConfig, peak_flops
 from moe import experts_reference
+from sample import cast_weights
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
@@ -455,11 +456,7 @@ def bench_decode():
     cfg = small_config(block_size=decode_context + 64)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Model(cfg)
-    for p in model.parameters():  # as sample.py runs it: bf16 weights, the router in fp32
-        if not any(p is m.gate.weight for m in model.moe_layers()):
-            p.data = p.data.to(torch.bfloat16)
-    model.eval()
+        model = cast_weights(Model(cfg), torch.bfloat16).eval()  # as sample.py runs it: the router stays fp32
     elt = 2
     mla_vals, _ = cache_values_per_token(cfg)
     mha_vals = cfg.n_layer * cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim)
@@ -525,11 +522,7 @@ def bench_decode_profile(context=64, reps=10):
     cfg = small_config(block_size=4 * context)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Model(cfg)
-    for p in model.parameters():
-        if not any(p is m.gate.weight for m in model.moe_layers()):
-            p.data = p.data.to(torch.bfloat16)
-    model.eval()
+        model = cast_weights(Model(cfg), torch.bfloat16).eval()
     cache = model.new_cache(1, 4 * context)
     compiled = torch.compile(model.decode_step, dynamic=False)
     step = CUDAGraph(lambda t, p: compiled(t, p, cache), torch.zeros(1, 1, dtype=torch.long, device=device),
@@ -833,10 +826,7 @@ def bench_mtp():
     ckpt = torch.load(os.path.join(mtp_dir, "mtp1", "ckpt.pt"), map_location="cpu", weights_only=True)
     model = Model(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    model = model.to(device).eval()
-    for p in model.parameters():  # bf16 as sample.py runs it, the router in fp32
-        if not any(p is m.gate.weight for m in model.moe_layers()):
-            p.data = p.data.to(torch.bfloat16)
+    model = cast_weights(model.to(device), torch.bfloat16).eval()  # as sample.py runs it
     val = load_data(ckpt["data"]["dir"]).val
     decoding = []
     for batch in (1, 32):
