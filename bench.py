@@ -1,14 +1,18 @@
 """
 Benchmarks, measured side by side in one run: kernels.py's Triton paths against the PyTorch code they replace,
 decoding with the latent cache against a multi-head attention cache, the MoE training step against its dense
-baseline, the load-balancing ablation, checkpoint loading. Prints markdown
-tables (the GPU's name first) and writes every number to json_path. All sections but load need a CUDA GPU.
+baseline, the load-balancing ablation, the DeepSeekMoE architecture ablation and its experts' specialization,
+checkpoint loading. Prints markdown tables (the GPU's name first) and writes every number to json_path. All
+sections but load, arch, specialize and tradeoff need a CUDA GPU; those three run at the CPU scale too.
 
     python bench.py                                  # moe, mla, decode, train at the default sizes
     python bench.py --sections=decode                # tokens/s: latent cache vs MHA cache vs none, graph vs eager
     python bench.py --sections=moe,mla --moe_tokens="(16384,)"
     python bench.py --sections=balance               # four train.py runs
     python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
+    python bench.py --sections=arch,specialize       # five architectures on data/mix, then which experts each domain uses
+    python bench.py --sections=arch,specialize --arch_scale=cpu   # the same at CPU size: minutes on 2 cores
+    python bench.py --sections=tradeoff              # aux-loss alpha sweep vs bias vs none: val loss vs MaxVio_global
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
 Sections:
@@ -33,13 +37,24 @@ Sections:
   mtp      two train.py runs (config/train_balance.py, mtp_depth 0 and 1): the main head's val loss, the MTP
            head's loss and accuracy, mtp_dir/mtp.png; then greedy decoding of the MTP checkpoint, plain (eager and
            CUDA graph) and speculative, at batch 1 and 32: tokens/s, drafts accepted, the same tokens or not
+  arch     the DeepSeekMoE ablation (arXiv 2401.06066; arch_variants below): dense vs coarse top-2 of 16 vs 1 shared
+           + top-1 of 15 vs fine-grained 2 shared + top-6 of 62 vs fine-grained top-8 of 64, same active FFN width
+           and total expert parameters, --balance=bias, on data/mix with config/train_arch.py (arch_scale=gpu) or
+           config/train_arch_cpu.py (cpu); then a second seed for the best two; val loss overall and per domain,
+           parameters, tokens/s, MaxVio_global, and arch_dir/arch.png (val loss against tokens)
+  specialize  the arch section's fine-grained and coarse checkpoints over data/mix's val: the share of each domain's
+           tokens each routed expert receives, per MoE layer (arch_dir/specialize.png), and the mutual information
+           between domain and chosen expert in bits, next to the same counts with the domains shuffled
+  tradeoff the balancing trade-off (Wang et al. arXiv 2408.15664, Figure 1): the arch config's fine-grained model
+           with --balance=aux at tradeoff_alphas, bias and none; val loss against MaxVio_global
+           (arch_dir/tradeoff.png)
   load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-balance, mtp, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
+balance, mtp, arch, specialize, tradeoff, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
 (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
@@ -85,6 +100,12 @@ balance_args = ""                # extra train.py arguments for every balance ru
 mtp_dir = "out/mtp"              # the mtp section's two runs and mtp.png
 mtp_args = ""                    # extra train.py arguments for both mtp runs
 mtp_new = 256                    # tokens decoded per sample in the mtp section
+arch_scale = "gpu"               # arch, specialize, tradeoff: "gpu" (config/train_arch.py) or "cpu" (.._cpu.py)
+arch_dir = ""                    # their runs (one train.py out_dir each) and pictures; "" = out/arch-ARCH_SCALE
+arch_args = ""                   # extra train.py arguments for every arch and tradeoff run
+arch_seeds = (1337, 1338)        # every variant runs with the first; the best two again with the second
+specialize_tokens = 0            # val tokens the specialize section routes per checkpoint; 0 = all of val
+tradeoff_alphas = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
 load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
 load_layers = 8                  # DeepSeek-V2-Lite has 27
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
@@ -737,13 +758,17 @@ BALANCE_RUNS = {"bias": ["--balance=bias"], "aux 0.01": ["--balance=aux", "--aux
                 "aux 0.001": ["--balance=aux", "--aux_alpha=0.001"], "none": ["--balance=none"]}
 
 
+def run_dir(out_root, name):
+    return os.path.join(out_root, name.replace(" ", ""))
+
+
 def train_runs(config, runs, out_root, extra):
     """One train.py run per entry of runs {name: [arguments]} on top of config, each in out_root/name; returns
     {name: that run's log.jsonl records}."""
     import subprocess
     logs = {}
     for name, args in runs.items():
-        out_dir = os.path.join(out_root, name.replace(" ", ""))
+        out_dir = run_dir(out_root, name)
         cmd = [sys.executable, "train.py", config, *args, f"--out_dir={out_dir}", *extra.split()]
         print("$ " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
@@ -875,6 +900,218 @@ def bench_mtp():
 
 
 # -----------------------------------------------------------------------------
+# the DeepSeekMoE claims: the architecture ablation, expert specialization, the balancing trade-off
+
+ARCH_CONFIGS = {"gpu": "config/train_arch.py", "cpu": "config/train_arch_cpu.py"}
+
+
+def arch_variants(cfg):
+    """The DeepSeekMoE paper's ablation (arXiv 2401.06066, fine-grained expert segmentation and shared-expert
+    isolation) at the width of cfg (a config's settings): {name: train.py overrides}. A segment is the
+    fine-grained expert, cfg's moe_inter_dim; every variant spends 8 segments of FFN hidden per token (the dense
+    FFN is 8 segments wide) and every MoE variant holds 64 segments of experts, shared ones included."""
+    seg, n_layer = cfg["moe_inter_dim"], cfg["n_layer"]
+    return {
+        "dense": dict(n_dense_layers=n_layer, dense_inter_dim=8 * seg),
+        "coarse": dict(n_experts=16, top_k=2, n_shared=0, moe_inter_dim=4 * seg),  # GShard / Mixtral style
+        "shared": dict(n_experts=15, top_k=1, n_shared=1, moe_inter_dim=4 * seg),  # + shared-expert isolation
+        "deepseekmoe": dict(n_experts=62, top_k=6, n_shared=2, moe_inter_dim=seg),  # fine-grained + shared
+        "fine": dict(n_experts=64, top_k=8, n_shared=0, moe_inter_dim=seg),  # fine-grained, no shared expert
+    }
+
+
+ARCH_LABELS = {"dense": "dense (SwiGLU 8 seg)", "coarse": "coarse: top-2 of 16 x 4 seg",
+               "shared": "1 shared + top-1 of 15 x 4 seg", "deepseekmoe": "DeepSeekMoE: 2 shared + top-6 of 62",
+               "fine": "fine: top-8 of 64"}
+
+
+def arch_config():
+    if arch_scale not in ARCH_CONFIGS:
+        raise SystemExit(f"--arch_scale must be one of {', '.join(ARCH_CONFIGS)}, got {arch_scale!r}")
+    return ARCH_CONFIGS[arch_scale], {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
+                                      **read_config_file(ARCH_CONFIGS[arch_scale])}
+
+
+def args_of(overrides):
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def final_row(recs):
+    """The numbers of a finished run's log: its last evaluation, the median tokens/s, the tokens trained."""
+    ev = [r for r in recs if r["kind"] == "eval"]
+    tr = [r for r in recs if r["kind"] == "train"]
+    return dict(val_loss=ev[-1]["val_loss"], domains=ev[-1].get("val_loss_domain", {}),
+                maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"],
+                tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2])
+
+
+def bench_arch():
+    config, cfg = arch_config()
+    variants = arch_variants(cfg)
+    s1, s2 = arch_seeds
+    logs = train_runs(config, {n: ["--balance=bias", f"--seed={s1}", *args_of(o)] for n, o in variants.items()},
+                      arch_dir, arch_args)
+    rows = {n: final_row(recs) for n, recs in logs.items()}
+    best = sorted(rows, key=lambda n: rows[n]["val_loss"])[:2]  # the two that decide the ranking: a second seed
+    logs2 = train_runs(config, {f"{n} seed2": ["--balance=bias", f"--seed={s2}", *args_of(variants[n])]
+                                for n in best}, arch_dir, arch_args)
+    for n in best:
+        rows[n]["val_loss_seed2"] = final_row(logs2[f"{n} seed2"])["val_loss"]
+    for n in rows:  # parameters by Model's own count, on the meta device
+        with torch.device("meta"):
+            m = Model(ModelConfig(**{**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}},
+                                     "vocab_size": load_data(cfg["dataset"]).vocab_size, **variants[n]}))
+        rows[n].update(params=m.num_params(), active=m.num_params(active=True), flops=m.flops_per_token())
+    domains = list(next(iter(rows.values()))["domains"])
+    print(f"\n## DeepSeekMoE architecture ablation, {config} on data/{cfg['dataset']} ({gpu})\n")
+    print(table(["variant", f"val loss (seed {s1})", f"seed {s2}", *[f"val {d}" for d in domains], "params",
+                 "active", "MFLOPs/token", "tokens/s", "MaxVio_global"],
+                [[ARCH_LABELS[n], f"{r['val_loss']:.4f}",
+                  f"{r['val_loss_seed2']:.4f}" if "val_loss_seed2" in r else "-",
+                  *[f"{r['domains'][d]:.4f}" for d in domains], f"{r['params'] / 1e6:.2f}M",
+                  f"{r['active'] / 1e6:.2f}M", f"{r['flops'] / 1e6:.1f}", f"{r['tok_s']:,.0f}",
+                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']:.3f}"] for n, r in rows.items()]))
+    tokens = next(iter(rows.values()))["tokens"]
+    n_train = load_data(cfg["dataset"]).meta["tokens"]["train"]
+    print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train "
+          f"split); seed {s2} rerun for: {', '.join(best)}")
+    results["arch"] = dict(config=config, rows=rows, tokens=tokens, train_tokens=n_train)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for n, recs in {**logs, **logs2}.items():
+        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
+        base = n.replace(" seed2", "")
+        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-" if base == n else "s--", ms=3,
+                color=f"C{list(variants).index(base)}", label=ARCH_LABELS[base] + (f" (seed {s2})" if base != n else ""))
+    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"{config}, --balance=bias ({gpu})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(arch_dir, "arch.png"), dpi=120)
+    plt.close(fig)
+    print(f"wrote {os.path.join(arch_dir, 'arch.png')}")
+
+
+def mutual_information(counts):
+    """I(domain; expert) in bits of a (domains, experts) table of counts: sum p(d, e) log2 p(d, e) / (p(d) p(e)).
+    0 when the choice ignores the domain; H(domain) when each domain has experts of its own."""
+    p = np.asarray(counts, dtype=np.float64)
+    p = p / p.sum()
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())
+
+
+def routing_counts(choices, domain, n_domains, n_experts):
+    """(domains, experts) counts: each of a token's top-k choices (choices (N, K)) one (domain, expert) pair."""
+    pairs = np.repeat(domain.astype(np.int64), choices.shape[1]) * n_experts + choices.reshape(-1)
+    return np.bincount(pairs, minlength=n_domains * n_experts).reshape(n_domains, n_experts)
+
+
+@torch.no_grad()
+def record_routing(ckpt_path, n_tokens):
+    """Run a train.py checkpoint over its data's val (n_tokens of it, 0 = all, in windows of block_size spread
+    evenly over val so every domain comes in its share) and record every MoE
+    layer's routed expert choices per token -> (domain names, domain of each token, [(N, K) choices per layer],
+    n_experts)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = Model(ModelConfig(**ckpt["model_args"])).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    data = load_data(ckpt["data"]["dir"])
+    from data import val_domains
+    names, domain = val_domains(data.meta)
+    T = model.config.block_size
+    starts = np.linspace(0, len(data.val) - T, min(n_tokens or len(data.val), len(data.val)) // T).round()
+    at = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
+    choices = [[] for _ in model.moe_layers()]
+    hooks = [m.experts.register_forward_pre_hook(lambda mod, args, i=i: choices[i].append(args[1].cpu()))
+             for i, m in enumerate(model.moe_layers())]
+    val = torch.from_numpy(np.asarray(data.val)[at].astype(np.int64))
+    for rows in val.split(32):
+        model(rows.to(device))
+    for h in hooks:
+        h.remove()
+    return names, domain[at].reshape(-1), [torch.cat(c).numpy() for c in choices], model.config.n_experts
+
+
+def bench_specialize():
+    runs = {"deepseekmoe": ARCH_LABELS["deepseekmoe"], "coarse": ARCH_LABELS["coarse"]}
+    rng = np.random.default_rng(seed)
+    out, panels = [], {}
+    for run, label in runs.items():
+        names, domain, choices, E = record_routing(os.path.join(arch_dir, run, "ckpt.pt"), specialize_tokens)
+        shuffled = rng.permutation(domain)  # a router that ignores the domain, with the same counts
+        for layer, ch in enumerate(choices):
+            counts = routing_counts(ch, domain, len(names), E)
+            row = dict(run=run, layer=layer, tokens=len(domain), experts=E, top_k=ch.shape[1],
+                       mi_bits=mutual_information(counts),
+                       mi_shuffled_bits=mutual_information(routing_counts(ch, shuffled, len(names), E)),
+                       h_domain_bits=mutual_information(np.diag(np.bincount(domain, minlength=len(names)))))
+            out.append(row)
+            panels[run, layer] = (counts, row)
+    print(f"\n## Expert specialization over data/mix's val ({gpu}): I(domain; chosen expert), bits\n")
+    print(table(["checkpoint", "MoE layer", "routed experts, top-k", "MI (bits)", "MI, domains shuffled",
+                 "H(domain)", "val tokens"],
+                [[runs[r["run"]], r["layer"], f"{r['experts']}, top-{r['top_k']}", f"{r['mi_bits']:.4f}",
+                  f"{r['mi_shuffled_bits']:.4f}", f"{r['h_domain_bits']:.3f}", f"{r['tokens']:,}"] for r in out]))
+    results["specialize"] = dict(domains=names, rows=out)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n_layers = max(layer for _, layer in panels) + 1
+    fig, axes = plt.subplots(n_layers, len(runs), figsize=(6.5 * len(runs), 1.6 * n_layers + 1.2), squeeze=False,
+                             layout="constrained")
+    for j, run in enumerate(runs):
+        for i in range(n_layers):
+            counts, row = panels[run, i]
+            share = counts / counts.sum(1, keepdims=True) * row["top_k"]  # a domain's tokens that chose each expert
+            # experts grouped by the domain they favour most (against their mean share), strongest first
+            lift = share / share.mean(0, keepdims=True).clip(1e-12)
+            order = sorted(range(share.shape[1]), key=lambda e: (lift[:, e].argmax(), -lift[:, e].max()))
+            im = axes[i, j].imshow(share[:, order], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+            axes[i, j].set_yticks(range(len(names)), names, fontsize=8)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_title(f"{runs[run]}, MoE layer {i}: MI {row['mi_bits']:.3f} bits "
+                                 f"(shuffled {row['mi_shuffled_bits']:.4f})", fontsize=8)
+            fig.colorbar(im, ax=axes[i, j], shrink=0.9, label="share of the domain's tokens")
+        axes[-1, j].set_xlabel("routed experts, grouped by the domain they favour")
+    fig.suptitle(f"which experts each domain's tokens choose, data/mix val ({gpu})", fontsize=10)
+    fig.savefig(os.path.join(arch_dir, "specialize.png"), dpi=110)
+    plt.close(fig)
+    print(f"wrote {os.path.join(arch_dir, 'specialize.png')}")
+
+
+def bench_tradeoff():
+    config, cfg = arch_config()
+    base = ["--seed=%d" % arch_seeds[0], *args_of(arch_variants(cfg)["deepseekmoe"])]
+    runs = {f"aux {a:g}": [*base, "--balance=aux", f"--aux_alpha={a}"] for a in tradeoff_alphas}
+    runs.update({"bias": [*base, "--balance=bias"], "none": [*base, "--balance=none"]})
+    logs = train_runs(config, runs, os.path.join(arch_dir, "tradeoff"), arch_args)
+    rows = {n: final_row(recs) for n, recs in logs.items()}
+    print(f"\n## Balancing trade-off, {config} (fine-grained + shared) on data/{cfg['dataset']} ({gpu})\n")
+    print(table(["--balance", "val loss", "MaxVio_global", "tokens/s"],
+                [[n, f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}", f"{r['tok_s']:,.0f}"]
+                 for n, r in rows.items()]))
+    results["tradeoff"] = rows
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (n, r) in enumerate(rows.items()):
+        ax.scatter(r["maxvio_global"], r["val_loss"], s=40, marker="*" if n == "bias" else "o", color=f"C{i}", label=n)
+    ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
+           title=f"aux-loss alpha vs loss-free bias ({gpu})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(arch_dir, "tradeoff.png"), dpi=120)
+    plt.close(fig)
+    print(f"wrote {os.path.join(arch_dir, 'tradeoff.png')}")
+
+
+# -----------------------------------------------------------------------------
 # loading a DeepSeek-format checkpoint: time and memory
 
 
@@ -939,12 +1176,14 @@ def bench_load():
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    global copy_bw
+    global copy_bw, arch_dir
     configure(settings, argv)
     globals().update(settings)
+    arch_dir = arch_dir or f"out/arch-{arch_scale}"
     names = [s.strip() for s in sections.split(",")]
-    if not cuda and set(names) - {"load"}:
-        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only the load section runs without one)")
+    if not cuda and set(names) - {"load", "arch", "specialize", "tradeoff"}:
+        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load, arch, specialize and "
+                         "tradeoff run without one)")
     results["settings"] = settings
     torch.manual_seed(seed)
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
@@ -956,6 +1195,7 @@ def main(argv):
     for section in names:
         t0 = time.time()
         dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile, train=bench_train, balance=bench_balance, mtp=bench_mtp,
+             arch=bench_arch, specialize=bench_specialize, tradeoff=bench_tradeoff,
              load=bench_load, tune=bench_tune, profile=bench_profile)[section]()
         print(f"({section} section: {time.time() - t0:.0f} s)")
     if json_path:

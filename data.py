@@ -7,6 +7,7 @@ holds the two things every entry point shares: atomic_write (every file nanoseek
 
     from data import load_data, load_tokenizer
     data = load_data("shakespeare")     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
+    names, ids = val_domains(data.meta)  # data/mix: the domain of every val token (None for one-domain data)
 """
 import base64
 import hashlib
@@ -230,6 +231,24 @@ def bins_match_meta(data_dir, meta):
         if not os.path.exists(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
             return False
     return os.path.exists(os.path.join(data_dir, meta["tokenizer"]["file"]))
+
+
+def val_domains(meta):
+    """-> (domain names, the domain id of every val token as np.uint8) for a dataset with domains (prepare.py
+    --corpus=mix writes each domain's val tokens one after another and their counts in meta.json), else None."""
+    domains = meta.get("domains")
+    if not domains:
+        return None
+    try:
+        names = [d["name"] for d in domains]
+        counts = [d["tokens"]["val"] for d in domains]
+        ok = all(type(c) is int and c >= 0 for c in counts) and sum(counts) == meta["tokens"]["val"] \
+            and len(names) <= 255
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        fail("the domains in meta.json do not add up to its val tokens: run python prepare.py --corpus=mix --force")
+    return names, np.repeat(np.arange(len(names), dtype=np.uint8), counts)
 
 
 def load_data(dataset, data_root="data"):

