@@ -170,6 +170,17 @@ def table(header, rows):
     return "\n".join(lines)
 
 
+def save_figure(fig, ax, path):
+    """A section's plot: grid and legend on ax, then path (PNG)."""
+    import matplotlib.pyplot as plt
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def copy_bandwidth():
     """Measured device-to-device copy of 1 GiB, bytes read + written per second."""
     src = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
@@ -892,11 +903,7 @@ def bench_mtp():
             ax.plot([r["tokens"] for r in ev], [r["val_mtp_loss"][0] for r in ev], "s--", ms=3,
                     label=f"{name}: MTP head (token t+2)")
     ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"config/train_balance.py, mtp_depth 0 vs 1 ({gpu})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(mtp_dir, "mtp.png"), dpi=120)
-    print(f"wrote {os.path.join(mtp_dir, 'mtp.png')}")
+    save_figure(fig, ax, os.path.join(mtp_dir, "mtp.png"))
 
 
 # -----------------------------------------------------------------------------
@@ -986,12 +993,7 @@ def bench_arch():
         ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-" if base == n else "s--", ms=3,
                 color=f"C{list(variants).index(base)}", label=ARCH_LABELS[base] + (f" (seed {s2})" if base != n else ""))
     ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"{config}, --balance=bias ({gpu})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(arch_dir, "arch.png"), dpi=120)
-    plt.close(fig)
-    print(f"wrote {os.path.join(arch_dir, 'arch.png')}")
+    save_figure(fig, ax, os.path.join(arch_dir, "arch.png"))
 
 
 def mutual_information(counts):
@@ -1103,12 +1105,7 @@ def bench_tradeoff():
         ax.scatter(r["maxvio_global"], r["val_loss"], s=40, marker="*" if n == "bias" else "o", color=f"C{i}", label=n)
     ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
            title=f"aux-loss alpha vs loss-free bias ({gpu})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(arch_dir, "tradeoff.png"), dpi=120)
-    plt.close(fig)
-    print(f"wrote {os.path.join(arch_dir, 'tradeoff.png')}")
+    save_figure(fig, ax, os.path.join(arch_dir, "tradeoff.png"))
 
 
 # -----------------------------------------------------------------------------
