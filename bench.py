@@ -378,12 +378,7 @@ def mha_attention(attn, x, cos, sin, k_cache, v_cache, start_pos):
 
 def mha_step(model, tokens, pos, cache):
     """Model.decode_step with an MHACache in place of the latent cache: last position's logits (B, vocab)."""
-    T = tokens.shape[1]
-    if isinstance(pos, torch.Tensor):
-        positions = pos + torch.arange(T, device=tokens.device)
-        cos, sin = model.rope_cos[positions], model.rope_sin[positions]
-    else:
-        cos, sin = model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T]
+    cos, sin = model.rope(tokens.shape[1], pos)
     x = model.embed(tokens)
     for i, layer in enumerate(model.layers):
         x = x + layer.attn.wo(mha_attention(layer.attn, layer.attn_norm(x), cos, sin, cache.k[i], cache.v[i], pos))
