@@ -1,18 +1,15 @@
 """
-Benchmarks, measured side by side in one run: kernels.py's Triton paths against the PyTorch code they replace,
-decoding with the latent cache against a multi-head attention cache, the MoE training step against its dense
-baseline, the load-balancing ablation, the DeepSeekMoE architecture ablation and its experts' specialization,
-checkpoint loading. Prints markdown tables (the GPU's name first) and writes every number to json_path. All
-sections but load, arch, specialize and tradeoff need a CUDA GPU; those three run at the CPU scale too.
+Benchmarks: speed, measured side by side in one run. kernels.py's Triton paths against the PyTorch code they
+replace, decoding with the latent cache against a multi-head attention cache, the MoE training step against its
+dense baseline, checkpoint loading. Prints markdown tables (the GPU's name first) and writes every number to
+json_path. Every section but load needs a CUDA GPU. The training studies, which measure loss rather than speed
+(load balancing, multi-token prediction, the DeepSeekMoE claims), are study.py.
 
     python bench.py                                  # moe, mla, decode, train at the default sizes
     python bench.py --sections=decode                # tokens/s: latent cache vs MHA cache vs none, graph vs eager
     python bench.py --sections=moe,mla --moe_tokens="(16384,)"
-    python bench.py --sections=balance               # four train.py runs
     python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
-    python bench.py --sections=arch,specialize       # five architectures on data/mix, then which experts each domain uses
-    python bench.py --sections=arch,specialize --arch_scale=cpu   # the same at CPU size: minutes on 2 cores
-    python bench.py --sections=tradeoff              # aux-loss alpha sweep vs bias vs none: val loss vs MaxVio_global
+    python bench.py --sections=train,profile --compile=True   # the MoE training step vs dense, and its kernels
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
 Sections:
@@ -22,66 +19,47 @@ Sections:
   mla    one decoding step (one query token) against a long latent cache: kernels.mla_decode vs
          mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
          GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
-  decode the small config at random bf16 weights through Model.generate_stream (greedy): decode tokens/s, ms and
-         kernels per step, prefill ms, cache MiB and peak memory for the latent cache, a standard per-head K/V
-         cache of the same model (MHACache below: same function, bigger cache) and no cache, each with and without
+  decode the small config at random bf16 weights through generate.generate_stream (greedy): decode tokens/s, ms
+         and kernels per step, prefill ms, cache MiB and peak memory for the latent cache, a standard per-head K/V
+         cache of the same model (mla.MHACache: same function, bigger cache) and no cache, each with and without
          the CUDA graph; the bandwidth a batch-1 step reaches; latent vs MHA at decode_long; and the largest batch
          that decodes at decode_context in decode_budget_gib GiB, for each cache, with its tokens/s
   decode_profile  the torch profiler over replays of the compiled, captured batch-1 decoding step: kernels per
          step, GPU busy time and the kernels that take it
   train  a whole training step (forward, backward, clip, AdamW, bias update) of the small MoE model vs its dense
          baseline of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s and MFU
-  balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
-           --balance=bias vs aux (alpha 0.01, 0.001) vs none; final val loss, MaxVio_global, tokens/s, and
-           balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
-  mtp      two train.py runs (config/train_balance.py, mtp_depth 0 and 1): the main head's val loss, the MTP
-           head's loss and accuracy, mtp_dir/mtp.png; then greedy decoding of the MTP checkpoint, plain (eager and
-           CUDA graph) and speculative, at batch 1 and 32: tokens/s, drafts accepted, the same tokens or not
-  arch     the DeepSeekMoE ablation (arXiv 2401.06066; arch_variants below): dense vs coarse top-2 of 16 vs 1 shared
-           + top-1 of 15 vs fine-grained 2 shared + top-6 of 62 vs fine-grained top-8 of 64, same active FFN width
-           and total expert parameters, --balance=bias, on data/mix with config/train_arch.py (arch_scale=gpu) or
-           config/train_arch_cpu.py (cpu); then a second seed for the best two; val loss overall and per domain,
-           parameters, tokens/s, MaxVio_global, and arch_dir/arch.png (val loss against tokens)
-  specialize  the arch section's fine-grained and coarse checkpoints over data/mix's val: the share of each domain's
-           tokens each routed expert receives, per MoE layer (arch_dir/specialize.png), and the mutual information
-           between domain and chosen expert in bits, next to the same counts with the domains shuffled
-  tradeoff the balancing trade-off (Wang et al. arXiv 2408.15664, Figure 1): the arch config's fine-grained model
-           with --balance=aux at tradeoff_alphas, bias and none; val loss against MaxVio_global
-           (arch_dir/tradeoff.png)
   load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-balance, mtp, arch, specialize, tradeoff, load, tune, profile and decode_profile are not in the default `sections`. Timing: warm-up calls, then CUDA events around each repeat
-(or around CUDA-graph replays where a column says so), the median reported.
+decode_profile, load, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events
+around each repeat (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
+import functools
 import itertools
 import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
 import hf
-from configurator import configure, read_config_file
-from data import load_data
-from mla import MLA, apply_rope, cache_values_per_token, latent_attention
-from model import CUDAGraph, Model, ModelConfig, peak_flops
+import kernels
+from configurator import configure, read_config_file, settings_of
+from generate import CapturedStep, decode_step, generate_stream, new_cache
+from logs import table
+from mla import MLA, MHACache, cache_values_per_token, latent_attention
+from model import Model, ModelConfig, cast_weights, peak_flops
 from moe import experts_reference
-from sample import cast_weights
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, balance, mtp, load,
-                                 # tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, load, tune, profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
@@ -91,26 +69,15 @@ train_seq = 1024                 # tokens per sequence (the small config's block
 train_steps = 10                 # timed steps (after train_warmup)
 train_warmup = 3
 compile = False                  # torch.compile the models of the train section
-decode_cases = ((1, 64, 128), (128, 960, 64))  # (batch, prompt, new tokens) through Model.generate_stream
+decode_cases = ((1, 64, 128), (128, 960, 64))  # (batch, prompt, new tokens) through generate.generate_stream
 decode_long = (64, 4096)         # (batch, context): latent vs MHA cache at a long context
 decode_context = 8192            # the context of the largest-batch comparison
 decode_budget_gib = 40           # ... in this much GPU memory
-balance_dir = "out/balance"      # the balance section's runs (one train.py out_dir each) and balance.png
-balance_args = ""                # extra train.py arguments for every balance run, e.g. "--max_iters=400"
-mtp_dir = "out/mtp"              # the mtp section's two runs and mtp.png
-mtp_args = ""                    # extra train.py arguments for both mtp runs
-mtp_new = 256                    # tokens decoded per sample in the mtp section
-arch_scale = "gpu"               # arch, specialize, tradeoff: "gpu" (config/train_arch.py) or "cpu" (.._cpu.py)
-arch_dir = ""                    # their runs (one train.py out_dir each) and pictures; "" = out/arch-ARCH_SCALE
-arch_args = ""                   # extra train.py arguments for every arch and tradeoff run
-arch_seeds = (1337, 1338)        # every variant runs with the first; the best two again with the second
-specialize_tokens = 0            # val tokens the specialize section routes per checkpoint; 0 = all of val
-tradeoff_alphas = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
 load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
 load_layers = 8                  # DeepSeek-V2-Lite has 27
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
 seed = 0
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
+settings = settings_of(globals())
 SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_small.py")
 PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
            "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}  # HBM datasheet bytes/s; the first name found wins
@@ -162,23 +129,6 @@ def timeit_graph(fn, reps=reps, inner=10):
         for _ in range(inner):
             fn()
     return timeit(graph.replay, reps=reps) / inner
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_figure(fig, ax, path):
-    """A section's plot: grid and legend on ax, then path (PNG)."""
-    import matplotlib.pyplot as plt
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def copy_bandwidth():
@@ -335,63 +285,12 @@ def bench_mla():
 # decoding: the latent cache against a standard multi-head attention cache and no cache, same model and weights
 
 
-class MHACache:
-    """Per-head keys and values of every layer, materialized once per token, as a model without MLA caches them.
-    k: (n_layer, B, max_len, n_head, qk_head_dim), v: (n_layer, B, max_len, n_head, v_head_dim)."""
-
-    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
-        self.k = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.qk_head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.v_head_dim, device=device, dtype=dtype)
-
-    def nbytes(self):
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
-
-
-def mha_attention(attn, x, cos, sin, k_cache, v_cache, start_pos):
-    """What MLA computes, the pre-MLA way: the new tokens' per-head K and V are built from their latents (wkv_b)
-    and appended to a K/V cache, then ordinary attention over it. Same function as MLA.forward, bigger cache.
-    start_pos: an int, or a 0-d device tensor (a captured step: every cache row read, the later ones masked)."""
-    B, T, _ = x.shape
-    H, C, R, D = attn.n_head, attn.kv_lora_rank, attn.qk_rope_head_dim, attn.qk_nope_head_dim
-    q = attn.wq(x) if attn.q_lora_rank == 0 else attn.wq_b(attn.q_norm(attn.wq_a(x)))
-    q_nope, q_pe = q.view(B, T, H, attn.qk_head_dim).split([D, R], dim=-1)
-    q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)  # (B, T, H, qk_head_dim)
-    c_kv, k_pe = attn.wkv_a(x).split([C, R], dim=-1)
-    k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).expand(B, T, H, R)  # the shared RoPE key, copied per head
-    k_nope, v = attn.wkv_b(attn.kv_norm(c_kv)).view(B, T, H, D + attn.v_head_dim).split([D, attn.v_head_dim], dim=-1)
-    k_new = torch.cat([k_nope, k_pe], dim=-1)
-    if isinstance(start_pos, torch.Tensor):
-        positions = start_pos + torch.arange(T, device=x.device)
-        k_cache.index_copy_(1, positions, k_new)
-        v_cache.index_copy_(1, positions, v)
-        mask = torch.arange(k_cache.shape[1], device=x.device)[None, :] <= positions[:, None]
-        k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, H, S, dim)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=attn.softmax_scale)
-    else:
-        assert T == 1 or start_pos == 0, "several new tokens only at the start (prefill)"
-        end = start_pos + T
-        k_cache[:B, start_pos:end], v_cache[:B, start_pos:end] = k_new, v
-        k, v = k_cache[:B, :end].transpose(1, 2), v_cache[:B, :end].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, scale=attn.softmax_scale)
-    return out.transpose(1, 2).flatten(2)  # (B, T, H * v_head_dim)
-
-
-def mha_step(model, tokens, pos, cache):
-    """Model.decode_step with an MHACache in place of the latent cache: last position's logits (B, vocab)."""
-    cos, sin = model.rope(tokens.shape[1], pos)
-    x = model.embed(tokens)
-    for i, layer in enumerate(model.layers):
-        x = x + layer.attn.wo(mha_attention(layer.attn, layer.attn_norm(x), cos, sin, cache.k[i], cache.v[i], pos))
-        x = x + layer.ffn(layer.ffn_norm(x))
-    return model.head(model.norm(x[:, -1:]))[:, -1].float()
-
-
 def make_cache(model, kind, batch, max_len):
-    """(cache, step) of one kind for Model.generate_stream: the latent cache or the MHA baseline."""
+    """A cache of one kind for generate_stream and decode_step: the latent cache or the MHA baseline."""
     p = model.embed.weight
     if kind == "latent":
-        return model.new_cache(batch, max_len), None
-    return MHACache(model.config, batch, max_len, p.device, p.dtype), lambda t, pos, c: mha_step(model, t, pos, c)
+        return new_cache(model, batch, max_len)
+    return MHACache(model.config, batch, max_len, p.device, p.dtype)
 
 
 def kernel_launches(fn):
@@ -406,17 +305,17 @@ def kernel_launches(fn):
 
 @torch.no_grad()
 def decode_rate(model, kind, batch, prompt, new, graph, compile=False, reps=2):
-    """Greedy generation through Model.generate_stream: (decode tokens/s after the first token, ms per step,
+    """Greedy generation through generate_stream: (decode tokens/s after the first token, ms per step,
     ms to the first token (prefill, and the graph's capture), peak GiB, cache bytes), the best of reps runs."""
     idx = torch.randint(model.config.vocab_size, (batch, prompt), device=device)
     best = None
     for _ in range(reps):
-        cache, step = make_cache(model, kind, batch, prompt + new) if kind != "none" else (None, None)
+        cache = make_cache(model, kind, batch, prompt + new) if kind != "none" else None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        steps = model.generate_stream(idx, new, temperature=0, use_cache=kind != "none", cuda_graph=graph,
-                                      compile=compile, cache=cache, step=step)
+        steps = generate_stream(model, idx, new, temperature=0, use_cache=kind != "none", cuda_graph=graph,
+                                compile=compile, cache=cache)
         next(steps)  # the prefill and the capture (no cache: the first full forward)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -436,15 +335,16 @@ def long_context_rate(model, kind, batch, context, new=32, compile=False):
     """Decode steps at a long context without a long prefill: the cache is filled with random rows up to
     `context` (their values do not change the work of a step), then `new` graph-replayed steps from there.
     Returns (tokens/s, ms per step, peak GiB, cache bytes)."""
-    cache, step = make_cache(model, kind, batch, context + new)
+    cache = make_cache(model, kind, batch, context + new)
     for t in ([cache.kv] if kind == "latent" else [cache.k, cache.v]):
         t.normal_()
-    step = step or model.decode_step
+    step = functools.partial(decode_step, model)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     decode = torch.compile(step, dynamic=False) if compile else step
-    replay = CUDAGraph(lambda tokens, p: decode(tokens, p, cache), torch.zeros(batch, 1, dtype=torch.long, device=device),
-                       torch.tensor(context, device=device))  # every step at the last position: the same work
+    replay = CapturedStep(lambda tokens, p: decode(tokens, p, cache),
+                          torch.zeros(batch, 1, dtype=torch.long, device=device),
+                          torch.tensor(context, device=device))  # every step at the last position: the same work
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -478,8 +378,8 @@ def max_batch(model, kind, context, budget_gib):
 
 
 def bench_decode():
-    """Issue targets: batch-1 and batch-128 tokens/s, latent vs MHA at 64 x 4096, the largest batch in 40 GB at
-    8192 context, launches per step, the bandwidth a batch-1 step reaches."""
+    """Batch-1 and batch-128 tokens/s, latent vs MHA at decode_long, the largest batch in decode_budget_gib at
+    decode_context, launches per step, the bandwidth a batch-1 step reaches (README, "Decoding")."""
     cfg = small_config(block_size=decode_context + 64)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -501,11 +401,10 @@ def bench_decode():
     # launches per decode step (eager; a graph replays the same kernels as nodes) and batch-1 bandwidth
     launches = {}
     for kind in ("latent", "mha"):
-        cache, step = make_cache(model, kind, 1, 128)
-        step = step or model.decode_step
+        cache = make_cache(model, kind, 1, 128)
         tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-        step(tok, 64, cache)
-        launches[kind] = kernel_launches(lambda: step(tok, 64, cache))
+        decode_step(model, tok, 64, cache)
+        launches[kind] = kernel_launches(lambda: decode_step(model, tok, 64, cache))
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.weight.nbytes
     idle = cfg.n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.moe_inter_dim * elt
     step_bytes = weights - idle  # what a batch-1 step must read: every weight but the experts it does not use
@@ -550,10 +449,10 @@ def bench_decode_profile(context=64, reps=10):
     torch.manual_seed(seed)
     with torch.device(device):
         model = cast_weights(Model(cfg), torch.bfloat16).eval()
-    cache = model.new_cache(1, 4 * context)
-    compiled = torch.compile(model.decode_step, dynamic=False)
-    step = CUDAGraph(lambda t, p: compiled(t, p, cache), torch.zeros(1, 1, dtype=torch.long, device=device),
-                     torch.tensor(context, device=device))
+    cache = new_cache(model, 1, 4 * context)
+    compiled = torch.compile(functools.partial(decode_step, model), dynamic=False)
+    step = CapturedStep(lambda t, p: compiled(t, p, cache), torch.zeros(1, 1, dtype=torch.long, device=device),
+                        torch.tensor(context, device=device))
     tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
     for _ in range(3):
         step(tokens)
@@ -567,18 +466,18 @@ def bench_decode_profile(context=64, reps=10):
         for _ in range(reps):
             step(tokens)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / reps
+    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in launched) / reps
     by_name = {}
-    for e in kernels:
+    for e in launched:
         n, us = by_name.get(e.name, (0, 0.0))
         by_name[e.name] = (n + 1, us + e.device_time)
     print(f"\n## A batch-1 decoding step, compiled and captured: {ms:.3f} ms per replay (unprofiled), "
-          f"{len(kernels) / reps:.0f} kernels, GPU busy {busy:.0f} us per step (profiled)\n")
+          f"{len(launched) / reps:.0f} kernels, GPU busy {busy:.0f} us per step (profiled)\n")
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]
     print(table(["kernel", "per step", "us each", "us per step"],
                 [[k[:70], f"{n / reps:.0f}", f"{us / n:.1f}", f"{us / reps:.0f}"] for k, (n, us) in top]))
-    results["decode_profile"] = dict(ms=ms, kernels=len(kernels) / reps, busy_us=busy,
+    results["decode_profile"] = dict(ms=ms, kernels=len(launched) / reps, busy_us=busy,
                                      top={k: dict(count=n / reps, us=us / n) for k, (n, us) in top})
 
 
@@ -758,352 +657,6 @@ def bench_profile(N=16384):
 
 
 # -----------------------------------------------------------------------------
-# the load-balancing ablation: four train.py runs, one table, one picture
-
-BALANCE_RUNS = {"bias": ["--balance=bias"], "aux 0.01": ["--balance=aux", "--aux_alpha=0.01"],
-                "aux 0.001": ["--balance=aux", "--aux_alpha=0.001"], "none": ["--balance=none"]}
-
-
-def run_dir(out_root, name):
-    return os.path.join(out_root, name.replace(" ", ""))
-
-
-def train_runs(config, runs, out_root, extra):
-    """One train.py run per entry of runs {name: [arguments]} on top of config, each in out_root/name; returns
-    {name: that run's log.jsonl records}."""
-    import subprocess
-    logs = {}
-    for name, args in runs.items():
-        out_dir = run_dir(out_root, name)
-        cmd = [sys.executable, "train.py", config, *args, f"--out_dir={out_dir}", *extra.split()]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        t0 = time.time()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(out_dir, "log.jsonl")) as f:
-            recs = [json.loads(line) for line in f]
-        run = [r for r in recs if r["kind"] == "start"][-1].get("run")  # log.jsonl keeps earlier runs' records
-        logs[name] = [r for r in recs if r.get("run") == run]
-        print(f"  {time.time() - t0:.0f} s", flush=True)
-    return logs
-
-
-def bench_balance():
-    logs = train_runs("config/train_balance.py", BALANCE_RUNS, balance_dir, balance_args)
-    rows = []
-    for name, recs in logs.items():
-        ev = [r for r in recs if r["kind"] == "eval"]
-        tr = [r for r in recs if r["kind"] == "train"]
-        late = [r["maxvio_batch"] for r in tr if r["iter"] > tr[-1]["iter"] * 0.75]
-        tok_s = sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]
-        row = dict(balance=name, val_loss=ev[-1]["val_loss"], maxvio_global=ev[-1]["maxvio_global"],
-                   maxvio_batch_last_quarter=sum(late) / len(late), tok_s=tok_s, mfu=tr[-1].get("mfu"),
-                   tokens=ev[-1]["tokens"])
-        rows.append(row)
-    print(table(["balance", "final val loss", "MaxVio_global (val)", "MaxVio_batch (last quarter)", "tokens/s (median)"],
-          [[r["balance"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}", f"{r['maxvio_batch_last_quarter']:.3f}",
-            f"{r['tok_s']:,.0f}"] for r in rows]))
-    print(f"{rows[0]['tokens']:,} training tokens per run")
-    results["balance"] = rows
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: balance.png not drawn")
-        return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, recs in logs.items():
-        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
-        tr = [r for r in recs if r["kind"] == "train"]
-        a.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label=name)
-        b.plot([r["tokens"] for r in tr], [r["maxvio_batch"] for r in tr], lw=0.8, label=name)
-    a.set(xlabel="training tokens", ylabel="val loss (nats)", title="val loss")
-    b.set(xlabel="training tokens", ylabel="MaxVio_batch (mean over MoE layers)", yscale="log",
-          title="expert load imbalance")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend(title="--balance")
-    fig.suptitle(f"config/train_balance.py, same data, tokens and seed ({gpu})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(balance_dir, "balance.png"), dpi=120)
-    print(f"wrote {os.path.join(balance_dir, 'balance.png')} (and each run's expert_load.png)")
-
-
-# -----------------------------------------------------------------------------
-# multi-token prediction: does it help the main model, how good are its drafts, what does speculation buy
-
-
-def bench_mtp():
-    """config/train_balance.py (64 experts, top-6, 2 shared) with mtp_depth 0 and 1, same data, tokens and seed:
-    the main head's val loss and the MTP head's; then the MTP checkpoint decodes greedily, plainly and
-    speculatively, at batch 1 and 32: acceptance, tokens/s, and whether the tokens are the same."""
-    logs = train_runs("config/train_balance.py", {"mtp 0": ["--mtp_depth=0"], "mtp 1": ["--mtp_depth=1"]}, mtp_dir,
-                      mtp_args)
-    rows = []
-    for name, recs in logs.items():
-        ev = [r for r in recs if r["kind"] == "eval"]
-        tr = [r for r in recs if r["kind"] == "train"]
-        rows.append(dict(run=name, val_loss=ev[-1]["val_loss"], mtp_loss=ev[-1].get("val_mtp_loss", [None])[0],
-                         mtp_accuracy=ev[-1].get("val_mtp_accuracy", [None])[0], tokens=ev[-1]["tokens"],
-                         tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]))
-    print(table(["mtp_depth", "val loss (main head)", "val loss (MTP head, token t+2)", "MTP top-1 accuracy",
-                 "training tokens/s"],
-                [[r["run"][-1], f"{r['val_loss']:.4f}", "-" if r["mtp_loss"] is None else f"{r['mtp_loss']:.4f}",
-                  "-" if r["mtp_accuracy"] is None else f"{r['mtp_accuracy']:.3f}", f"{r['tok_s']:,.0f}"]
-                 for r in rows]))
-    print(f"{rows[0]['tokens']:,} training tokens per run")
-    results["mtp"] = dict(training=rows)
-
-    ckpt = torch.load(os.path.join(mtp_dir, "mtp1", "ckpt.pt"), map_location="cpu", weights_only=True)
-    model = Model(ModelConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    model = cast_weights(model.to(device), torch.bfloat16).eval()  # as sample.py runs it
-    val = load_data(ckpt["data"]["dir"]).val
-    decoding = []
-    for batch in (1, 32):
-        starts = np.random.default_rng(seed).integers(0, len(val) - 64, size=batch)
-        idx = torch.tensor(np.stack([val[s:s + 64] for s in starts]).astype(np.int64), device=device)
-        out = {}
-        for mode, kw in [("plain, eager", {}), ("plain, CUDA graph", dict(cuda_graph=True)),
-                         ("speculative, eager", dict(speculative=True)),
-                         ("speculative, CUDA graphs", dict(speculative=True, cuda_graph=True))]:
-            stats = {}
-            model.generate(idx, 8, temperature=0, **kw)  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            tokens = torch.cat(list(model.generate_stream(idx, mtp_new, temperature=0, stats=stats, **kw)), 1)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            out[mode] = tokens
-            row = dict(batch=batch, mode=mode, tok_s=batch * mtp_new / seconds,
-                       acceptance=stats["accepted"] / stats["drafts"] if stats else None,
-                       same=bool(torch.equal(tokens, out["plain, eager"])))
-            decoding.append(row)
-    print(table(["batch", "decoding (greedy, 64-token prompts from val)", f"tokens/s ({mtp_new} new)",
-                 "drafts accepted", "tokens = plain eager"],
-                [[r["batch"], r["mode"], f"{r['tok_s']:,.0f}", "-" if r["acceptance"] is None else
-                  f"{r['acceptance']:.1%}", "yes" if r["same"] else "no"] for r in decoding]))
-    results["mtp"]["decoding"] = decoding
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, recs in logs.items():
-        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
-        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label=f"{name}: main head")
-        if "val_mtp_loss" in ev[-1]:
-            ax.plot([r["tokens"] for r in ev], [r["val_mtp_loss"][0] for r in ev], "s--", ms=3,
-                    label=f"{name}: MTP head (token t+2)")
-    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"config/train_balance.py, mtp_depth 0 vs 1 ({gpu})")
-    save_figure(fig, ax, os.path.join(mtp_dir, "mtp.png"))
-
-
-# -----------------------------------------------------------------------------
-# the DeepSeekMoE claims: the architecture ablation, expert specialization, the balancing trade-off
-
-ARCH_CONFIGS = {"gpu": "config/train_arch.py", "cpu": "config/train_arch_cpu.py"}
-
-
-def arch_variants(cfg):
-    """The DeepSeekMoE paper's ablation (arXiv 2401.06066, fine-grained expert segmentation and shared-expert
-    isolation) at the width of cfg (a config's settings): {name: train.py overrides}. A segment is the
-    fine-grained expert, cfg's moe_inter_dim; every variant spends 8 segments of FFN hidden per token (the dense
-    FFN is 8 segments wide) and every MoE variant holds 64 segments of experts, shared ones included."""
-    seg, n_layer = cfg["moe_inter_dim"], cfg["n_layer"]
-    return {
-        "dense": dict(n_dense_layers=n_layer, dense_inter_dim=8 * seg),
-        "coarse": dict(n_experts=16, top_k=2, n_shared=0, moe_inter_dim=4 * seg),  # GShard / Mixtral style
-        "shared": dict(n_experts=15, top_k=1, n_shared=1, moe_inter_dim=4 * seg),  # + shared-expert isolation
-        "deepseekmoe": dict(n_experts=62, top_k=6, n_shared=2, moe_inter_dim=seg),  # fine-grained + shared
-        "fine": dict(n_experts=64, top_k=8, n_shared=0, moe_inter_dim=seg),  # fine-grained, no shared expert
-    }
-
-
-ARCH_LABELS = {"dense": "dense (SwiGLU 8 seg)", "coarse": "coarse: top-2 of 16 x 4 seg",
-               "shared": "1 shared + top-1 of 15 x 4 seg", "deepseekmoe": "DeepSeekMoE: 2 shared + top-6 of 62",
-               "fine": "fine: top-8 of 64"}
-
-
-def arch_config():
-    if arch_scale not in ARCH_CONFIGS:
-        raise SystemExit(f"--arch_scale must be one of {', '.join(ARCH_CONFIGS)}, got {arch_scale!r}")
-    return ARCH_CONFIGS[arch_scale], {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
-                                      **read_config_file(ARCH_CONFIGS[arch_scale])}
-
-
-def args_of(overrides):
-    return [f"--{k}={v}" for k, v in overrides.items()]
-
-
-def final_row(recs):
-    """The numbers of a finished run's log: its last evaluation, the median tokens/s, the tokens trained."""
-    ev = [r for r in recs if r["kind"] == "eval"]
-    tr = [r for r in recs if r["kind"] == "train"]
-    return dict(val_loss=ev[-1]["val_loss"], domains=ev[-1].get("val_loss_domain", {}),
-                maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"],
-                tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2])
-
-
-def bench_arch():
-    config, cfg = arch_config()
-    variants = arch_variants(cfg)
-    s1, s2 = arch_seeds
-    logs = train_runs(config, {n: ["--balance=bias", f"--seed={s1}", *args_of(o)] for n, o in variants.items()},
-                      arch_dir, arch_args)
-    rows = {n: final_row(recs) for n, recs in logs.items()}
-    best = sorted(rows, key=lambda n: rows[n]["val_loss"])[:2]  # the two that decide the ranking: a second seed
-    logs2 = train_runs(config, {f"{n} seed2": ["--balance=bias", f"--seed={s2}", *args_of(variants[n])]
-                                for n in best}, arch_dir, arch_args)
-    for n in best:
-        rows[n]["val_loss_seed2"] = final_row(logs2[f"{n} seed2"])["val_loss"]
-    for n in rows:  # parameters by Model's own count, on the meta device
-        with torch.device("meta"):
-            m = Model(ModelConfig(**{**{k: v for k, v in cfg.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}},
-                                     "vocab_size": load_data(cfg["dataset"]).vocab_size, **variants[n]}))
-        rows[n].update(params=m.num_params(), active=m.num_params(active=True), flops=m.flops_per_token())
-    domains = list(next(iter(rows.values()))["domains"])
-    print(f"\n## DeepSeekMoE architecture ablation, {config} on data/{cfg['dataset']} ({gpu})\n")
-    print(table(["variant", f"val loss (seed {s1})", f"seed {s2}", *[f"val {d}" for d in domains], "params",
-                 "active", "MFLOPs/token", "tokens/s", "MaxVio_global"],
-                [[ARCH_LABELS[n], f"{r['val_loss']:.4f}",
-                  f"{r['val_loss_seed2']:.4f}" if "val_loss_seed2" in r else "-",
-                  *[f"{r['domains'][d]:.4f}" for d in domains], f"{r['params'] / 1e6:.2f}M",
-                  f"{r['active'] / 1e6:.2f}M", f"{r['flops'] / 1e6:.1f}", f"{r['tok_s']:,.0f}",
-                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']:.3f}"] for n, r in rows.items()]))
-    tokens = next(iter(rows.values()))["tokens"]
-    n_train = load_data(cfg["dataset"]).meta["tokens"]["train"]
-    print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train "
-          f"split); seed {s2} rerun for: {', '.join(best)}")
-    results["arch"] = dict(config=config, rows=rows, tokens=tokens, train_tokens=n_train)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for n, recs in {**logs, **logs2}.items():
-        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
-        base = n.replace(" seed2", "")
-        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-" if base == n else "s--", ms=3,
-                color=f"C{list(variants).index(base)}", label=ARCH_LABELS[base] + (f" (seed {s2})" if base != n else ""))
-    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"{config}, --balance=bias ({gpu})")
-    save_figure(fig, ax, os.path.join(arch_dir, "arch.png"))
-
-
-def mutual_information(counts):
-    """I(domain; expert) in bits of a (domains, experts) table of counts: sum p(d, e) log2 p(d, e) / (p(d) p(e)).
-    0 when the choice ignores the domain; H(domain) when each domain has experts of its own."""
-    p = np.asarray(counts, dtype=np.float64)
-    p = p / p.sum()
-    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())
-
-
-def routing_counts(choices, domain, n_domains, n_experts):
-    """(domains, experts) counts: each of a token's top-k choices (choices (N, K)) one (domain, expert) pair."""
-    pairs = np.repeat(domain.astype(np.int64), choices.shape[1]) * n_experts + choices.reshape(-1)
-    return np.bincount(pairs, minlength=n_domains * n_experts).reshape(n_domains, n_experts)
-
-
-@torch.no_grad()
-def record_routing(ckpt_path, n_tokens):
-    """Run a train.py checkpoint over its data's val (n_tokens of it, 0 = all, in windows of block_size spread
-    evenly over val so every domain comes in its share) and record every MoE
-    layer's routed expert choices per token -> (domain names, domain of each token, [(N, K) choices per layer],
-    n_experts)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = Model(ModelConfig(**ckpt["model_args"])).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    data = load_data(ckpt["data"]["dir"])
-    from data import val_domains
-    names, domain = val_domains(data.meta)
-    T = model.config.block_size
-    starts = np.linspace(0, len(data.val) - T, min(n_tokens or len(data.val), len(data.val)) // T).round()
-    at = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
-    choices = [[] for _ in model.moe_layers()]
-    hooks = [m.experts.register_forward_pre_hook(lambda mod, args, i=i: choices[i].append(args[1].cpu()))
-             for i, m in enumerate(model.moe_layers())]
-    val = torch.from_numpy(np.asarray(data.val)[at].astype(np.int64))
-    for rows in val.split(32):
-        model(rows.to(device))
-    for h in hooks:
-        h.remove()
-    return names, domain[at].reshape(-1), [torch.cat(c).numpy() for c in choices], model.config.n_experts
-
-
-def bench_specialize():
-    runs = {"deepseekmoe": ARCH_LABELS["deepseekmoe"], "coarse": ARCH_LABELS["coarse"]}
-    rng = np.random.default_rng(seed)
-    out, panels = [], {}
-    for run, label in runs.items():
-        names, domain, choices, E = record_routing(os.path.join(arch_dir, run, "ckpt.pt"), specialize_tokens)
-        shuffled = rng.permutation(domain)  # a router that ignores the domain, with the same counts
-        for layer, ch in enumerate(choices):
-            counts = routing_counts(ch, domain, len(names), E)
-            row = dict(run=run, layer=layer, tokens=len(domain), experts=E, top_k=ch.shape[1],
-                       mi_bits=mutual_information(counts),
-                       mi_shuffled_bits=mutual_information(routing_counts(ch, shuffled, len(names), E)),
-                       h_domain_bits=mutual_information(np.diag(np.bincount(domain, minlength=len(names)))))
-            out.append(row)
-            panels[run, layer] = (counts, row)
-    print(f"\n## Expert specialization over data/mix's val ({gpu}): I(domain; chosen expert), bits\n")
-    print(table(["checkpoint", "MoE layer", "routed experts, top-k", "MI (bits)", "MI, domains shuffled",
-                 "H(domain)", "val tokens"],
-                [[runs[r["run"]], r["layer"], f"{r['experts']}, top-{r['top_k']}", f"{r['mi_bits']:.4f}",
-                  f"{r['mi_shuffled_bits']:.4f}", f"{r['h_domain_bits']:.3f}", f"{r['tokens']:,}"] for r in out]))
-    results["specialize"] = dict(domains=names, rows=out)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n_layers = max(layer for _, layer in panels) + 1
-    fig, axes = plt.subplots(n_layers, len(runs), figsize=(6.5 * len(runs), 1.6 * n_layers + 1.2), squeeze=False,
-                             layout="constrained")
-    for j, run in enumerate(runs):
-        for i in range(n_layers):
-            counts, row = panels[run, i]
-            share = counts / counts.sum(1, keepdims=True) * row["top_k"]  # a domain's tokens that chose each expert
-            # experts grouped by the domain they favour most (against their mean share), strongest first
-            lift = share / share.mean(0, keepdims=True).clip(1e-12)
-            order = sorted(range(share.shape[1]), key=lambda e: (lift[:, e].argmax(), -lift[:, e].max()))
-            im = axes[i, j].imshow(share[:, order], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
-            axes[i, j].set_yticks(range(len(names)), names, fontsize=8)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_title(f"{runs[run]}, MoE layer {i}: MI {row['mi_bits']:.3f} bits "
-                                 f"(shuffled {row['mi_shuffled_bits']:.4f})", fontsize=8)
-            fig.colorbar(im, ax=axes[i, j], shrink=0.9, label="share of the domain's tokens")
-        axes[-1, j].set_xlabel("routed experts, grouped by the domain they favour")
-    fig.suptitle(f"which experts each domain's tokens choose, data/mix val ({gpu})", fontsize=10)
-    fig.savefig(os.path.join(arch_dir, "specialize.png"), dpi=110)
-    plt.close(fig)
-    print(f"wrote {os.path.join(arch_dir, 'specialize.png')}")
-
-
-def bench_tradeoff():
-    config, cfg = arch_config()
-    base = ["--seed=%d" % arch_seeds[0], *args_of(arch_variants(cfg)["deepseekmoe"])]
-    runs = {f"aux {a:g}": [*base, "--balance=aux", f"--aux_alpha={a}"] for a in tradeoff_alphas}
-    runs.update({"bias": [*base, "--balance=bias"], "none": [*base, "--balance=none"]})
-    logs = train_runs(config, runs, os.path.join(arch_dir, "tradeoff"), arch_args)
-    rows = {n: final_row(recs) for n, recs in logs.items()}
-    print(f"\n## Balancing trade-off, {config} (fine-grained + shared) on data/{cfg['dataset']} ({gpu})\n")
-    print(table(["--balance", "val loss", "MaxVio_global", "tokens/s"],
-                [[n, f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}", f"{r['tok_s']:,.0f}"]
-                 for n, r in rows.items()]))
-    results["tradeoff"] = rows
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (n, r) in enumerate(rows.items()):
-        ax.scatter(r["maxvio_global"], r["val_loss"], s=40, marker="*" if n == "bias" else "o", color=f"C{i}", label=n)
-    ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
-           title=f"aux-loss alpha vs loss-free bias ({gpu})")
-    save_figure(fig, ax, os.path.join(arch_dir, "tradeoff.png"))
-
-
-# -----------------------------------------------------------------------------
 # loading a DeepSeek-format checkpoint: time and memory
 
 
@@ -1167,15 +720,22 @@ def bench_load():
 
 # -----------------------------------------------------------------------------
 
+SECTIONS = dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile,
+                train=bench_train, load=bench_load, tune=bench_tune, profile=bench_profile)
+
+
 def main(argv):
-    global copy_bw, arch_dir
+    global copy_bw
     configure(settings, argv)
     globals().update(settings)
-    arch_dir = arch_dir or f"out/arch-{arch_scale}"
     names = [s.strip() for s in sections.split(",")]
-    if not cuda and set(names) - {"load", "arch", "specialize", "tradeoff"}:
-        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load, arch, specialize and "
-                         "tradeoff run without one)")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        study = [n for n in unknown if n in ("balance", "mtp", "arch", "specialize", "tradeoff")]
+        raise SystemExit(f"bench.py: no section {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}"
+                         + (f" (the training studies are python study.py --sections={','.join(study)})" if study else ""))
+    if not cuda and set(names) - {"load"}:
+        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load runs without one)")
     results["settings"] = settings
     torch.manual_seed(seed)
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")
@@ -1186,9 +746,7 @@ def main(argv):
               "(measured)")
     for section in names:
         t0 = time.time()
-        dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile, train=bench_train, balance=bench_balance, mtp=bench_mtp,
-             arch=bench_arch, specialize=bench_specialize, tradeoff=bench_tradeoff,
-             load=bench_load, tune=bench_tune, profile=bench_profile)[section]()
+        SECTIONS[section]()
         print(f"({section} section: {time.time() - t0:.0f} s)")
     if json_path:
         os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)

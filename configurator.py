@@ -10,7 +10,7 @@ default is None; a bool is true/false/1/0/yes/no/on/off on the command line (a b
 False in a config file. Command-line values are Python literals (strings as they are). Unknown keys and wrong types
 end the program with one line naming the close matches or the type expected.
 
-    settings = {k: v for k, v in globals().items() if ...}   # the script's defaults
+    settings = settings_of(globals())   # the script's defaults
     given = configure(settings, sys.argv[1:], types={"lr_decay_iters": int}); globals().update(settings)
 """
 import difflib
@@ -18,10 +18,17 @@ import os
 import sys
 from ast import literal_eval
 
-from data import fail
+from errors import fail
 
 TYPE_NAMES = {bool: "true or false", int: "an int", float: "a float", str: "a string", tuple: "a tuple"}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def settings_of(namespace):
+    """A script's settings: its module-level names of a plain type (bool, int, float, str, tuple or None) that
+    do not start with _, in the order the script defines them."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, plain)}
 
 
 def _check(where, value, kind, nullable):

@@ -1,9 +1,7 @@
 """
 The run-time side of the data: open what prepare.py wrote in data/NAME/ (memmapped token bins, meta.json) and its
 tokenizer (a byte-level BPE run through tiktoken, or a character vocabulary). train.py and sample.py use this;
-prepare.py uses it too, to write the same tokenizer formats it reads. It imports nothing of nanoseek's, so it also
-holds the two things every entry point shares: atomic_write (every file nanoseek writes goes through it) and fail
-(the one-line error).
+prepare.py uses it too, to write the same tokenizer formats it reads.
 
     from data import load_data, load_tokenizer
     data = load_data("shakespeare")     # data.train, data.val (np.memmap), data.encode, data.decode, data.eot_token
@@ -13,67 +11,14 @@ import base64
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from errors import atomic_write, error_text, fail
+
 EOT = "<|endoftext|>"  # the one special token, appended after every document
-
-
-# -----------------------------------------------------------------------------
-# one-line errors and all-or-nothing writes, for every entry point
-
-
-def debugging():
-    """NANOSEEK_DEBUG=1 (any value but 0): show tracebacks instead of one-line errors."""
-    return os.environ.get("NANOSEEK_DEBUG", "0") not in ("", "0")
-
-
-def fail(msg):
-    """End the program with one line for an error the user can fix (exit status 1, the line on stderr).
-    NANOSEEK_DEBUG=1 raises it as a RuntimeError instead, so the traceback and the exception behind it show."""
-    msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
-    if debugging():
-        raise RuntimeError(msg)
-    raise SystemExit(msg)
-
-
-def error_text(e):
-    """An exception as a short phrase for a one-line error: an OSError's reason (also when torch wraps one in a
-    RuntimeError), else its type and the first sentence of its message."""
-    os_error = e if isinstance(e, OSError) else e.__context__
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
-    first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for a paragraph
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-@contextmanager
-def atomic_write(path):
-    """with atomic_write(path) as f: ...  -- path gets everything written to f, or keeps what it had.
-
-    f is path + ".tmp" in the same folder, created exclusively and never through a symlink (O_EXCL | O_NOFOLLOW:
-    a link someone put there is not followed), flushed to the disk (fsync) and renamed over path. On any error or
-    interruption (a full disk, Ctrl-C) the temp file is removed. A kill -9 can leave it: the next write removes it
-    first (the name is ours). The mode is 0666 minus the umask, as open() gives."""
-    tmp = path + ".tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)  # unlinks a symlink itself, never its target
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    try:
-        with open(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def data_dir(dataset, data_root="data"):

@@ -17,7 +17,8 @@ import re
 
 import torch
 
-from data import atomic_write, data_dir, error_text, fail, read_valid_meta, tokenizer_identity
+from data import data_dir, read_valid_meta, tokenizer_identity
+from errors import atomic_write, error_text, fail
 from mla import precompute_rope
 from model import Model, ModelConfig
 
@@ -331,7 +332,7 @@ def _from_pretrained(path, dtype, device, overrides):
 def save_pretrained(model, path, max_shard_size=5 * 2**30):
     """Write config.json + safetensors that transformers' AutoModelForCausalLM loads (DeepSeek-V3 layout, or V2 for
     softmax routing). Shards above max_shard_size bytes, with model.safetensors.index.json. Each file is written
-    whole or not at all (data.atomic_write)."""
+    whole or not at all (errors.atomic_write)."""
     from safetensors.torch import save
     cfg = model.config
     if cfg.score_func == "softmax":  # transformers' DeepseekV2 gate has no bias and never renormalizes

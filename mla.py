@@ -87,8 +87,27 @@ class LatentCache:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv = torch.zeros(n_layer or cfg.n_layer, batch, max_len, width, device=device, dtype=dtype)
 
+    def layer(self, i):
+        return self.kv[i]
+
     def nbytes(self):
         return self.kv.numel() * self.kv.element_size()
+
+
+class MHACache:
+    """The baseline the latent cache is measured against: per-head keys and values of every layer, materialized
+    once per token, as a model without MLA caches them (same function, bigger cache; bench.py's decode section).
+    k: (n_layer, B, max_len, n_head, qk_head_dim), v: (n_layer, B, max_len, n_head, v_head_dim)."""
+
+    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
+        self.k = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.qk_head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(cfg.n_layer, batch, max_len, cfg.n_head, cfg.v_head_dim, device=device, dtype=dtype)
+
+    def layer(self, i):
+        return self.k[i], self.v[i]
+
+    def nbytes(self):
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
 def cache_values_per_token(cfg):
@@ -152,7 +171,8 @@ class MLA(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         """x (B, T, n_embd) at positions start_pos..start_pos+T-1; cos, sin (T, R/2) for those positions.
-        cache: this layer's (B, max_len, C + R) slice of a LatentCache, or None (training: attend over x only).
+        cache: this layer's (B, max_len, C + R) slice of a LatentCache, its (k, v) of an MHACache, or None
+        (training: attend over x only).
         start_pos: an int, or a 0-d device tensor (a decoding step captured in a CUDA graph: the cache row is
         written and read by position on the device, and nothing on the host depends on its value)."""
         B, T, _ = x.shape
@@ -163,6 +183,8 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)  # (B, T, C), (B, T, R)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key shared by all heads
+        if isinstance(cache, tuple):  # an MHACache layer: per-head K and V cached instead of the latents
+            return self.wo(self._mha(q_nope, q_pe, c_kv, k_pe, *cache, start_pos).flatten(2))
         latents = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, C + R): all that is ever cached
         on_device = isinstance(start_pos, torch.Tensor)
         if cache is not None:
@@ -208,3 +230,28 @@ class MLA(nn.Module):
         else:
             o_latent = latent_attention(q, latents, start_pos, self.softmax_scale, self.kv_lora_rank)
         return torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # (B, T, H, v_head_dim)
+
+    def _mha(self, q_nope, q_pe, c_kv, k_pe, k_cache, v_cache, start_pos):
+        """What MLA computes, the pre-MLA way: the new tokens' per-head K and V, built from their latents (wkv_b),
+        are appended to a K/V cache, then ordinary attention over it. start_pos: an int (several new tokens only
+        at the start, the prefill) or a 0-d device tensor (every cache row read, the later ones masked)."""
+        B, T, H, D = q_nope.shape
+        R = self.qk_rope_head_dim
+        k_nope, v = self.wkv_b(c_kv).view(B, T, H, D + self.v_head_dim).split([D, self.v_head_dim], dim=-1)
+        k_new = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, R)], dim=-1)  # the RoPE key copied per head
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk_head_dim)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(T, device=q.device)
+            k_cache[:B].index_copy_(1, positions, k_new)
+            v_cache[:B].index_copy_(1, positions, v)
+            mask = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= positions[:, None]
+            k, v = k_cache[:B].transpose(1, 2), v_cache[:B].transpose(1, 2)  # (B, H, S, dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        else:
+            if T > 1 and start_pos > 0:
+                raise ValueError("the MHA cache takes several new tokens only at the start (prefill)")
+            end = start_pos + T
+            k_cache[:B, start_pos:end], v_cache[:B, start_pos:end] = k_new, v
+            k, v = k_cache[:B, :end].transpose(1, 2), v_cache[:B, :end].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
+        return out.transpose(1, 2)  # (B, T, H, v_head_dim)

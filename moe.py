@@ -10,8 +10,13 @@ Wang et al., arXiv 2408.15664). Also the SwiGLU FFN used for the dense layers an
 b (`expert_bias`) is a buffer: no gradient, no weight decay. After each optimizer step the trainer calls
 update_bias(gamma) with the tokens each expert received during that step: b_i += gamma * sign(mean(c) - c_i).
 Overloaded experts get chosen less, idle ones more, and no auxiliary loss pulls on the language-model gradient.
-The V3 sequence-wise balance loss and the classic batch aux loss are here too, for ablations.
+The V3 sequence-wise balance loss and the classic batch aux loss are here too, for ablations, and what measures
+the routing: MaxVio (Wang et al. eq. 6), the routing recorder, and the mutual information between the kind of
+input and the expert chosen.
 """
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,6 +112,7 @@ class MoE(nn.Module):
         # tokens routed to each expert by training forward passes since the last update_bias()
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
         self.aux_loss = None  # balance losses of the last forward, collected by the model
+        self.on_route = None  # recording_routes(): called with each forward's (topk_ids, topk_weights)
 
     def route(self, x):
         """x (N, d) -> topk_ids (N, K), topk_weights (N, K) float32, scores (N, E) float32 (unbiased)."""
@@ -134,6 +140,8 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         topk_ids, topk_weights, scores = self.route(flat)
+        if self.on_route is not None:
+            self.on_route(topk_ids, topk_weights)
         if self.training:  # count only training forward passes: the trainer's bias update reads these
             # index_add_, not bincount: bincount on CUDA syncs with the host once per layer (~15% of a step)
             ids = topk_ids.flatten()
@@ -166,3 +174,38 @@ class MoE(nn.Module):
         self.expert_bias -= self.expert_bias.mean()
         self.tokens_per_expert.zero_()
         return c
+
+
+# -----------------------------------------------------------------------------
+# measuring the routing
+
+
+@contextmanager
+def recording_routes(layers, keep):
+    """with recording_routes(moe_layers, keep): ...  -- every forward pass of layers[i] inside the block calls
+    keep(i, topk_ids (N, K), topk_weights (N, K)) with the choices it acts on (N = batch x positions, row-major).
+    The one routing recorder: train.py's evaluation counts with it, sample.py --show_routing and study.py's
+    specialization record with it. Run the model eagerly (not compiled) while it records."""
+    for i, m in enumerate(layers):
+        m.on_route = lambda ids, weights, i=i: keep(i, ids, weights)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.on_route = None
+
+
+def routing_counts(choices, domain, n_domains, n_experts):
+    """(domains, experts) counts: each of a token's top-k choices (choices (N, K)) one (domain, expert) pair."""
+    pairs = np.repeat(domain.astype(np.int64), choices.shape[1]) * n_experts + choices.reshape(-1)
+    return np.bincount(pairs, minlength=n_domains * n_experts).reshape(n_domains, n_experts)
+
+
+def mutual_information(counts):
+    """I(domain; expert) in bits of a (domains, experts) table of counts: sum p(d, e) log2 p(d, e) / (p(d) p(e)).
+    0 when the choice ignores the domain; H(domain) when each domain has experts of its own."""
+    p = np.asarray(counts, dtype=np.float64)
+    p = p / p.sum()
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())

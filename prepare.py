@@ -51,8 +51,8 @@ import time
 
 import numpy as np
 
-from data import (EOT, atomic_write, bins_match_meta, char_encoder, error_text, fail, meta_problem, read_meta,
-                  save_tiktoken_file, tiktoken_encoding)
+from data import EOT, bins_match_meta, char_encoder, meta_problem, read_meta, save_tiktoken_file, tiktoken_encoding
+from errors import atomic_write, error_text, fail
 
 FORMAT_VERSION = 1  # bump when the output for the same arguments changes, so old data is rebuilt
 MIN_BPE_VOCAB = 257  # 256 byte tokens + the end-of-text token

@@ -12,7 +12,7 @@ Sample from a trained nanoseek model, decoding with MLA's latent KV cache (DeepS
     python sample.py --show_routing --routing_layer=6      # the routed experts of every token in one MoE layer
     python sample.py --speculative=False                   # an MTP model: decode without drafting, to compare
 
-This file is the command line around Model.generate_stream (model.py): the prompt goes through the model once and
+This file is the command line around generate.generate_stream (generate.py): the prompt goes through the model once and
 fills a preallocated cache that holds [c_kv ; k_pe] per token per layer and nothing else, then each new token
 attends to it with absorbed MLA. On a GPU the decoding step runs as one CUDA graph replay. All num_samples samples
 decode together, one row of the batch each. The first sample is streamed to stdout as it is generated, the others
@@ -29,10 +29,13 @@ from collections import Counter
 import torch
 
 import hf
-from configurator import configure
-from data import error_text, fail, load_tokenizer
+from data import load_tokenizer
+from errors import error_text, fail
+from configurator import configure, settings_of
+from generate import generate_stream, new_cache
 from mla import cache_values_per_token
-from model import DTYPES, Model, ModelConfig
+from model import DTYPES, Model, ModelConfig, cast_weights
+from moe import recording_routes
 
 # -----------------------------------------------------------------------------
 # settings: defaults, overridden by config files and --key=value (configurator.py)
@@ -56,8 +59,7 @@ show_routing = False  # print the routed experts of every token of the first sam
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
 speculative = None  # draft with the MTP module, verify with the model (exact); None = on when the model has one
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
-_settings = {k: v for k, v in globals().items()
-             if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+_settings = settings_of(globals())
 _types = {"routing_layer": int, "speculative": bool}  # the settings whose default is None
 
 # -----------------------------------------------------------------------------
@@ -101,16 +103,6 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
     return (model, *hf.load_tokenizer(init_from), init_from)
 
 
-def cast_weights(model, dtype):
-    """Parameters to dtype for inference (no per-step casts, half the bytes read per token in bf16). The router,
-    the expert biases and the RoPE tables stay float32: routing compares s + b at full precision, as in training."""
-    router = {id(m.gate.weight) for m in model.moe_layers()}  # fp32 as well, as hf.from_pretrained keeps it
-    for p in model.parameters():
-        if id(p) not in router:
-            p.data = p.data.to(dtype)
-    return model
-
-
 def read_prompt(start, encode, eot, block_size):
     """The prompt's token ids, at most block_size of them (the last ones, with a warning)."""
     text = start
@@ -135,32 +127,20 @@ def read_prompt(start, encode, eot, block_size):
 
 
 # -----------------------------------------------------------------------------
-# routing: the experts each token went to, recorded from the forward passes of the generation itself
+# routing: the experts each token went to, recorded from the forward passes of the generation itself (moe.py's
+# recording_routes)
 
 
-class RoutingRecorder:
-    """Wraps one MoE layer's route() so the decisions the forward pass acts on are kept, for batch row 0.
-
-    Call 0 of a generation is the prompt (all its rows are new); every later call adds exactly one new position,
-    the last row (the token fed back; with no cache or after a refill the earlier rows were routed before)."""
-
-    def __init__(self, moe, batch):
-        self.moe, self.ids, self.weights = moe, [], []
-        route = moe.route
-
-        def recording_route(x):
-            topk_ids, topk_weights, scores = route(x)
-            ids = topk_ids.view(batch, -1, topk_ids.shape[-1])[0]  # (T, K) of row 0
-            weights = topk_weights.view(batch, -1, topk_ids.shape[-1])[0]
-            new = slice(None) if not self.ids else slice(-1, None)
-            self.ids.append(ids[new].cpu())
-            self.weights.append(weights[new].float().cpu())
-            return topk_ids, topk_weights, scores
-        moe.route = recording_route  # an instance attribute shadows the method
-
-    def close(self):
-        del self.moe.route
-        return torch.cat(self.ids), torch.cat(self.weights)  # (positions, K) each
+def first_sample_routes(routes, batch):
+    """keep(i, topk_ids, topk_weights) for moe.recording_routes that appends to routes the (ids, weights) of batch
+    row 0's new positions. Pass 0 of a generation is the prompt (all its rows are new); every later pass adds one
+    new position, the last row (the token fed back; with no cache or after a refill the earlier rows were routed
+    before)."""
+    def keep(_, ids, weights):
+        ids, weights = (t.view(batch, -1, t.shape[-1])[0] for t in (ids, weights))  # (T, K) of row 0
+        new = slice(None) if not routes else slice(-1, None)
+        routes.append((ids[new].cpu(), weights[new].float().cpu()))
+    return keep
 
 
 def token_kind(text):
@@ -265,14 +245,14 @@ def main(argv=None):
     prompt = read_prompt(start, encode, eot, cfg.block_size)
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     generator = torch.Generator(device).manual_seed(seed)
-    recorder = None
+    routes = []  # --show_routing: (topk_ids, topk_weights) of sample 1's new positions, per forward pass
     if show_routing:
         moe_ids = list(range(cfg.n_dense_layers, cfg.n_layer))
         layer_id = moe_ids[len(moe_ids) // 2] if routing_layer is None else routing_layer
         if layer_id not in moe_ids:
             fail(f"--routing_layer={routing_layer} is not an MoE layer: pick one of {moe_ids[0]}..{moe_ids[-1]}"
                  if moe_ids else "this model has no MoE layer")
-        recorder = RoutingRecorder(model.layers[layer_id].ffn, num_samples)
+
     print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
@@ -280,31 +260,33 @@ def main(argv=None):
     shown = decode(first)
     print(shown, end="", flush=True)
     cache = None if no_cache or speculate else \
-        model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
+        new_cache(model, num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
     if speculate and speculative is None and len(prompt) + max_new_tokens + 1 > cfg.block_size:
         print(f"note: decoding without speculation: it keeps the whole context, and prompt ({len(prompt)}) + "
               f"max_new_tokens ({max_new_tokens}) + 1 exceeds block_size {cfg.block_size}", file=sys.stderr)
         speculate = False
-        cache = model.new_cache(num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
+        cache = new_cache(model, num_samples, min(len(prompt) + max_new_tokens, cfg.block_size))
     if speculate and len(prompt) + max_new_tokens + 1 > cfg.block_size:
         fail(f"--speculative keeps the whole context: prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + 1 "
              f"must fit block_size {cfg.block_size}; ask for fewer tokens or pass --speculative=False")
     stats = {}
     sync(device)
     t0 = t_first = time.perf_counter()
-    steps = model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, generator,
-                                  use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache,
-                                  speculative=speculate, stats=stats)
-    for nxt in steps:
-        if not new:
-            sync(device)
-            t_first = time.perf_counter()
-        new.append(nxt)
-        first.append(int(nxt[0, 0]))  # the one sync per step that streaming needs
-        text = decode(first)
-        if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its next token
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+    steps = generate_stream(model, idx, max_new_tokens, temperature, top_k or None, top_p, generator,
+                            use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache,
+                            speculative=speculate, stats=stats)
+    shown_layer = [model.layers[layer_id].ffn] if show_routing else []
+    with recording_routes(shown_layer, first_sample_routes(routes, num_samples)):
+        for nxt in steps:
+            if not new:
+                sync(device)
+                t_first = time.perf_counter()
+            new.append(nxt)
+            first.append(int(nxt[0, 0]))  # the one sync per step that streaming needs
+            text = decode(first)
+            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its next token
+                print(text[len(shown):], end="", flush=True)
+                shown = text
     sync(device)
     seconds = time.perf_counter() - t0
     out = torch.cat([idx] + new, dim=1).tolist()
@@ -314,8 +296,8 @@ def main(argv=None):
         print(decode(row))
     print("---------------")
 
-    if recorder is not None:
-        ids, weights = recorder.close()
+    if show_routing:
+        ids, weights = (torch.cat(t) for t in zip(*routes))  # (positions, K) each
         print_routing(layer_id, model.layers[layer_id].ffn, out[0][:len(ids)], ids, weights, decode, len(prompt))
 
     n_new = len(new) * num_samples

@@ -40,10 +40,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
-from configurator import configure
-from data import atomic_write, data_dir, debugging, error_text, fail, load_data, tokenizer_identity, val_domains
+from configurator import configure, settings_of
+from data import data_dir, load_data, tokenizer_identity, val_domains
+from errors import atomic_write, debugging, error_text, fail
+from logs import draw_plots, open_log
 from model import DTYPES, Model, ModelConfig, peak_flops
-from moe import max_vio
+from moe import max_vio, recording_routes
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train ModelConfig's default model on data/shakespeare in a few minutes on a 2-core CPU
@@ -91,11 +93,10 @@ dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
 seed = 1337
 # -----------------------------------------------------------------------------
-settings = {k: v for k, v in globals().items()
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+settings = settings_of(globals())
 # every setting's type: its default's, or for the None defaults ModelConfig's annotation or this
-types = {f.name: f.type for f in dataclasses.fields(ModelConfig)} | {"lr_decay_iters": int, "min_lr": float}
-given = configure(settings, sys.argv[1:], types)  # the names the command line and config files set
+setting_types = {f.name: f.type for f in dataclasses.fields(ModelConfig)} | {"lr_decay_iters": int, "min_lr": float}
+given = configure(settings, sys.argv[1:], setting_types)  # the names the command line and config files set
 globals().update(settings)
 model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
 # -----------------------------------------------------------------------------
@@ -116,129 +117,6 @@ if not 0 <= seed < 2**63:
     fail(f"--seed={seed} must be in 0..2**63-1")
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f"--out_dir={out_dir} is a file, not a folder: pick another --out_dir")
-
-# -----------------------------------------------------------------------------
-# log.jsonl: one JSON record per line, every record tagged with its run. Runs in the same out_dir append to it, so
-# no run ever loses the history of another; a resumed run continues its checkpoint's run (the same tag) and first
-# drops that run's records after the checkpoint's iter, which it is about to write again.
-
-
-def parse_record(line):
-    """A line of log.jsonl -> its record, or None for a line that is not one (cut short by a crash mid-write)."""
-    try:
-        r = json.loads(line)
-    except ValueError:
-        return None
-    return r if isinstance(r, dict) and "kind" in r and "iter" in r else None
-
-
-def read_log(path):
-    with open(path, "rb") as f:
-        return [r for r in map(parse_record, f) if r is not None]
-
-
-def keep_log_until(path, run, last_iter):
-    """Rewrite log.jsonl (whole or not at all) without run's records after last_iter and without broken lines;
-    every other line stays byte for byte."""
-    with open(path, "rb") as f:
-        lines = [(line.rstrip(b"\n"), parse_record(line)) for line in f]
-    with atomic_write(path) as f:
-        f.write(b"".join(line + b"\n" for line, r in lines
-                         if r is not None and not (r.get("run") == run and r["iter"] > last_iter)))
-
-
-# -----------------------------------------------------------------------------
-# plots: train/val loss vs tokens, and the load of every expert of every MoE layer over training.
-# Drawn from log.jsonl (its last run) at the end of a run, or alone with --plot_only.
-
-
-def plot_run(out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_log(os.path.join(out_dir, "log.jsonl"))
-    run = next((r.get("run") for r in reversed(records) if r["kind"] == "start"), None)
-    recs = {}
-    for r in records:
-        if r.get("run") == run:
-            recs[(r["kind"], r["iter"])] = r  # a resumed run writes its checkpoint's iter again: last wins
-    train = sorted((r for r in recs.values() if r["kind"] == "train"), key=lambda r: r["iter"])
-    evals = sorted((r for r in recs.values() if r["kind"] == "eval"), key=lambda r: r["iter"])
-    start = next((r for r in recs.values() if r["kind"] == "start"), {})
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train (step)")
-    ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", ms=3, label="train (eval)")
-    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val")
-    if "unigram_entropy" in start:
-        ax.axhline(start["unigram_entropy"], ls="--", c="gray", lw=1, label="unigram entropy")
-    if evals:
-        ax.set_title(f"{out_dir}: final val loss {evals[-1]['val_loss']:.4f}")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(os.path.join(out_dir, "loss.png")) as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    written = ["loss.png"]
-
-    loads = [r for r in train if "load" in r]
-    if loads:
-        n_layers = len(loads[0]["load"])
-        cols = min(4, n_layers + 1)
-        rows = math.ceil((n_layers + 1) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 0.6), squeeze=False,
-                                 layout="constrained")
-        x0, x1 = loads[0]["tokens"], loads[-1]["tokens"]
-        for i, ax in enumerate(axes.flat):
-            if i < n_layers:
-                # rows: experts; columns: log intervals; color: log2(tokens / mean) (white = its fair share)
-                grid = np.log2(np.maximum(np.array([r["load"][i] for r in loads]).T, 1e-3))
-                im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest",
-                               extent=(x0, x1, grid.shape[0] - 0.5, -0.5))
-                ax.set_title(f"MoE layer {i}", fontsize=9)
-                ax.set_ylabel("expert", fontsize=8)
-            elif i == n_layers:
-                ax.plot([r["tokens"] for r in loads], [r["maxvio_batch"] for r in loads], lw=0.8,
-                        label="MaxVio_batch")
-                ev = [r for r in evals if "maxvio_global" in r]
-                ax.plot([r["tokens"] for r in ev], [r["maxvio_global"] for r in ev], "o-", ms=3,
-                        label="MaxVio_global (val)")
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-                ax.set_title("MaxVio (mean over layers)", fontsize=9)
-            else:
-                ax.axis("off")
-            ax.tick_params(labelsize=7)
-            ax.xaxis.get_offset_text().set_fontsize(7)
-        fig.colorbar(im, ax=axes[:, :n_layers].ravel().tolist() if rows == 1 else axes.ravel().tolist(), shrink=0.8,
-                     label="log2(tokens / mean)")
-        fig.suptitle(f"{out_dir}: expert load over training tokens (balance={start.get('balance', '?')}; "
-                     "red = overloaded, blue = starved)", fontsize=10)
-        with atomic_write(os.path.join(out_dir, "expert_load.png")) as f:
-            fig.savefig(f, format="png", dpi=110)
-        plt.close(fig)
-        written.append("expert_load.png")
-    print(f"plots: {', '.join(os.path.join(out_dir, w) for w in written)}")
-
-
-def draw_plots(out_dir):
-    """plot_run; -> None, or one line saying why it could not draw."""
-    try:
-        plot_run(out_dir)
-    except ImportError:
-        return "matplotlib is not installed; pip install matplotlib, then python train.py --plot_only"
-    except OSError as e:
-        return f"cannot draw the plots in {out_dir} ({error_text(e)}): pick an --out_dir you can write"
-    except (KeyError, TypeError, ValueError) as e:  # records that are not train.py's
-        return f"cannot plot {out_dir}/log.jsonl: a record is not one train.py wrote ({error_text(e)})"
-
 
 if plot_only:
     if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
@@ -442,8 +320,8 @@ n_moe = len(moe_layers)
 flops_per_token = raw_model.flops_per_token(block_size)
 
 # the unigram baseline: a model that ignores the context can do no better than this entropy
-sample = np.asarray(data.train[:1 << 24])
-p = np.bincount(sample, minlength=vocab_size) / len(sample)
+head_tokens = np.asarray(data.train[:1 << 24])
+p = np.bincount(head_tokens, minlength=vocab_size) / len(head_tokens)
 unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 if master:
@@ -460,14 +338,7 @@ if master:
     log_path = os.path.join(out_dir, "log.jsonl")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if init_from == "resume" and os.path.exists(log_path):
-            keep_log_until(log_path, run_id, iter_num)
-        log_file = open(log_path, "a")  # appended to, never truncated: earlier runs' records stay
-        if log_file.tell() > 0:
-            with open(log_path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    log_file.write("\n")  # end a line a crash cut short, so the next record starts on its own
+        log_file = open_log(log_path, *((run_id, iter_num) if init_from == "resume" else ()))
     except OSError as e:
         fail(f"cannot write to --out_dir={out_dir} ({error_text(e)}): pick a folder you can write")
 wandb_run = None
@@ -504,7 +375,7 @@ def evaluate():
     """Mean loss over the same eval_iters batches of each split, and the tokens each expert gets over all of val's
     (for MaxVio_global); with domains, val's loss per domain too (each target token counted in its own domain).
     Runs the uncompiled model in eval mode, where the MoE layers count nothing, so the training
-    counts that drive the bias are untouched; the val counts are read by hooks on the experts' inputs instead."""
+    counts that drive the bias are untouched; the val counts come from moe.recording_routes instead."""
     raw_model.eval()
     out = {}
     mtp_sums = torch.zeros(2, len(raw_model.mtp), device=device)
@@ -512,18 +383,14 @@ def evaluate():
     n_domains = len(domains[0]) if domains else 0
     domain_sums = torch.zeros(2, n_domains, device=device)  # loss sum, tokens
 
-    def count_hook(i):
-        def hook(module, args):  # Experts.forward(x, topk_ids, topk_weights)
-            val_counts[i] += torch.bincount(args[1].flatten(), minlength=n_experts)
-        return hook
+    def count(i, topk_ids, _):
+        val_counts[i] += torch.bincount(topk_ids.flatten(), minlength=n_experts)
 
     for split, stream in (("train", 1), ("val", 2)):
-        hooks = [m.experts.register_forward_pre_hook(count_hook(i)) for i, m in enumerate(moe_layers)] \
-            if split == "val" else []
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, stream, k)
-            with ctx:
+            with ctx, recording_routes(moe_layers if split == "val" else [], count):
                 logits, loss = raw_model(X, Y)  # eval mode: cross-entropy only, no balance loss
             losses[k] = loss.item()
             if split == "val" and domains:
@@ -535,8 +402,6 @@ def evaluate():
                 domain_sums[1].index_add_(0, dom, torch.ones_like(token_loss))
             if split == "val" and raw_model.mtp:  # the MTP modules' own loss and top-1 accuracy, per depth
                 mtp_sums += torch.stack([raw_model.mtp_loss, raw_model.mtp_accuracy]) / eval_iters
-        for h in hooks:
-            h.remove()
         out[split] = losses.mean().item()
     if raw_model.mtp:
         out["mtp_loss"], out["mtp_accuracy"] = mtp_sums.tolist()
