@@ -143,7 +143,7 @@ class MoE(nn.Module):
         if self.on_route is not None:
             self.on_route(topk_ids, topk_weights)
         if self.training:  # count only training forward passes: the trainer's bias update reads these
-            # index_add_, not bincount: bincount on CUDA syncs with the host once per layer (~15% of a step)
+            # index_add_, not bincount: bincount on CUDA syncs with the host once per layer
             ids = topk_ids.flatten()
             self.tokens_per_expert.index_add_(0, ids, torch.ones_like(ids, dtype=self.tokens_per_expert.dtype))
         self.aux_loss = None

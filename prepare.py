@@ -17,7 +17,7 @@ library's own sources, PSF licence) and prose (the King James Bible from the PyP
 text itself public domain). Each domain is split into train and val on its own, so val holds every domain in its
 share, and meta.json lists the domains in order with their token counts: val.bin is the domains' val tokens one
 after another, so the domain of every val token is known (data.val_domains reads it back), which is what lets
-train.py report the loss per domain and bench.py measure which experts each domain's tokens choose.
+train.py report the loss per domain and study.py measure which experts each domain's tokens choose.
 
 It writes, in data/NAME/:
     train.bin, val.bin   token ids, flat, numpy-memmappable (uint16 when the vocab fits, else uint32); every

@@ -1,7 +1,7 @@
 # The architecture ablation of DeepSeekMoE (arXiv 2401.06066, its fine-grained segmentation and shared-expert
 # isolation ablations), on a GPU: config/train_small.py's width and depth on data/mix (python prepare.py
-# --corpus=mix), one pass over its train split at most. `python bench.py --sections=arch` runs the five variants
-# (bench.arch_variants: dense, coarse top-2 of 16, 1 shared + top-1 of 15, fine-grained 2 shared + top-6 of 62,
+# --corpus=mix), one pass over its train split at most. `python study.py --sections=arch` runs the five variants
+# (study.arch_variants: dense, coarse top-2 of 16, 1 shared + top-1 of 15, fine-grained 2 shared + top-6 of 62,
 # fine-grained top-8 of 64), each with --balance=bias and the same active FFN width, data, tokens and seed.
 exec(open(__file__.replace("_arch.py", "_small.py")).read())  # everything config/train_small.py sets, then:
 out_dir = "out-arch"

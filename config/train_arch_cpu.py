@@ -1,7 +1,7 @@
 # The architecture ablation (config/train_arch.py) at a size a 2-core CPU trains in about a minute per variant:
 # ModelConfig's CPU width and depth (4 layers of 128) with the same ratios as the GPU ablation: active FFN hidden
-# 4 * n_embd = 512 = 8 segments of 64; the MoE variants hold 64 segments of experts (bench.arch_variants).
-#     python bench.py --sections=arch --arch_config=config/train_arch_cpu.py
+# 4 * n_embd = 512 = 8 segments of 64; the MoE variants hold 64 segments of experts (study.arch_variants).
+#     python study.py --sections=arch --arch_scale=cpu
 out_dir = "out-arch-cpu"
 dataset = "mix"
 eval_interval = 50

@@ -1,6 +1,6 @@
 # The load-balancing ablation (README "Results"): a scaled-down "small" with the paper's expert layout
 # (Wang et al. / DeepSeekMoE: 64 experts, top-6, 2 shared). Same data, tokens and seed for every run:
-#     python bench.py --sections=balance           # all four below, then the table and out/balance/balance.png
+#     python study.py --sections=balance           # all four below, then the table and out/balance/balance.png
 #     python train.py config/train_balance.py --balance=bias --out_dir=out-bias
 #     python train.py config/train_balance.py --balance=aux --aux_alpha=0.01 --out_dir=out-aux0.01
 #     python train.py config/train_balance.py --balance=aux --aux_alpha=0.001 --out_dir=out-aux0.001
