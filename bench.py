@@ -40,7 +40,6 @@ around each repeat (or around CUDA-graph replays where a column says so), the me
 import dataclasses
 import functools
 import itertools
-import json
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ import hf
 import kernels
 from configurator import configure, read_config_file, settings_of
 from generate import CapturedStep, decode_step, generate_stream, new_cache
-from logs import table
+from logs import run_sections, table
 from mla import MLA, MHACache, cache_values_per_token, latent_attention
 from model import Model, ModelConfig, cast_weights, peak_flops
 from moe import experts_reference
@@ -744,15 +743,7 @@ def main(argv):
         print(f"peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (datasheet) | HBM peak "
               f"{peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet), device copy {copy_bw / 1e9:.0f} GB/s "
               "(measured)")
-    for section in names:
-        t0 = time.time()
-        SECTIONS[section]()
-        print(f"({section} section: {time.time() - t0:.0f} s)")
-    if json_path:
-        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"wrote {json_path}")
+    run_sections(SECTIONS, names, results, json_path)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ PNG pictures of bench.py and study.py.
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -75,6 +76,19 @@ def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_sections(sections, names, results, json_path):
+    """Run sections[name]() for each name in order, timing each, then write results (every number) to json_path."""
+    for name in names:
+        t0 = time.time()
+        sections[name]()
+        print(f"({name} section: {time.time() - t0:.0f} s)")
+    if json_path:
+        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+        with atomic_write(json_path) as f:
+            f.write(json.dumps(results, indent=1, default=str).encode())
+        print(f"wrote {json_path}")
 
 
 def pyplot():

@@ -30,7 +30,6 @@ Sections:
 Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CPU scale.
 """
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import torch
 from configurator import configure, read_config_file, settings_of
 from data import load_data, val_domains
 from generate import generate, generate_stream
-from logs import last_run, pyplot, read_log, save_figure, table
+from logs import last_run, pyplot, read_log, run_sections, save_figure, table
 from model import Model, ModelConfig, cast_weights
 from moe import mutual_information, recording_routes, routing_counts
 
@@ -416,15 +415,7 @@ def main(argv):
         raise SystemExit("study.py --sections=mtp needs a CUDA GPU (its decoding half times CUDA graphs)")
     results["settings"] = settings
     print(f"device: {gpu} | torch {torch.__version__}")
-    for section in names:
-        t0 = time.time()
-        SECTIONS[section]()
-        print(f"({section} section: {time.time() - t0:.0f} s)")
-    if json_path:
-        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        print(f"wrote {json_path}")
+    run_sections(SECTIONS, names, results, json_path)
 
 
 if __name__ == "__main__":
