@@ -81,6 +81,13 @@ def run_dir(out_root, name):
     return os.path.join(out_root, name.replace(" ", ""))
 
 
+def median_tok_s(train_records):
+    """The median tokens/s of a run's log lines, the first (compilation, warm-up) left out; nan with none logged
+    (a run shorter than its log_interval)."""
+    rates = sorted(r["tok_s"] for r in train_records[1:]) or [r["tok_s"] for r in train_records]
+    return rates[len(rates) // 2] if rates else float("nan")
+
+
 def train_runs(config, runs, out_root, extra):
     """One train.py run per entry of runs {name: [arguments]} on top of config, each in out_root/name, one after
     the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line."""
@@ -107,10 +114,10 @@ def study_balance():
     for name, recs in logs.items():
         ev = [r for r in recs if r["kind"] == "eval"]
         tr = [r for r in recs if r["kind"] == "train"]
-        late = [r["maxvio_batch"] for r in tr if r["iter"] > tr[-1]["iter"] * 0.75]
-        tok_s = sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]
+        late = [r["maxvio_batch"] for r in tr if r["iter"] > tr[-1]["iter"] * 0.75] or [float("nan")]
+        tok_s = median_tok_s(tr)
         row = dict(balance=name, val_loss=ev[-1]["val_loss"], maxvio_global=ev[-1]["maxvio_global"],
-                   maxvio_batch_last_quarter=sum(late) / len(late), tok_s=tok_s, mfu=tr[-1].get("mfu"),
+                   maxvio_batch_last_quarter=sum(late) / len(late), tok_s=tok_s, mfu=tr[-1].get("mfu") if tr else None,
                    tokens=ev[-1]["tokens"])
         rows.append(row)
     print(table(["balance", "final val loss", "MaxVio_global (val)", "MaxVio_batch (last quarter)", "tokens/s (median)"],
@@ -151,7 +158,7 @@ def study_mtp():
         tr = [r for r in recs if r["kind"] == "train"]
         rows.append(dict(run=name, val_loss=ev[-1]["val_loss"], mtp_loss=ev[-1].get("val_mtp_loss", [None])[0],
                          mtp_accuracy=ev[-1].get("val_mtp_accuracy", [None])[0], tokens=ev[-1]["tokens"],
-                         tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2]))
+                         tok_s=median_tok_s(tr)))
     print(table(["mtp_depth", "val loss (main head)", "val loss (MTP head, token t+2)", "MTP top-1 accuracy",
                  "training tokens/s"],
                 [[r["run"][-1], f"{r['val_loss']:.4f}", "-" if r["mtp_loss"] is None else f"{r['mtp_loss']:.4f}",
@@ -245,7 +252,7 @@ def final_row(recs):
     tr = [r for r in recs if r["kind"] == "train"]
     return dict(val_loss=ev[-1]["val_loss"], domains=ev[-1].get("val_loss_domain", {}),
                 maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"],
-                tok_s=sorted(r["tok_s"] for r in tr[1:])[len(tr[1:]) // 2])
+                tok_s=median_tok_s(tr))
 
 
 def variant_counts(cfg, variants, vocab_size):
