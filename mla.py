@@ -19,6 +19,10 @@ Two ways to compute the same thing, one switch (`attn_impl`):
           latents [c_kv ; k_pe]: multi-query attention with one (kv_lora_rank + qk_rope_head_dim)-wide key
           whose first kv_lora_rank entries are also the value (decoding).
 
+The cache: LatentCache holds [c_kv ; k_pe] per token per layer and nothing else. MHACache holds what a model
+without MLA would cache, per-head K and V, computed by this module's own projections: the baseline of the README's
+latent-vs-MHA decoding numbers.
+
 RoPE layout: interleaved pairs (x0,x1),(x2,x3)... exactly as DeepSeek's released weights expect, so checkpoints
 load without permuting rows. Names follow DeepSeek-V3 inference/model.py (wq_a, wkv_a, kv_norm, wkv_b, wo).
 """
