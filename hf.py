@@ -105,16 +105,16 @@ def fp8_dequant(w, scale_inv, block=(128, 128), dtype=torch.float32):
     return out
 
 
-def config_from_hf(hf, **overrides):
+def config_from_hf(hf_config, **overrides):
     """transformers DeepSeek-V2/V3 config.json (a dict) -> ModelConfig. What we cannot run fails in one line."""
     def need(ok, what):
         if not ok:
             raise ValueError(f"unsupported checkpoint: {what}")
-    kind = hf.get("model_type")
+    kind = hf_config.get("model_type")
     need(kind in HF_DEFAULTS, f"model_type {kind!r} (nanoseek loads deepseek_v2 and deepseek_v3)")
     c = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, moe_layer_freq=1,
              q_lora_rank=1536, **HF_DEFAULTS[kind])
-    c.update({k: v for k, v in hf.items() if v is not None or k == "q_lora_rank"})  # q_lora_rank null = no compression
+    c.update({k: v for k, v in hf_config.items() if v is not None or k == "q_lora_rank"})  # q_lora_rank null = no compression
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
     moe = bool(c.get("n_routed_experts"))
@@ -171,7 +171,7 @@ def config_from_hf(hf, **overrides):
 def config_to_hf(cfg, dtype):
     """ModelConfig -> config.json for transformers: DeepseekV3 (sigmoid routing) or DeepseekV2 (softmax routing)."""
     v3 = cfg.score_func == "sigmoid"
-    hf = dict(
+    hf_config = dict(
         architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         model_type="deepseek_v3" if v3 else "deepseek_v2", vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd,
@@ -186,12 +186,12 @@ def config_to_hf(cfg, dtype):
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, rope_theta=cfg.rope_theta, rope_scaling=None,
         bos_token_id=None, eos_token_id=None, num_nextn_predict_layers=cfg.mtp_depth, torch_dtype=str(dtype).removeprefix("torch."))
     if v3:
-        hf["rope_interleave"] = True  # our layout, DeepSeek's
+        hf_config["rope_interleave"] = True  # our layout, DeepSeek's
     if cfg.rope_factor > 1:
-        hf["rope_scaling"] = dict(type="yarn", factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_len,
+        hf_config["rope_scaling"] = dict(type="yarn", factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_len,
                                   beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
                                   mscale_all_dim=cfg.rope_mscale_all_dim)
-    return hf
+    return hf_config
 
 
 def _pieces(name, t, cfg):
@@ -241,12 +241,12 @@ def _from_pretrained(path, dtype, device, overrides):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with open(os.path.join(path, "config.json"), "rb") as f:
         try:
-            hf = json.load(f)
+            hf_config = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path}/config.json is not JSON ({e})") from e
-    if not isinstance(hf, dict):
+    if not isinstance(hf_config, dict):
         raise ValueError(f"{path}/config.json is not a JSON object")
-    cfg = config_from_hf(hf, **overrides)
+    cfg = config_from_hf(hf_config, **overrides)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -299,8 +299,8 @@ def _from_pretrained(path, dtype, device, overrides):
     params = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in loadable}
     filled = {p: 0 for p in params}
     handles = {fn: safe_open(os.path.join(path, fn), "pt") for fn in set(file_of.values())}
-    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    rope_halves = hf.get("model_type") == "deepseek_v3" and hf.get("rope_interleave", True) is False
+    block = tuple((hf_config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    rope_halves = hf_config.get("model_type") == "deepseek_v3" and hf_config.get("rope_interleave", True) is False
     with torch.no_grad():
         for name, ours in plan.items():
             t = handles[file_of[name]].get_tensor(name)
