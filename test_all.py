@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import math
+import pathlib
 import random
 import re
 import runpy
@@ -1267,7 +1268,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
     (["--learning_rat=1e-3"], "did you mean --learning_rate"),
     (["--n_experts=2.5"], "--n_experts expects an int"),
     (["--compile=maybe"], "--compile expects true or false"),
-    (["--balance=loss"], "--balance must be bias, aux or none"),
+    (["--balance=loss"], "--balance='loss' must be one of bias, aux, none"),
     (["--top_k=9"], "invalid config: top_k (9) must be in 1..n_experts (8)"),
     (["--n_group=3"], "n_experts (8) must be divisible by n_group (3)"),
     (["--n_group=2", "--topk_group=3"], "topk_group (3) must be in 1..n_group (2)"),
@@ -1285,8 +1286,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     good = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=10",
-                     "--learning_rate=1e309", "--warmup_iters=0")  # 1e309 parses as inf: the weights blow up
-    assert "loss became NaN/inf at iter 5" in msg, msg
+                     "--learning_rate=1e30", "--warmup_iters=0")  # finite, but the weights blow up
+    assert "loss became NaN/inf at iter" in msg and "keeps iter 4" in msg, msg
     kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert kept["iter_num"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
@@ -1954,7 +1955,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(good_run, data_root, tmp_pa
     _, err = p.communicate(timeout=60)
     m = re.fullmatch(r"interrupted at iter \d+: \S+ckpt.pt keeps iter (\d+)\n", err)
     assert p.returncode != 0 and m, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]  # no temp file
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]  # no temp file
     # the signal lands a few iters after "eval 8" was read: the checkpoint kept is whichever evaluation came last
     kept = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"]
     assert kept == int(m[1]) and kept >= 4 and kept % 4 == 0
@@ -1983,14 +1984,14 @@ def test_failed_save_keeps_the_previous_checkpoint(good_run, data_root, tmp_path
     assert re.fullmatch(r"cannot save \S+ckpt.pt at iter 4 \(No space left on device\): stopping; \S+ckpt.pt keeps "
                         r"iter 2", msg), msg
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]
 
 
 def test_atomic_write_never_follows_a_link_and_leaves_nothing_on_failure(tmp_path):
     target, victim = tmp_path / "ckpt.pt", tmp_path / "victim"
     target.write_bytes(b"old")
     victim.write_bytes(b"someone else's")
-    os.symlink(victim, tmp_path / "ckpt.pt.tmp")  # planted where the temp file goes
+    os.symlink(victim, tmp_path / f"ckpt.pt.tmp-{os.getpid()}")  # planted where this process's temp file goes
     with errors.atomic_write(str(target)) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new" and victim.read_bytes() == b"someone else's"
@@ -2091,17 +2092,19 @@ def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
     for k in range(3):  # swap_in renames twice: killed before the first, before the second, not at all
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(tmp_path / "old", data)
-        shutil.copytree(tmp_path / "new" / "ds", data / ".ds.tmp-killed")
+        staging = prepare.make_staging(str(data / "ds"))
+        os.rmdir(os.path.join(staging, "new"))
+        shutil.copytree(tmp_path / "new" / "ds", os.path.join(staging, "new"))
         monkeypatch.setattr(os, "rename", rename_killed_at(k))
         try:
-            prepare.swap_in(str(data / ".ds.tmp-killed"), str(data / "ds"))
+            prepare.swap_in(staging, str(data / "ds"))
         except KeyboardInterrupt:
             pass
         monkeypatch.setattr(os, "rename", real_rename)
         if (data / "ds").exists():
             assert dataset_files(data / "ds") in (old, new)
         else:
-            assert dataset_files(data / ".ds.old") == old
+            assert dataset_files(pathlib.Path(staging) / "old") == old
         prepare.recover_swap(str(data / "ds"))  # what the next run does first
         assert dataset_files(data / "ds") == (new if k == 2 else old) and os.listdir(data) == ["ds"]
     for k in range(2):  # the same through main(): its cleanup puts the old dataset back
@@ -2114,6 +2117,32 @@ def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
         assert dataset_files(data / "ds") == old and os.listdir(data) == ["ds"]
     prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={data}", *make])
     assert dataset_files(data / "ds") == new and os.listdir(data) == ["ds"]
+
+
+def test_prepare_deletes_only_what_it_made(tmp_path):
+    """Hidden folders named like prepare.py's staging ones but not marked as its own, a file or a link where the
+    dataset goes, and a user's file inside it: never moved aside or deleted; each refusal is one line."""
+    (tmp_path / "in.txt").write_text(numbered_text(300, seed=1))
+    data = tmp_path / "data"
+    make = [f"--input={tmp_path / 'in.txt'}", "--tokenizer=char", f"--data_root={data}"]
+    prepare.main([*make, "--name=.ds.old"])  # a dataset whose name looks like a backup
+    (data / ".ds.prepare-12345678").mkdir()  # a user's folder that looks like a staging folder
+    (data / ".ds.prepare-12345678" / "keep").write_text("mine")
+    kept = dataset_files(data / ".ds.old")
+    prepare.main([*make, "--name=ds", "--force"])
+    prepare.main([*make, "--name=ds", "--force"])
+    assert dataset_files(data / ".ds.old") == kept and (data / ".ds.prepare-12345678" / "keep").read_text() == "mine"
+    (data / "ds" / "notes.txt").write_text("mine")
+    (data / "afile").write_text("mine")
+    os.symlink(data / ".ds.old", data / "alink")
+    before = sorted(os.listdir(data))
+    for name, words in [("ds", "holds files prepare.py did not write (notes.txt)"), ("afile", "is a file"),
+                        ("alink", "is a symlink")]:
+        with pytest.raises(SystemExit) as e:
+            prepare.main([*make, f"--name={name}", "--force"])
+        assert words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert sorted(os.listdir(data)) == before and (data / "afile").read_text() == "mine"
+    assert (data / "ds" / "notes.txt").read_text() == "mine"
 
 
 # -----------------------------------------------------------------------------
