@@ -1801,6 +1801,22 @@ def good_run(data_root, tmp_path_factory):
     crafted_ckpt("huge_args", lambda c: c["model_args"].update(n_embd=60000))
     crafted_ckpt("int_weights", lambda c: c["model"].update({"embed.weight": c["model"]["embed.weight"].long()}))
     crafted_ckpt("retokenized", lambda c: c["data"].update(dir=str(bad / "data" / "other")))  # as if re-prepared
+    crafted_ckpt("nan_weights", lambda c: c["model"]["embed.weight"].view(-1)[3:5].fill_(float("nan")))
+    crafted_ckpt("nan_bias", lambda c: c["model"]["layers.2.ffn.expert_bias"].fill_(float("inf")))
+    crafted_ckpt("bad_optimizer", lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)))
+    crafted_ckpt("bad_best", lambda c: c.update(best_val_loss="low"))
+    crafted_ckpt("sparse", lambda c: c["model"].update({"norm.weight": c["model"]["norm.weight"].to_sparse()}))
+    (bad / "syntax_config.py").write_text("batch_size = 4\nmax_iters = (\n")
+    (bad / "name_config.py").write_text("batch_size = 4\nmax_iters = undefined_name\n")
+    (bad / "nul_config.py").write_bytes(b"batch_size = 4\x00\n")
+    (bad / "latin1_config.py").write_bytes(b"wandb_run_name = 'caf\xe9'\n")
+    (bad / "nan_config.py").write_text('learning_rate = float("nan")\n')
+    for name, meta in [("deep_meta", b"[" * 100_000), ("bom_meta", b"\xef\xbb\xbf" + (bad / "data" / "other" /
+                       "meta.json").read_bytes().replace(b'"vocab_size"', b'"vocab_size_"'))]:
+        shutil.copytree(bad / "data" / "other", bad / "data" / name)
+        (bad / "data" / name / "meta.json").write_bytes(meta)
+    shutil.copytree(bad / "data" / "other", bad / "data" / "bad_ranks")
+    (bad / "data" / "bad_ranks" / "tokenizer.json").write_text('{"chars": 5}')
 
     def crafted_hf(name, edit_config=None, safetensors=None):
         shutil.copytree(root / "hf_good", bad / name)
@@ -1819,6 +1835,20 @@ def good_run(data_root, tmp_path_factory):
     crafted_hf("hf_type", lambda c: c.update(hidden_size="wide"))
     crafted_hf("hf_key", lambda c: c.pop("vocab_size"))
     crafted_hf("hf_list", lambda c: c.update(quantization_config=[1]))
+    crafted_hf("hf_top0", lambda c: c.update(num_experts_per_tok=0))
+    crafted_hf("hf_theta", lambda c: c.update(rope_theta="abc"))
+    crafted_hf("hf_scaling", lambda c: c.update(rope_scaling="yarn"))
+    weights = load_file(root / "hf_good" / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    crafted_hf("hf_nan", safetensors=save(weights))
+    # a folder whose tokenizer_config.json names code of its own (auto_map): it must never run
+    crafted_hf("hf_code")
+    for name in ("meta.json", "tokenizer.json"):
+        (bad / "hf_code" / name).unlink()
+    (bad / "hf_code" / "tokenizer.json").write_text("{}")
+    (bad / "hf_code" / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["custom.Tok", None]}, "tokenizer_class": "Tok"}))
+    (bad / "hf_code" / "custom.py").write_text("open(__file__ + '.ran', 'w').write('ran')\n")
     return root
 
 
@@ -1860,6 +1890,31 @@ BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {pl
     ("train", ["--out_dir={bad}/a_file", "--plot_only"], "is a file, not a folder"),
     ("train", ["--out_dir={bad}/no_log", "--plot_only"], "log.jsonl to plot: train first"),
     ("train", ["--dataset={bad}/data/empty_meta"], "meta.json is not one prepare.py wrote"),
+    ("train", ["--dataset={bad}/data/deep_meta"], "meta.json is nested too deeply"),
+    ("train", ["--dataset={bad}/data/bom_meta"], "meta.json is not one prepare.py wrote (its vocab_size is missing"),
+    ("train", ["--dataset={bad}/data/bad_ranks"], "cannot read the tokenizer"),
+    # every setting's domain, for config files and the command line alike; devices; memory
+    ("train", ["--beta1=1e400"], "--beta1=inf must be a finite number"),
+    ("train", ["--beta2=-0.5"], "--beta2=-0.5 must be in [0, 1)"),
+    ("train", ["--learning_rate=-1"], "--learning_rate=-1.0 must be >= 0"),
+    ("train", ["--weight_decay=-1"], "--weight_decay=-1.0 must be >= 0"),
+    ("train", ["--bias_update_rate=1e400"], "--bias_update_rate=inf must be a finite number"),
+    ("train", ["{bad}/nan_config.py"], "learning_rate = nan in {bad}/nan_config.py must be a finite number"),
+    ("train", ["--device=gpu"], "--device='gpu' must be auto, cpu, or cuda / cuda:N of a GPU this machine has"),
+    ("train", ["--device=cuda:99"], "--device='cuda:99' must be auto, cpu, or cuda / cuda:N"),
+    ("train", ["--vocab_size=4000000000"], "this needs about"),
+    ("train", ["--batch_size=1000000000000"], "lower --batch_size"),
+    # config files that do not run: the file and the line
+    ("train", ["{bad}/syntax_config.py"], "{bad}/syntax_config.py:2: SyntaxError"),
+    ("train", ["{bad}/name_config.py"], "{bad}/name_config.py:2: NameError: name 'undefined_name' is not defined"),
+    ("train", ["{bad}/nul_config.py"], "{bad}/nul_config.py"),
+    ("train", ["{bad}/latin1_config.py"], "{bad}/latin1_config.py"),
+    # resume from checkpoints whose optimizer state or fields would fail later, after writing
+    ("train", ["--init_from=resume", "--out_dir={bad}/bad_optimizer"], "optimizer state does not fit its model (its "
+     "exp_avg of a (25, 32) parameter is (3,))"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/bad_best"], "is not a checkpoint train.py wrote"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/sparse"], "a tensor is sparse or on the meta device"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/nan_bias"], "layers.2.ffn.expert_bias holds NaN or inf"),
     # sampling arguments
     ("sample", ["--temperature=-1"], "--temperature=-1.0 must be a number >= 0"),
     ("sample", ["--temperature=nan"], "--temperature expects a float, got 'nan'"),
@@ -1883,6 +1938,15 @@ BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {pl
     ("sample", ["--init_from={bad}/hf_type"], "n_embd must be int, got 'wide'"),
     ("sample", ["--init_from={bad}/hf_key"], "config.json lacks ['vocab_size']"),
     ("sample", ["--init_from={bad}/hf_list"], "cannot read the checkpoint in"),
+    ("sample", ["--init_from={bad}/hf_top0"], "invalid config: top_k must be >= 1, got 0"),
+    ("sample", ["--init_from={bad}/hf_theta"], "rope_theta must be a number, got 'abc'"),
+    ("sample", ["--init_from={bad}/hf_scaling"], "rope_scaling must be an object (or null), got 'yarn'"),
+    ("sample", ["--init_from={bad}/hf_nan", "--temperature=0"], "hf_nan: norm.weight holds NaN or inf"),
+    ("sample", ["--out_dir={bad}/nan_weights", "--temperature=0"], "embed.weight holds NaN or inf"),
+    ("sample", ["--start=FILE:/dev/zero"], "/dev/zero is not a regular file"),
+    ("sample", ["--num_samples=1000000000000"], "ask for fewer --num_samples"),
+    ("sample", ["--out_dir="], "--out_dir is empty"),
+    ("sample", ["--device=gpu"], "--device='gpu' must be cpu, or cuda"),
     # prepare.py
     ("prepare", ["--input={bad}/fifo.txt"], "is not a regular file"),
     ("prepare", ["--vocab_size=abc"], "argument --vocab_size: invalid int value: 'abc'"),
@@ -1939,6 +2003,110 @@ def test_bad_invocations_print_one_line_without_traceback(good_run, data_root):
     r = subprocess.run([sys.executable, *cases[2][0]], capture_output=True, text=True,
                        env={**env, "NANOSEEK_DEBUG": "1"}, cwd=good_run)
     assert r.returncode == 1 and "Traceback" in r.stderr and "is not a regular file" in r.stderr
+
+
+def script_process(*argv, **kw):
+    """A script as a real process without NANOSEEK_DEBUG, one thread, in a timeout: a hang fails the test."""
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_DEBUG"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *argv], capture_output=True, env=env, timeout=kw.pop("timeout", 120), **kw)
+
+
+def test_a_second_run_in_a_locked_out_dir_touches_nothing(good_run, data_root, tmp_path):
+    """Two real processes: one holds out_dir's lock (as a training run does for its whole life), the other, a
+    resume into the same folder, names the holder in one line and exits; every file stays byte for byte."""
+    out = tmp_path / "out"
+    shutil.copytree(good_run / "good", out)
+    before = {n: (out / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, errors; errors.hold_lock(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = script_process(TRAIN, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={out}",
+                           "--init_from=resume", "--max_iters=4", "--device=cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{out} is in use by another run (pid {holder.pid} since" in err, err
+    assert {n: (out / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")} == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]
+    r = script_process(TRAIN, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={out}", *TRAIN_TINY,
+                       "--init_from=resume", "--max_iters=4", "--eval_interval=2")  # the holder is gone: it runs
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_no_code_from_a_model_folder_runs(good_run):
+    """A tokenizer_config.json whose auto_map names custom.py: refused in one line, even with "y" on stdin (what
+    transformers would ask), and custom.py never runs."""
+    folder = good_run / "bad" / "hf_code"
+    r = script_process(os.path.join(HERE, "sample.py"), f"--init_from={folder}", "--device=cpu", input=b"y\ny\n")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "cannot read the tokenizer in" in err, err
+    assert "custom code" in err and not (folder / "custom.py.ran").exists()
+
+
+def test_fifos_and_links_are_refused_not_waited_on(good_run, data_root, tmp_path):
+    """A FIFO as the prompt file, meta.json, log.jsonl or a safetensors shard; log.jsonl as a link to someone
+    else's file: one line each, within the timeout, and the link's target untouched."""
+    os.mkfifo(tmp_path / "fifo")
+    shutil.copytree(os.path.join(data_root, "tiny"), tmp_path / "data" / "tiny")
+    (tmp_path / "data" / "tiny" / "meta.json").unlink()
+    os.mkfifo(tmp_path / "data" / "tiny" / "meta.json")
+    shutil.copytree(good_run / "hf_good", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "fifo_log").mkdir()
+    os.mkfifo(tmp_path / "fifo_log" / "log.jsonl")
+    (tmp_path / "link_log").mkdir()
+    (tmp_path / "victim").write_text("someone else's\n")
+    os.symlink(tmp_path / "victim", tmp_path / "link_log" / "log.jsonl")
+    sample_py = os.path.join(HERE, "sample.py")
+    train_tiny = [TRAIN, f"--data_root={data_root}", "--dataset=tiny", *TRAIN_TINY]
+    for argv, words in [
+        ([sample_py, f"--out_dir={good_run / 'good'}", f"--start=FILE:{tmp_path / 'fifo'}", "--device=cpu"],
+         "fifo is not a regular file"),
+        ([TRAIN, f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--device=cpu"],
+         "meta.json is not a regular file"),
+        ([sample_py, f"--init_from={tmp_path / 'hf'}", "--device=cpu"], "model.safetensors is not a regular file"),
+        ([*train_tiny, f"--out_dir={tmp_path / 'fifo_log'}"], "log.jsonl is not a regular file"),
+        ([*train_tiny, f"--out_dir={tmp_path / 'fifo_log'}", "--plot_only"], "log.jsonl is not a regular file"),
+        ([*train_tiny, f"--out_dir={tmp_path / 'link_log'}"], "it must be a plain file, not a link"),
+    ]:
+        r = script_process(*argv, timeout=60)
+        err = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and words in err[0], (argv, err)
+    assert (tmp_path / "victim").read_text() == "someone else's\n"
+
+
+def test_closed_pipe_and_full_stdout(good_run):
+    """python sample.py | head -c1 ends quietly (no traceback, nothing about the pipe); > /dev/full ends in one
+    line saying so."""
+    argv = [sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={good_run / 'good'}", "--device=cpu",
+            "--max_new_tokens=300", "--num_samples=2"]
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_DEBUG"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.read(1)
+    p.stdout.close()  # what head does once it has its byte
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert "Traceback" not in err and "Broken" not in err and "Exception ignored" not in err, err
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=env, timeout=60)
+        last = r.stderr.decode().strip().splitlines()[-1]
+        assert r.returncode == 1 and "Traceback" not in r.stderr.decode(), r.stderr.decode()
+        assert last == "stopped: cannot write the output (No space left on device)", last
+
+
+def test_bias_update_that_overflows_stops_the_run(data_root, tmp_path):
+    """--bias_update_rate=1e300 is finite, but the float32 expert biases become inf after one step: one line, and
+    the run stops before a checkpoint with them could be saved."""
+    msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'o'}", "--max_iters=4", "--eval_interval=2",
+                     "--bias_update_rate=1e300")
+    assert msg.startswith("the expert biases became NaN/inf at iter 0") and "no checkpoint was saved" in msg, msg
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(good_run, data_root, tmp_path):

@@ -136,7 +136,8 @@ if int(os.environ.get("RANK", 0)) == 0:
 
 if plot_only:
     if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
-        fail(f"no {out_dir}/log.jsonl to plot: train first")
+        fail(f"{out_dir}/log.jsonl is not a regular file: nothing to plot" if os.path.exists(
+            os.path.join(out_dir, "log.jsonl")) else f"no {out_dir}/log.jsonl to plot: train first")
     problem = draw_plots(out_dir)
     if problem:
         fail(problem)
