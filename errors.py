@@ -114,25 +114,23 @@ def read_json(path, limit=64 * MiB, what="JSON file"):
 # one run per out_dir
 
 
-_held = {}  # (device, inode) of each lock file this process holds -> its open file
+_held = []  # the lock files this process holds, open
 
 
 def hold_lock(folder, name="train.lock"):
     """Take an exclusive lock on folder/name (fcntl.flock), held until this process ends (the kernel drops it then,
     also after a kill -9), and write who holds it into the file. A second process that asks while it is held gets
     one line naming the holder and exits, having changed nothing (the lock file stays: deleting it would let two
-    processes lock two different files). A process that holds it already takes it again (the tests run train.py
-    several times in one process). Returns the open file."""
+    processes lock two different files). Returns the open file."""
     import fcntl
     path = os.path.join(folder, name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o666)
     except OSError as e:
         fail(f"cannot lock {path} ({error_text(e)}): pick an --out_dir you can write")
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) in _held:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        return _held[st.st_dev, st.st_ino]
+        fail(f"{path} is not a regular file: move it away or pick another --out_dir")
     f = open(fd, "r+")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,8 +142,15 @@ def hold_lock(folder, name="train.lock"):
     f.truncate(0)
     f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n")
     f.flush()
-    _held[st.st_dev, st.st_ino] = f
+    _held.append(f)
     return f
+
+
+def release_locks():
+    """Drop every lock hold_lock took (closing the file drops a flock): at the end of a run, and after each run
+    of train.py in a process that runs it several times (the tests)."""
+    while _held:
+        _held.pop().close()
 
 
 # -----------------------------------------------------------------------------

@@ -1178,6 +1178,7 @@ def run_train_argv(*args):
         return runpy.run_path(TRAIN, run_name="__main__")
     finally:
         sys.argv, sys.excepthook = argv, hook  # train.py sets its Ctrl-C hook: not for this process
+        errors.release_locks()  # the process goes on: the next run may use the same out_dir
 
 
 def fails_with(data_root, tmp_path, *args):
@@ -2071,12 +2072,15 @@ def test_fifos_and_links_are_refused_not_waited_on(good_run, data_root, tmp_path
          "meta.json is not a regular file"),
         ([sample_py, f"--init_from={tmp_path / 'hf'}", "--device=cpu"], "model.safetensors is not a regular file"),
         ([*train_tiny, f"--out_dir={tmp_path / 'fifo_log'}"], "log.jsonl is not a regular file"),
-        ([*train_tiny, f"--out_dir={tmp_path / 'fifo_log'}", "--plot_only"], "log.jsonl is not a regular file"),
-        ([*train_tiny, f"--out_dir={tmp_path / 'link_log'}"], "it must be a plain file, not a link"),
     ]:
         r = script_process(*argv, timeout=60)
         err = r.stderr.decode().strip().splitlines()
         assert r.returncode == 1 and len(err) == 1 and words in err[0], (argv, err)
+    for args, words in [(["--plot_only"], "log.jsonl is not a regular file"), ([], "log.jsonl is not a regular file")]:
+        msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'fifo_log'}", *args)  # no hang now: in-process
+        assert words in msg and "\n" not in msg, msg
+    msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'link_log'}")
+    assert "it must be a plain file, not a link" in msg and "\n" not in msg, msg
     assert (tmp_path / "victim").read_text() == "someone else's\n"
 
 

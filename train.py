@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hf
 from configurator import a_device, at_least, between, configure, one_of, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
-from errors import atomic_write, debugging, error_text, fail, hold_lock
+from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
 from logs import draw_plots, open_log
 from model import DTYPES, Model, ModelConfig, memory_problem, peak_flops
 from moe import max_vio, recording_routes
@@ -622,3 +622,4 @@ if plot and master:
     problem = draw_plots(out_dir)  # the run itself is done and saved: a plot that fails is only a warning
     if problem:
         print(f"plot: {problem}", file=sys.stderr)
+release_locks()  # the run is over: out_dir is free for the next
