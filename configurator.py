@@ -10,15 +10,23 @@ default is None; a bool is true/false/1/0/yes/no/on/off on the command line (a b
 False in a config file. Command-line values are Python literals (strings as they are). Unknown keys and wrong types
 end the program with one line naming the close matches or the type expected.
 
+Each setting may also have a domain, declared once beside the types (`domains`): the values it may take, checked
+for config files and the command line alike, before any work. Every float must be finite in any case (1e400 is inf).
+A config file that does not run (a syntax error, an undefined name, a NUL byte, bytes that are not UTF-8) ends in
+one line naming the file and the line.
+
     settings = settings_of(globals())   # the script's defaults
-    given = configure(settings, sys.argv[1:], types={"lr_decay_iters": int}); globals().update(settings)
+    given = configure(settings, sys.argv[1:], types={"lr_decay_iters": int}, domains={"seed": at_least(0)})
+    globals().update(settings)
 """
 import difflib
+import math
 import os
 import sys
+import traceback
 from ast import literal_eval
 
-from errors import fail
+from errors import MiB, error_text, fail, read_file
 
 TYPE_NAMES = {bool: "true or false", int: "an int", float: "a float", str: "a string", tuple: "a tuple"}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -31,15 +39,63 @@ def settings_of(namespace):
     return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, plain)}
 
 
-def _check(where, value, kind, nullable):
-    """value if it is of type kind (an int is taken for a float, None where nullable), else one line and exit."""
+# domains: (what the message says the value must be, the test), made by these helpers
+def at_least(low):
+    return f">= {low}", lambda v: v >= low
+
+
+def above(low):
+    return f"> {low}", lambda v: v > low
+
+
+def between(low, high, open_high=False):
+    return f"in [{low}, {high}{')' if open_high else ']'}", lambda v: low <= v and (v < high if open_high else v <= high)
+
+
+def one_of(*choices):
+    return "one of " + ", ".join(map(str, choices)), lambda v: v in choices
+
+
+def a_device(allow_auto=False):
+    """A device torch can parse and this machine has: cpu, cuda / cuda:N of a visible GPU, mps where it is built."""
+    def exists(v):
+        if allow_auto and v == "auto":
+            return True
+        import torch
+        try:
+            d = torch.device(v)
+        except (RuntimeError, ValueError):
+            return False
+        if d.type == "cuda":
+            return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
+        if d.type == "mps":
+            return torch.backends.mps.is_available()
+        return d.type == "cpu"
+    return f"{'auto, ' if allow_auto else ''}cpu, or cuda / cuda:N of a GPU this machine has", exists
+
+
+def _check(where, value, kind, nullable, domain=None):
+    """value if it is of type kind (an int is taken for a float, None where nullable), finite if a float and in its
+    domain, else one line and exit. where is "--key" (the command line) or "key in FILE" (a config file)."""
     if value is None and nullable:
         return None
     if kind is float and type(value) is int:
-        return float(value)
+        value = float(value)
     if type(value) is not kind:
         fail(f"{where} expects {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        fail(f"{_shown(where, value)} must be a finite number")
+    if domain is not None and not domain[1](value):
+        fail(f"{_shown(where, value)} must be {domain[0]}")
     return value
+
+
+def _shown(where, value):
+    """--lr=-1.0, or lr = -1.0 in config/x.py"""
+    if where.startswith("--"):
+        return f"{where}={value!r}"
+    key, _, path = where.partition(" in ")
+    return f"{key} = {value!r} in {path}"
 
 
 def _parse(raw, kind, nullable):
@@ -63,17 +119,31 @@ def _check_key(key, settings):
 
 def read_config_file(path):
     """The settings a config file assigns (names starting with _ are its own). A config file may start from
-    another one with exec(open(...).read()): __file__ is its own path."""
+    another one with exec(open(...).read()): __file__ is its own path. One that does not run is one line: the file,
+    the line, the error."""
     scope = {}
-    with open(path) as f:
-        exec(f.read(), {"__file__": path}, scope)
+    try:
+        source = read_file(path, MiB, "config file").decode("utf-8")
+        code = compile(source, path, "exec")
+    except (OSError, ValueError) as e:  # not a plain file, too big, not UTF-8, NUL bytes (ValueError or SyntaxError)
+        line = f":{e.lineno}" if getattr(e, "lineno", None) else ""
+        fail(f"{path}{line}: {error_text(e) if isinstance(e, OSError) else e}: fix the config file")
+    except SyntaxError as e:
+        fail(f"{path}{':' + str(e.lineno) if e.lineno else ''}: {type(e).__name__}: {e.msg}: fix the config file")
+    try:
+        exec(code, {"__file__": path}, scope)
+    except Exception as e:  # whatever the file's own code raises: name its deepest line in this file
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        fail(f"{path}{':' + str(lines[-1]) if lines else ''}: {error_text(e)}: fix the config file")
     return {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
-def configure(settings, argv, types=None):
+def configure(settings, argv, types=None, domains=None):
     """Update the dict `settings` in place from config files and --key=value arguments, in order; types gives the
-    type of each setting whose default is None. Returns the names the arguments set (config files included)."""
+    type of each setting whose default is None, domains the values some may take (at_least, between, one_of, ...).
+    Returns the names the arguments set (config files included)."""
     types = dict(types or {})
+    domains = domains or {}
     for key, default in settings.items():
         if default is None and key not in types:
             raise TypeError(f"setting {key} defaults to None: declare its type in configure(types=...)")
@@ -86,7 +156,7 @@ def configure(settings, argv, types=None):
                 fail(f"no config file {arg}: pass a path like config/train_small.py or --key=value")
             for key, value in read_config_file(arg).items():
                 _check_key(key, settings)
-                settings[key] = _check(f"{key} in {arg}", value, types[key], key in nullable)
+                settings[key] = _check(f"{key} in {arg}", value, types[key], key in nullable, domains.get(key))
                 given.add(key)
             continue
         key, eq, raw = arg[2:].partition("=")
@@ -94,7 +164,7 @@ def configure(settings, argv, types=None):
         if not eq and types[key] is not bool:
             fail(f"--{key} needs a value: --{key}=...")
         value = True if not eq else _parse(raw, types[key], key in nullable)
-        settings[key] = _check(f"--{key}", value, types[key], key in nullable)
+        settings[key] = _check(f"--{key}", value, types[key], key in nullable, domains.get(key))
         given.add(key)
     return given
 

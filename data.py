@@ -9,14 +9,13 @@ prepare.py uses it too, to write the same tokenizer formats it reads.
 """
 import base64
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from errors import atomic_write, error_text, fail
+from errors import MiB, atomic_write, error_text, fail, parse_json, read_file, read_json
 
 EOT = "<|endoftext|>"  # the one special token, appended after every document
 
@@ -74,20 +73,26 @@ def save_tiktoken_file(ranks, path):
 
 
 def load_tiktoken_file(path):
+    """The ranks save_tiktoken_file wrote; ValueError unless they are 0..N-1, each once (tiktoken's Rust core
+    panics on duplicate, negative or huge ranks)."""
     ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+    for line in read_file(path, 256 * MiB, "tokenizer file").splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"its ranks are not 0..{len(ranks) - 1}, each once")
     return ranks
 
 
+META_LIMIT = 16 * MiB  # meta.json is a few hundred bytes; a domain list or a fingerprint never comes near this
+
+
 def read_meta(data_dir):
-    """data_dir/meta.json as a dict; None when there is none (or it is not JSON)."""
+    """data_dir/meta.json as a dict; None when there is none, or it is not a plain file of JSON (prepare.py then
+    rebuilds it; read_valid_meta says which)."""
     try:
-        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(os.path.join(data_dir, "meta.json"), META_LIMIT, "meta.json")
     except (OSError, ValueError):
         return None
 
@@ -117,10 +122,14 @@ def meta_problem(meta):
 
 def read_valid_meta(data_dir):
     """meta.json of data_dir, checked: ends the program in one line when it is missing or not prepare.py's."""
-    meta = read_meta(data_dir)
-    if meta is None:
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
         fail(f"no data in {data_dir}: run python prepare.py first")
-    problem = meta_problem(meta)
+    try:
+        meta = read_json(path, META_LIMIT, "meta.json")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path} ({error_text(e) if isinstance(e, OSError) else e}): run python prepare.py --force")
+    problem = meta_problem(meta) if isinstance(meta, dict) else "it is not a JSON object"
     if problem:
         fail(f"{data_dir}/meta.json is not one prepare.py wrote ({problem}): run python prepare.py --force")
     return meta
@@ -128,8 +137,12 @@ def read_valid_meta(data_dir):
 
 def tokenizer_identity(data_dir, meta):
     """What a checkpoint records of the tokenizer its token ids mean: kind, vocab size and a hash of the file."""
-    with open(os.path.join(data_dir, meta["tokenizer"]["file"]), "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()
+    path = os.path.join(data_dir, meta["tokenizer"]["file"])
+    try:
+        digest = hashlib.sha1(read_file(path, 256 * MiB, "tokenizer file")).hexdigest()
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the tokenizer {path} ({error_text(e) if isinstance(e, OSError) else e}): run python "
+             "prepare.py --force")
     return {"kind": meta["tokenizer"]["kind"], "vocab_size": meta["vocab_size"], "sha1": digest}
 
 
@@ -143,13 +156,22 @@ def load_tokenizer(data_dir):
         fail(f"no tokenizer in {data_dir} ({tok['file']} is missing): run python prepare.py --force")
     try:
         if tok["kind"] == "char":
-            with open(path, encoding="utf-8") as f:
-                chars = json.load(f)["chars"]
+            chars = parse_json(read_file(path, 256 * MiB, "tokenizer file"), path)["chars"]
+            if not isinstance(chars, str) or len(chars) != eot:
+                raise ValueError(f"its chars are not the {eot} characters meta.json's eot_token says")
             to_ids = char_encoder(chars)
         else:
-            enc = tiktoken_encoding(load_tiktoken_file(path), tok["pattern"], eot)
+            ranks = load_tiktoken_file(path)
+            if eot < len(ranks):
+                raise ValueError(f"the end-of-text id {eot} is one of its {len(ranks)} ranks")
+            enc = tiktoken_encoding(ranks, tok["pattern"], eot)
     except (OSError, ValueError, KeyError, TypeError) as e:  # a file that is not what prepare.py wrote
-        fail(f"cannot read the tokenizer {path} ({error_text(e)}): run python prepare.py --force")
+        fail(f"cannot read the tokenizer {path} ({error_text(e) if isinstance(e, OSError) else e}): run python "
+             "prepare.py --force")
+    except BaseException as e:  # tiktoken's Rust core panics on what it cannot build (pyo3 PanicException)
+        if type(e).__name__ != "PanicException":
+            raise
+        fail(f"tiktoken cannot build the tokenizer {path} ({str(e)[:80]}): run python prepare.py --force")
     if tok["kind"] == "char":
         itos = list(chars) + [EOT]
 
@@ -173,7 +195,7 @@ def bins_match_meta(data_dir, meta):
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.exists(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
+        if not os.path.isfile(path) or os.path.getsize(path) != meta["tokens"][split] * itemsize:
             return False
     return os.path.exists(os.path.join(data_dir, meta["tokenizer"]["file"]))
 
@@ -188,7 +210,7 @@ def val_domains(meta):
         names = [d["name"] for d in domains]
         counts = [d["tokens"]["val"] for d in domains]
         ok = all(type(c) is int and c >= 0 for c in counts) and sum(counts) == meta["tokens"]["val"] \
-            and len(names) <= 255
+            and len(names) <= 255 and all(isinstance(n, str) for n in names)
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -199,7 +221,8 @@ def val_domains(meta):
 def load_data(dataset, data_root="data"):
     """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
     path = data_dir(dataset, data_root)
-    if read_meta(path) is None or not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
+    if not os.path.exists(os.path.join(path, "meta.json")) or \
+            not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
         fail(f"no data in {path}: run python prepare.py first")
     meta = read_valid_meta(path)
     if not bins_match_meta(path, meta):

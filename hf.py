@@ -18,7 +18,7 @@ import re
 import torch
 
 from data import data_dir, read_valid_meta, tokenizer_identity
-from errors import atomic_write, error_text, fail
+from errors import MiB, atomic_write, check_regular, error_text, fail, read_file, read_json
 from mla import precompute_rope
 from model import Model, ModelConfig
 
@@ -129,6 +129,10 @@ def config_from_hf(hf_config, **overrides):
     need(not moe or v3_ok or v2_ok, f"{kind} routing scoring_func={score!r} topk_method={method!r}")
     quant = c.get("quantization_config")
     need(quant is None or quant.get("quant_method") == "fp8", f"quantization_config {quant}")
+    for key in ("rope_theta", "routed_scaling_factor", "rms_norm_eps", "max_position_embeddings"):
+        need(type(c[key]) in (int, float), f"{key} must be a number, got {c[key]!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        need(isinstance(c.get(key) or {}, dict), f"{key} must be an object (or null), got {c.get(key)!r}")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     theta = rope.pop("rope_theta", c["rope_theta"])
@@ -139,7 +143,7 @@ def config_from_hf(hf_config, **overrides):
     factor, orig_len = 1.0, rope.get("original_max_position_embeddings") or c["max_position_embeddings"]
     if rope_type == "yarn":  # factor null: transformers derives it from the two lengths
         factor = rope.get("factor") or c["max_position_embeddings"] / orig_len
-    top_k = c.get("num_experts_per_tok") or 1
+    top_k = c["num_experts_per_tok"] if moe else 1  # 0 is refused by ModelConfig, never taken as top-1
     norm, scale = bool(c["norm_topk_prob"]), float(c["routed_scaling_factor"])
     if kind == "deepseek_v2":  # DeepSeek's V2 gate: renormalize (top_k > 1) OR scale, never both
         norm = norm and top_k > 1
@@ -232,33 +236,33 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", **overrides):
     from safetensors import SafetensorError
     try:
         return _from_pretrained(path, dtype, device, overrides)
-    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, SafetensorError) as e:
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, OverflowError, SafetensorError) as e:
         raise ValueError(f"cannot read the checkpoint in {path} ({error_text(e)})") from e
 
 
 def _from_pretrained(path, dtype, device, overrides):
     from safetensors import safe_open
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with open(os.path.join(path, "config.json"), "rb") as f:
-        try:
-            hf_config = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}/config.json is not JSON ({e})") from e
+    hf_config = read_json(os.path.join(path, "config.json"), 16 * MiB, "config.json")
     if not isinstance(hf_config, dict):
         raise ValueError(f"{path}/config.json is not a JSON object")
     cfg = config_from_hf(hf_config, **overrides)
+    # only the files the index names, or the one model.safetensors: a stray zz_old.safetensors is never read
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            file_of = json.load(f)["weight_map"]
+        file_of = read_json(index, 256 * MiB, "safetensors index").get("weight_map")
+        if not isinstance(file_of, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v == os.path.basename(v) and v.endswith(".safetensors")
+                for k, v in file_of.items()):
+            raise ValueError(f"{index}: its weight_map must map tensor names to *.safetensors files in {path}")
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        check_regular(os.path.join(path, "model.safetensors"), "safetensors file")
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            file_of = {k: "model.safetensors" for k in f.keys()}
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
-        file_of = {}
-        for fn in files:
-            with safe_open(os.path.join(path, fn), "pt") as f:
-                file_of.update({k: fn for k in f.keys()})
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    for fn in set(file_of.values()):
+        check_regular(os.path.join(path, fn), "safetensors file")  # a FIFO would hang safe_open
     layers = {int(m[1]) for name in file_of if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     mtp_present = sum(1 for i in layers if i >= cfg.n_layer)
     if cfg.mtp_depth > mtp_present and "mtp_depth" not in overrides:  # transformers saves none of its MTP layers
@@ -323,6 +327,7 @@ def _from_pretrained(path, dtype, device, overrides):
     missing = [n for n, p in params.items() if filled[n] != p.numel() and not n.endswith("expert_bias")]
     if missing:
         raise ValueError(f"incomplete checkpoint: {len(missing)} of our tensors not (fully) loaded: {missing[:8]}")
+    check_finite(params, path)
     if skipped:
         print(f"skipped {skipped} tensors of the multi-token-prediction layers (copies of the shared embedding and "
               "head, or modules past mtp_depth)")
@@ -365,13 +370,19 @@ def save_pretrained(model, path, max_shard_size=5 * 2**30):
     for fn, names in zip(files, shards):  # one shard in CPU memory at a time (and its bytes, once)
         with atomic_write(os.path.join(path, fn)) as f:
             f.write(save({n: tensors[n].detach().cpu().contiguous() for n in names}, metadata={"format": "pt"}))
+    index = os.path.join(path, "model.safetensors.index.json")
     if len(shards) > 1:
         weight_map = {n: fn for fn, names in zip(files, shards) for n in names}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with atomic_write(os.path.join(path, "model.safetensors.index.json")) as f:
+        with atomic_write(index) as f:
             f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
+    elif os.path.lexists(index):
+        os.remove(index)  # an earlier sharded export's: it would win over the new model.safetensors
     with atomic_write(os.path.join(path, "config.json")) as f:
         f.write(json.dumps(config_to_hf(cfg, model.embed.weight.dtype), indent=2).encode())
+    for fn in os.listdir(path):  # an earlier export's weight files that this one does not have (ours by their name)
+        if fn not in files and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", fn):
+            os.remove(os.path.join(path, fn))
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +396,8 @@ def read_checkpoint(path):
     torch.load runs with weights_only=True: a pickle in the file can run no code."""
     if not os.path.exists(path):
         raise FileNotFoundError(path)
+    if not os.path.isdir(path):
+        check_regular(path, "checkpoint")  # torch.load would wait on a FIFO forever
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zero-byte, truncated, random, a folder: whatever torch.load makes of it
@@ -392,12 +405,14 @@ def read_checkpoint(path):
     fields_ok = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and \
         isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("config"), dict) and \
         type(ckpt.get("iter_num")) is int and ckpt["iter_num"] >= 0 and \
-        all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()) and \
+        type(ckpt.get("best_val_loss", 0.0)) in (float, int) and isinstance(ckpt.get("run"), (str, type(None))) and \
+        all(isinstance(k, str) and torch.is_tensor(v) and v.layout is torch.strided and not v.is_meta
+            for k, v in ckpt["model"].items()) and \
         ("data" not in ckpt or (isinstance(ckpt["data"], dict) and isinstance(ckpt["data"].get("dir"), str) and
                                 isinstance(ckpt["data"].get("tokenizer"), dict)))
     if not fields_ok:
         raise ValueError(f"{path} is not a checkpoint train.py wrote (its model, model_args, config or iter_num "
-                         "is missing or of the wrong type)")
+                         "is missing or of the wrong type, or a tensor is sparse or on the meta device)")
     try:
         cfg = ModelConfig(**ckpt["model_args"])
     except TypeError as e:  # a field ModelConfig does not have
@@ -414,8 +429,17 @@ def read_checkpoint(path):
             expect = "no such tensor" if w is None else f"{tuple(w.shape)} {w.dtype}"
             raise ValueError(f"{path} does not match its own model_args: {name} is {have}, model_args make "
                              f"{expect} (a damaged or hand-edited checkpoint)")
+    check_finite(state, path)
     ckpt["model"] = state
     return ckpt, cfg
+
+
+def check_finite(tensors, path):
+    """ValueError naming the first floating-point tensor holding NaN or inf: such a model would print garbage."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {name} holds NaN or inf values (a diverged or damaged model): use an earlier "
+                             "checkpoint")
 
 
 def checkpoint_data_dir(ckpt):
@@ -459,7 +483,12 @@ def load_tokenizer(path):
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from transformers import AutoTokenizer
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.exists(os.path.join(path, name)):
+                    check_regular(os.path.join(path, name), "tokenizer file")  # transformers would wait on a FIFO
+            # trust_remote_code=False: a tokenizer_config.json's auto_map can name Python code in the folder;
+            # it is refused instead of run (or asked about on stdin)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:  # whatever transformers makes of a damaged tokenizer.json or tokenizer_config.json
             fail(f"cannot read the tokenizer in {path} ({error_text(e)})")
         eot = tok.eos_token_id if tok.eos_token_id is not None else 0
@@ -473,9 +502,9 @@ def copy_tokenizer(src, dst):
     """Copy the tokenizer files of a data folder or a checkpoint folder next to an exported checkpoint."""
     names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "meta.json"]
     if os.path.exists(os.path.join(src, "meta.json")):
-        with open(os.path.join(src, "meta.json")) as f:
-            names.append(json.load(f)["tokenizer"]["file"])  # prepare.py's tokenizer file
+        names.append(read_valid_meta(src)["tokenizer"]["file"])  # prepare.py's tokenizer file
     for name in names:
         if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(dst):
-            with open(os.path.join(src, name), "rb") as f, atomic_write(os.path.join(dst, name)) as out:
-                out.write(f.read())
+            raw = read_file(os.path.join(src, name), 256 * MiB, "tokenizer file")
+            with atomic_write(os.path.join(dst, name)) as out:
+                out.write(raw)

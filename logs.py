@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 
-from errors import atomic_write, error_text
+import stat
+
+from errors import MiB, atomic_write, error_text, read_file
 
 # -----------------------------------------------------------------------------
 # log.jsonl
@@ -30,10 +32,13 @@ def parse_record(line):
     return r if isinstance(r, dict) and "kind" in r and "iter" in r else None
 
 
+LOG_LIMIT = 4096 * MiB  # a log.jsonl is read whole; a million records with expert loads stay far below this
+
+
 def read_log(path):
-    """Every whole record of a log.jsonl, in order (lines a crash cut short are skipped)."""
-    with open(path, "rb") as f:
-        return [r for r in map(parse_record, f) if r is not None]
+    """Every whole record of a log.jsonl, in order (lines a crash cut short are skipped). ValueError for a
+    log.jsonl that is not a plain file or is over LOG_LIMIT (a FIFO or /dev/zero would hang the read)."""
+    return [r for r in map(parse_record, read_file(path, LOG_LIMIT, "log").splitlines()) if r is not None]
 
 
 def last_run(records):
@@ -48,20 +53,24 @@ def open_log(path, resume_run=None, resume_iter=None):
     A last line that a crash cut short is ended, so the next record starts on its own line."""
     if resume_run is not None and os.path.exists(path):
         keep_log_until(path, resume_run, resume_iter)
-    f = open(path, "a")
-    if f.tell() > 0:
-        with open(path, "rb") as g:
-            g.seek(-1, os.SEEK_END)
-            if g.read(1) != b"\n":
-                f.write("\n")
+    # never through a link (O_NOFOLLOW: a planted log.jsonl -> elsewhere gets nothing appended), never a FIFO
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0),
+                 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file: train.py appends its records only to a plain log.jsonl")
+    os.set_blocking(fd, True)
+    f = open(fd, "a+")
+    size = os.fstat(fd).st_size
+    if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+        f.write("\n")
     return f
 
 
 def keep_log_until(path, run, last_iter):
     """Rewrite log.jsonl (whole or not at all) without run's records after last_iter and without broken lines;
     every other line stays byte for byte."""
-    with open(path, "rb") as f:
-        lines = [(line.rstrip(b"\n"), parse_record(line)) for line in f]
+    lines = [(line, parse_record(line)) for line in read_file(path, LOG_LIMIT, "log").split(b"\n") if line]
     with atomic_write(path) as f:
         f.write(b"".join(line + b"\n" for line, r in lines
                          if r is not None and not (r.get("run") == run and r["iter"] > last_iter)))
@@ -193,5 +202,5 @@ def draw_plots(out_dir):
         return "matplotlib is not installed; pip install matplotlib, then python train.py --plot_only"
     except OSError as e:
         return f"cannot draw the plots in {out_dir} ({error_text(e)}): pick an --out_dir you can write"
-    except (KeyError, TypeError, ValueError) as e:  # records that are not train.py's
+    except (KeyError, TypeError, ValueError) as e:  # records that are not train.py's, a log.jsonl that is no file
         return f"cannot plot {out_dir}/log.jsonl: a record is not one train.py wrote ({error_text(e)})"

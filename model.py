@@ -8,6 +8,7 @@ Latent Attention (mla.py). Field names follow DeepSeek / Hugging Face transforme
 hf.py reads and writes DeepSeek checkpoint folders; generate.py decodes with the latent cache.
 """
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -133,7 +134,11 @@ class ModelConfig:
                   f"top_k ({self.top_k}) exceeds the {self.topk_group * per_group} experts in topk_group groups")
             check(self.n_group == 1 or self.score_func == "softmax" or per_group >= 2,
                   "sigmoid group routing scores a group by its best two experts: need >= 2 experts per group")
-        # the parameter count from the sizes alone (matrices only: norms and biases are a rounding error)
+        n_params = self.approx_params()
+        check(n_params <= MAX_PARAMS, f"about {n_params:.2g} parameters, over the {MAX_PARAMS:.0e} nanoseek accepts")
+
+    def approx_params(self):
+        """The parameter count from the sizes alone (matrices only: norms and biases are a rounding error)."""
         d, H, qk = self.n_embd, self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim
         q = d * self.q_lora_rank + self.q_lora_rank * H * qk if self.q_lora_rank else d * H * qk
         attn = q + d * (self.kv_lora_rank + self.qk_rope_head_dim) + \
@@ -141,8 +146,43 @@ class ModelConfig:
         moe = 3 * d * self.moe_inter_dim * (self.n_experts + self.n_shared) + d * self.n_experts
         ffn = self.n_dense_layers * 3 * d * self.dense_inter_dim + (self.n_layer - self.n_dense_layers) * moe
         mtp = self.mtp_depth * (2 * d * d + attn + (moe if self.n_layer > self.n_dense_layers else 3 * d * self.dense_inter_dim))
-        n_params = self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.n_layer * attn + ffn + mtp
-        check(n_params <= MAX_PARAMS, f"about {n_params:.2g} parameters, over the {MAX_PARAMS:.0e} nanoseek accepts")
+        return self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.n_layer * attn + ffn + mtp
+
+    def activation_floats(self):
+        """Values one token keeps for the backward pass, roughly: per block its norms, projections, latents and
+        attention output, and its FFN's hidden values (MoE: each routed expert's copy of the token and SwiGLU
+        hidden, the shared experts', the router's scores); then the logits, their softmax and its gradient."""
+        d, H = self.n_embd, self.n_head
+        attn = 4 * d + H * 2 * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim) + \
+            2 * (self.kv_lora_rank + self.q_lora_rank)
+        moe = self.top_k * (2 * d + 3 * self.moe_inter_dim) + 3 * self.n_shared * self.moe_inter_dim + 3 * self.n_experts
+        n_moe = self.n_layer - self.n_dense_layers
+        blocks = self.n_layer * attn + self.n_dense_layers * 3 * self.dense_inter_dim + n_moe * moe
+        return blocks * (1 + self.mtp_depth / self.n_layer) + 3 * self.vocab_size * (1 + self.mtp_depth)
+
+
+def device_memory(device):
+    """Bytes of memory the device has: a GPU's total, or for the CPU the machine's RAM (or its cgroup's limit)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # a container's limit, when it has one ("max" = none)
+            limit = f.read().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total
+
+
+def memory_problem(device, parts, advice):
+    """None when the estimated parts {what: bytes} fit the device's memory, else one line with the estimate."""
+    need, have = sum(parts.values()), device_memory(device)
+    if need <= have:
+        return None
+    shown = ", ".join(f"{k} {v / 2**30:,.1f}" for k, v in parts.items())
+    return f"this needs about {need / 2**30:,.1f} GiB ({shown}), over the {have / 2**30:,.1f} GiB {device} has: {advice}"
 
 
 class Block(nn.Module):

@@ -26,9 +26,10 @@ It writes, in data/NAME/:
                          (tokenizer.json, the list of characters, for --tokenizer=char)
     meta.json            vocab size, dtype, tokenizer, token counts per split, source, split fraction (and for
                          --corpus=mix the domains: names and tokens per split, in the order of the bins)
-All of it is built in a fresh hidden sibling folder (data/.NAME.tmp-XXXXXXXX) and swapped in with two renames
-(data/NAME -> data/.NAME.old, the new folder -> data/NAME), so a run that fails or is killed at any point leaves
-either the whole previous dataset or the whole new one; the next run finishes or undoes a swap a kill interrupted.
+All of it is built in a fresh hidden staging folder of this run's own (data/.NAME.prepare-XXXXXXXX, marked as
+prepare.py's) and swapped in with two renames (data/NAME -> the staging folder's old/, its new/ -> data/NAME), so a
+run that fails or is killed at any point leaves either the whole previous dataset or the whole new one; the next
+run finishes or undoes a swap a kill interrupted. It deletes only staging folders it marked, never a dataset's.
 The BPE is trained with rustbpe (GPT-4 style split pattern) on the train split only, then used through tiktoken.
 The split is deterministic: the corpus is cut into pieces (whole documents, or chunks at line ends for big ones)
 and each piece goes to val when that keeps val's share of the bytes closest to --val_fraction.
@@ -49,6 +50,9 @@ import shutil
 import sys
 import time
 
+from errors import quiet_exits
+
+quiet_exits()  # before the slow imports: a Ctrl-C during them, | head or > /dev/full is one line or none
 import numpy as np
 
 from data import EOT, bins_match_meta, char_encoder, meta_problem, read_meta, save_tiktoken_file, tiktoken_encoding
@@ -529,34 +533,62 @@ def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, files, workers, sta
 # replacing data/NAME all at once
 
 
-def backup_of(out_dir):
-    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old")
+STAGING_MARK = "prepare-staging"  # the file that makes a hidden folder prepare.py's own, to build in and delete
+DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json", "tokenizer.tiktoken")  # what it writes
 
 
-def swap_in(build, out_dir):
-    """Put the finished folder build in place of out_dir: two renames, then the old data goes. A kill before the
-    first leaves the old dataset; between them, out_dir is missing and its backup whole (recover_swap puts it back);
-    after the second, out_dir is the new dataset (recover_swap removes the backup)."""
-    backup = backup_of(out_dir)
+def make_staging(out_dir):
+    """A new staging folder beside out_dir, data_root/.NAME.prepare-XXXXXXXX (created exclusively: no other
+    folder has that name), with the mark in it and new/ to build the dataset in. -> its path."""
+    root, name = os.path.split(out_dir)
+    staging = os.path.join(root, f".{name}.prepare-{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    with open(os.path.join(staging, STAGING_MARK), "x") as f:
+        f.write("a staging folder of prepare.py: deleted by its next run\n")
+    os.mkdir(os.path.join(staging, "new"))
+    return staging
+
+
+def stagings_of(out_dir):
+    """The staging folders prepare.py made for out_dir: hidden, named after it, real folders holding the mark."""
+    root, name = os.path.split(out_dir)
+    if not os.path.isdir(root or "."):
+        return []
+    found = [os.path.join(root, e) for e in os.listdir(root or ".") if e.startswith(f".{name}.prepare-")]
+    return [p for p in found if not os.path.islink(p) and os.path.isfile(os.path.join(p, STAGING_MARK))]
+
+
+def swap_in(staging, out_dir):
+    """Put the finished staging/new in place of out_dir: two renames, then the staging folder (with the old data)
+    goes. A kill before the first leaves the old dataset; between them, out_dir is missing and staging/old whole
+    (recover_swap puts it back); after the second, out_dir is the new dataset (recover_swap removes the rest)."""
     if os.path.exists(out_dir):
-        os.rename(out_dir, backup)
-    os.rename(build, out_dir)
-    shutil.rmtree(backup, ignore_errors=True)
+        os.rename(out_dir, os.path.join(staging, "old"))
+    os.rename(os.path.join(staging, "new"), out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def recover_swap(out_dir):
-    """Finish or undo a swap_in that was interrupted, and remove the build folders of runs that were killed."""
-    backup = backup_of(out_dir)
-    if os.path.isdir(backup):
-        if os.path.exists(out_dir):
-            shutil.rmtree(backup)  # the swap was done: the backup is the data it replaced
-        else:
-            os.rename(backup, out_dir)  # killed between the renames: the backup is the whole previous dataset
-    root, name = os.path.split(out_dir)
-    if os.path.isdir(root or "."):
-        for entry in os.listdir(root or "."):
-            if entry.startswith(f".{name}.tmp-"):
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    """Finish or undo a swap_in that was interrupted, and remove the staging folders of runs that were killed."""
+    for staging in stagings_of(out_dir):
+        old = os.path.join(staging, "old")
+        if not os.path.lexists(out_dir) and os.path.isdir(old):
+            os.rename(old, out_dir)  # killed between the renames: old/ is the whole previous dataset
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_replaceable(out_dir):
+    """out_dir is either absent or a real folder holding only what prepare.py writes: a file, a link or a user's
+    own files there are never moved aside or deleted. One line and exit if not."""
+    if os.path.islink(out_dir):
+        fail(f"{out_dir} is a symlink: prepare.py replaces only folders it made; remove the link or pick another --name")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"{out_dir} is a file, not a dataset folder: move it away or pick another --name")
+    if os.path.isdir(out_dir):
+        other = sorted(set(os.listdir(out_dir)) - set(DATASET_FILES))
+        if other:
+            fail(f"{out_dir} holds files prepare.py did not write ({', '.join(other[:5])}): replacing the dataset "
+                 "would delete them; move them out or pick another --name")
 
 
 # -----------------------------------------------------------------------------
@@ -591,6 +623,7 @@ def main(argv=None):
               "nothing to do (--force rebuilds)")
         return out_dir
 
+    check_replaceable(out_dir)
     if args.corpus != "mix":
         groups = [(None, documents(args, files))]  # one group, no domains
     docs = [d for _, group in groups for d in group]
@@ -615,13 +648,12 @@ def main(argv=None):
     # everything is built in a fresh sibling folder, then swapped in whole (swap_in); a failure or an interruption
     # removes it again, so the previous dataset (if any) stays as it was
     created = [] if os.path.isdir(args.data_root) else [args.data_root]  # removed again if this run fails
-    build = os.path.join(args.data_root, f".{name}.tmp-{secrets.token_hex(4)}")
     try:
         os.makedirs(args.data_root, exist_ok=True)
-        os.mkdir(build)
+        staging = make_staging(out_dir)
     except OSError as e:
         fail(f"cannot write in --data_root={args.data_root} ({error_text(e)}): pick another --data_root")
-    done = False
+    done, build = False, os.path.join(staging, "new")
     try:
         stats = {}  # invalid UTF-8 found while reading
         with atomic_write(os.path.join(build, "train.bin")) as train_f, \
@@ -668,17 +700,18 @@ def main(argv=None):
         }
         with atomic_write(os.path.join(build, "meta.json")) as f:
             f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
-        swap_in(build, out_dir)
+        swap_in(staging, out_dir)
         done = True
     except OSError as e:  # a full disk, an input file we may not read
         where = f" ({e.filename})" if e.filename else ""
-        kept = "the previous dataset is untouched" if os.path.isdir(out_dir) or os.path.isdir(backup_of(out_dir)) \
-            else "nothing was written"
+        kept = "the previous dataset is untouched" if os.path.isdir(out_dir) or \
+            os.path.isdir(os.path.join(staging, "old")) else "nothing was written"
         fail(f"cannot build {out_dir}: {error_text(e)}{where}; {kept}")
     finally:
         if not done:  # failed or interrupted: leave nothing of this run behind
-            shutil.rmtree(build, ignore_errors=True)
-            recover_swap(out_dir)
+            if not os.path.lexists(out_dir) and os.path.isdir(os.path.join(staging, "old")):
+                os.rename(os.path.join(staging, "old"), out_dir)  # the first rename was done: undo it
+            shutil.rmtree(staging, ignore_errors=True)  # this run's own staging folder, nothing else
             for d in created:
                 if os.path.isdir(d) and not os.listdir(d):
                     os.rmdir(d)

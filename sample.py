@@ -20,21 +20,23 @@ follow when the batch is done; the counts, tokens/s and cache bytes (next to a s
 of the same model) go to stderr. Weights run in --dtype (bf16 on a GPU); the router, the expert biases and the
 RoPE tables stay fp32. The decode benchmark (latent cache vs MHA cache vs none) is `python bench.py --sections=decode`.
 """
-import math
 import os
 import sys
 import time
 from collections import Counter
 
+from errors import quiet_exits
+
+quiet_exits()  # before the slow imports: a Ctrl-C during them, | head or > /dev/full is one line or none
 import torch
 
 import hf
 from data import load_tokenizer
-from errors import error_text, fail
-from configurator import configure, settings_of
+from errors import MiB, error_text, fail, read_file
+from configurator import a_device, at_least, between, configure, one_of, settings_of
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
-from model import DTYPES, Model, ModelConfig, cast_weights
+from model import DTYPES, Model, ModelConfig, cast_weights, memory_problem
 from moe import recording_routes
 
 # -----------------------------------------------------------------------------
@@ -61,6 +63,11 @@ speculative = None  # draft with the MTP module, verify with the model (exact); 
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
 _settings = settings_of(globals())
 _types = {"routing_layer": int, "speculative": bool}  # the settings whose default is None
+_domains = {  # the values a setting may take, checked for config files and the command line alike
+    "temperature": ("a number >= 0 (0: greedy)", lambda v: v >= 0), "top_p": ("in (0, 1] (1: off)", lambda v: 0 < v <= 1),
+    "top_k": at_least(0), "num_samples": at_least(1), "max_new_tokens": at_least(1), "seed": between(0, 2**63 - 1),
+    "device": a_device(), "dtype": one_of(*DTYPES), "routing_layer": at_least(0),
+}
 
 # -----------------------------------------------------------------------------
 # loading
@@ -108,10 +115,9 @@ def read_prompt(start, encode, eot, block_size):
     text = start
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # a plain file of at most 64 MiB: a FIFO or /dev/zero is refused, not waited on
+            text = read_file(path, 64 * MiB, "prompt file").decode("utf-8")
+        except (OSError, ValueError) as e:
             fail(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
     try:
         ids = encode(text) if text else []
@@ -194,27 +200,16 @@ def sync(device):
 
 
 def check_settings():
-    """Every sampling setting in its domain, one line each, before anything is loaded."""
-    if not temperature >= 0 or math.isinf(temperature):
-        fail(f"--temperature={temperature} must be a number >= 0 (0: greedy)")
-    if not 0 < top_p <= 1:
-        fail(f"--top_p={top_p} must be in (0, 1] (1: off)")
-    for name, low in (("top_k", 0), ("num_samples", 1), ("max_new_tokens", 1)):
-        if globals()[name] < low:
-            fail(f"--{name}={globals()[name]} must be >= {low}")
-    if not 0 <= seed < 2**63:
-        fail(f"--seed={seed} must be in 0..2**63-1")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device={device} but no CUDA GPU is visible: pass --device=cpu")
-    if dtype not in DTYPES:
-        fail(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
+    """What the domains (configure) cannot say alone, one line each, before anything is loaded."""
+    if init_from == "resume" and not out_dir:
+        fail("--out_dir is empty: name the folder train.py wrote ckpt.pt into, e.g. --out_dir=out")
     if save_pretrained and os.path.exists(save_pretrained) and not os.path.isdir(save_pretrained):
         fail(f"--save_pretrained={save_pretrained} is a file: give a folder to write the checkpoint into")
 
 
 def main(argv=None):
     settings = dict(_settings)
-    configure(settings, sys.argv[1:] if argv is None else argv, _types)
+    configure(settings, sys.argv[1:] if argv is None else argv, _types, _domains)
     globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
     check_settings()
     ptdtype = DTYPES[dtype]
@@ -243,6 +238,16 @@ def main(argv=None):
     if cuda_graph and device.startswith("cuda") and show_routing:
         print("note: --show_routing decodes eagerly (it records each step's routing on the host)", file=sys.stderr)
     prompt = read_prompt(start, encode, eot, cfg.block_size)
+    # memory, before the cache and the batch are allocated: the latent cache (or, without one, a forward pass of
+    # the whole batch), and the logits of every row
+    positions = num_samples * min(len(prompt) + max_new_tokens, cfg.block_size)
+    problem = memory_problem(device, {
+        "weights": cfg.approx_params() * ptdtype.itemsize,
+        "cache and activations": positions * (cache_values_per_token(cfg)[0] * ptdtype.itemsize +
+                                              (cfg.activation_floats() * 4 if no_cache else 0)),
+        "logits": num_samples * cfg.vocab_size * 4 * 4}, "ask for fewer --num_samples or --max_new_tokens")
+    if problem:
+        fail(problem)
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     generator = torch.Generator(device).manual_seed(seed)
     routes = []  # --show_routing: (topk_ids, topk_weights) of sample 1's new positions, per forward pass

@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import math
+import pathlib
 import random
 import re
 import runpy
@@ -1177,6 +1178,7 @@ def run_train_argv(*args):
         return runpy.run_path(TRAIN, run_name="__main__")
     finally:
         sys.argv, sys.excepthook = argv, hook  # train.py sets its Ctrl-C hook: not for this process
+        errors.release_locks()  # the process goes on: the next run may use the same out_dir
 
 
 def fails_with(data_root, tmp_path, *args):
@@ -1267,7 +1269,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
     (["--learning_rat=1e-3"], "did you mean --learning_rate"),
     (["--n_experts=2.5"], "--n_experts expects an int"),
     (["--compile=maybe"], "--compile expects true or false"),
-    (["--balance=loss"], "--balance must be bias, aux or none"),
+    (["--balance=loss"], "--balance='loss' must be one of bias, aux, none"),
     (["--top_k=9"], "invalid config: top_k (9) must be in 1..n_experts (8)"),
     (["--n_group=3"], "n_experts (8) must be divisible by n_group (3)"),
     (["--n_group=2", "--topk_group=3"], "topk_group (3) must be in 1..n_group (2)"),
@@ -1285,8 +1287,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     good = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=10",
-                     "--learning_rate=1e309", "--warmup_iters=0")  # 1e309 parses as inf: the weights blow up
-    assert "loss became NaN/inf at iter 5" in msg, msg
+                     "--learning_rate=1e30", "--warmup_iters=0")  # finite, but the weights blow up
+    assert "loss became NaN/inf at iter" in msg and "keeps iter 4" in msg, msg
     kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert kept["iter_num"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
@@ -1800,6 +1802,22 @@ def good_run(data_root, tmp_path_factory):
     crafted_ckpt("huge_args", lambda c: c["model_args"].update(n_embd=60000))
     crafted_ckpt("int_weights", lambda c: c["model"].update({"embed.weight": c["model"]["embed.weight"].long()}))
     crafted_ckpt("retokenized", lambda c: c["data"].update(dir=str(bad / "data" / "other")))  # as if re-prepared
+    crafted_ckpt("nan_weights", lambda c: c["model"]["embed.weight"].view(-1)[3:5].fill_(float("nan")))
+    crafted_ckpt("nan_bias", lambda c: c["model"]["layers.2.ffn.expert_bias"].fill_(float("inf")))
+    crafted_ckpt("bad_optimizer", lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)))
+    crafted_ckpt("bad_best", lambda c: c.update(best_val_loss="low"))
+    crafted_ckpt("sparse", lambda c: c["model"].update({"norm.weight": c["model"]["norm.weight"].to_sparse()}))
+    (bad / "syntax_config.py").write_text("batch_size = 4\nmax_iters = (\n")
+    (bad / "name_config.py").write_text("batch_size = 4\nmax_iters = undefined_name\n")
+    (bad / "nul_config.py").write_bytes(b"batch_size = 4\x00\n")
+    (bad / "latin1_config.py").write_bytes(b"wandb_run_name = 'caf\xe9'\n")
+    (bad / "nan_config.py").write_text('learning_rate = float("nan")\n')
+    for name, meta in [("deep_meta", b"[" * 100_000), ("bom_meta", b"\xef\xbb\xbf" + (bad / "data" / "other" /
+                       "meta.json").read_bytes().replace(b'"vocab_size"', b'"vocab_size_"'))]:
+        shutil.copytree(bad / "data" / "other", bad / "data" / name)
+        (bad / "data" / name / "meta.json").write_bytes(meta)
+    shutil.copytree(bad / "data" / "other", bad / "data" / "bad_ranks")
+    (bad / "data" / "bad_ranks" / "tokenizer.json").write_text('{"chars": 5}')
 
     def crafted_hf(name, edit_config=None, safetensors=None):
         shutil.copytree(root / "hf_good", bad / name)
@@ -1818,6 +1836,20 @@ def good_run(data_root, tmp_path_factory):
     crafted_hf("hf_type", lambda c: c.update(hidden_size="wide"))
     crafted_hf("hf_key", lambda c: c.pop("vocab_size"))
     crafted_hf("hf_list", lambda c: c.update(quantization_config=[1]))
+    crafted_hf("hf_top0", lambda c: c.update(num_experts_per_tok=0))
+    crafted_hf("hf_theta", lambda c: c.update(rope_theta="abc"))
+    crafted_hf("hf_scaling", lambda c: c.update(rope_scaling="yarn"))
+    weights = load_file(root / "hf_good" / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    crafted_hf("hf_nan", safetensors=save(weights))
+    # a folder whose tokenizer_config.json names code of its own (auto_map): it must never run
+    crafted_hf("hf_code")
+    for name in ("meta.json", "tokenizer.json"):
+        (bad / "hf_code" / name).unlink()
+    (bad / "hf_code" / "tokenizer.json").write_text("{}")
+    (bad / "hf_code" / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["custom.Tok", None]}, "tokenizer_class": "Tok"}))
+    (bad / "hf_code" / "custom.py").write_text("open(__file__ + '.ran', 'w').write('ran')\n")
     return root
 
 
@@ -1859,6 +1891,31 @@ BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {pl
     ("train", ["--out_dir={bad}/a_file", "--plot_only"], "is a file, not a folder"),
     ("train", ["--out_dir={bad}/no_log", "--plot_only"], "log.jsonl to plot: train first"),
     ("train", ["--dataset={bad}/data/empty_meta"], "meta.json is not one prepare.py wrote"),
+    ("train", ["--dataset={bad}/data/deep_meta"], "meta.json is nested too deeply"),
+    ("train", ["--dataset={bad}/data/bom_meta"], "meta.json is not one prepare.py wrote (its vocab_size is missing"),
+    ("train", ["--dataset={bad}/data/bad_ranks"], "cannot read the tokenizer"),
+    # every setting's domain, for config files and the command line alike; devices; memory
+    ("train", ["--beta1=1e400"], "--beta1=inf must be a finite number"),
+    ("train", ["--beta2=-0.5"], "--beta2=-0.5 must be in [0, 1)"),
+    ("train", ["--learning_rate=-1"], "--learning_rate=-1.0 must be >= 0"),
+    ("train", ["--weight_decay=-1"], "--weight_decay=-1.0 must be >= 0"),
+    ("train", ["--bias_update_rate=1e400"], "--bias_update_rate=inf must be a finite number"),
+    ("train", ["{bad}/nan_config.py"], "learning_rate = nan in {bad}/nan_config.py must be a finite number"),
+    ("train", ["--device=gpu"], "--device='gpu' must be auto, cpu, or cuda / cuda:N of a GPU this machine has"),
+    ("train", ["--device=cuda:99"], "--device='cuda:99' must be auto, cpu, or cuda / cuda:N"),
+    ("train", ["--vocab_size=4000000000"], "this needs about"),
+    ("train", ["--batch_size=1000000000000"], "lower --batch_size"),
+    # config files that do not run: the file and the line
+    ("train", ["{bad}/syntax_config.py"], "{bad}/syntax_config.py:2: SyntaxError"),
+    ("train", ["{bad}/name_config.py"], "{bad}/name_config.py:2: NameError: name 'undefined_name' is not defined"),
+    ("train", ["{bad}/nul_config.py"], "{bad}/nul_config.py"),
+    ("train", ["{bad}/latin1_config.py"], "{bad}/latin1_config.py"),
+    # resume from checkpoints whose optimizer state or fields would fail later, after writing
+    ("train", ["--init_from=resume", "--out_dir={bad}/bad_optimizer"], "optimizer state does not fit its model (its "
+     "exp_avg of a (25, 32) parameter is (3,))"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/bad_best"], "is not a checkpoint train.py wrote"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/sparse"], "a tensor is sparse or on the meta device"),
+    ("train", ["--init_from=resume", "--out_dir={bad}/nan_bias"], "layers.2.ffn.expert_bias holds NaN or inf"),
     # sampling arguments
     ("sample", ["--temperature=-1"], "--temperature=-1.0 must be a number >= 0"),
     ("sample", ["--temperature=nan"], "--temperature expects a float, got 'nan'"),
@@ -1882,6 +1939,15 @@ BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {pl
     ("sample", ["--init_from={bad}/hf_type"], "n_embd must be int, got 'wide'"),
     ("sample", ["--init_from={bad}/hf_key"], "config.json lacks ['vocab_size']"),
     ("sample", ["--init_from={bad}/hf_list"], "cannot read the checkpoint in"),
+    ("sample", ["--init_from={bad}/hf_top0"], "invalid config: top_k must be >= 1, got 0"),
+    ("sample", ["--init_from={bad}/hf_theta"], "rope_theta must be a number, got 'abc'"),
+    ("sample", ["--init_from={bad}/hf_scaling"], "rope_scaling must be an object (or null), got 'yarn'"),
+    ("sample", ["--init_from={bad}/hf_nan", "--temperature=0"], "hf_nan: norm.weight holds NaN or inf"),
+    ("sample", ["--out_dir={bad}/nan_weights", "--temperature=0"], "embed.weight holds NaN or inf"),
+    ("sample", ["--start=FILE:/dev/zero"], "/dev/zero is not a regular file"),
+    ("sample", ["--num_samples=1000000000000"], "ask for fewer --num_samples"),
+    ("sample", ["--out_dir="], "--out_dir is empty"),
+    ("sample", ["--device=gpu"], "--device='gpu' must be cpu, or cuda"),
     # prepare.py
     ("prepare", ["--input={bad}/fifo.txt"], "is not a regular file"),
     ("prepare", ["--vocab_size=abc"], "argument --vocab_size: invalid int value: 'abc'"),
@@ -1940,6 +2006,113 @@ def test_bad_invocations_print_one_line_without_traceback(good_run, data_root):
     assert r.returncode == 1 and "Traceback" in r.stderr and "is not a regular file" in r.stderr
 
 
+def script_process(*argv, **kw):
+    """A script as a real process without NANOSEEK_DEBUG, one thread, in a timeout: a hang fails the test."""
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_DEBUG"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *argv], capture_output=True, env=env, timeout=kw.pop("timeout", 120), **kw)
+
+
+def test_a_second_run_in_a_locked_out_dir_touches_nothing(good_run, data_root, tmp_path):
+    """Two real processes: one holds out_dir's lock (as a training run does for its whole life), the other, a
+    resume into the same folder, names the holder in one line and exits; every file stays byte for byte."""
+    out = tmp_path / "out"
+    shutil.copytree(good_run / "good", out)
+    before = {n: (out / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, errors; errors.hold_lock(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = script_process(TRAIN, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={out}",
+                           "--init_from=resume", "--max_iters=4", "--device=cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{out} is in use by another run (pid {holder.pid} since" in err, err
+    assert {n: (out / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")} == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]
+    r = script_process(TRAIN, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={out}", *TRAIN_TINY,
+                       "--init_from=resume", "--max_iters=4", "--eval_interval=2")  # the holder is gone: it runs
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_no_code_from_a_model_folder_runs(good_run):
+    """A tokenizer_config.json whose auto_map names custom.py: refused in one line, even with "y" on stdin (what
+    transformers would ask), and custom.py never runs."""
+    folder = good_run / "bad" / "hf_code"
+    r = script_process(os.path.join(HERE, "sample.py"), f"--init_from={folder}", "--device=cpu", input=b"y\ny\n")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "cannot read the tokenizer in" in err, err
+    assert "custom code" in err and not (folder / "custom.py.ran").exists()
+
+
+def test_fifos_and_links_are_refused_not_waited_on(good_run, data_root, tmp_path):
+    """A FIFO as the prompt file, meta.json, log.jsonl or a safetensors shard; log.jsonl as a link to someone
+    else's file: one line each, within the timeout, and the link's target untouched."""
+    os.mkfifo(tmp_path / "fifo")
+    shutil.copytree(os.path.join(data_root, "tiny"), tmp_path / "data" / "tiny")
+    (tmp_path / "data" / "tiny" / "meta.json").unlink()
+    os.mkfifo(tmp_path / "data" / "tiny" / "meta.json")
+    shutil.copytree(good_run / "hf_good", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "fifo_log").mkdir()
+    os.mkfifo(tmp_path / "fifo_log" / "log.jsonl")
+    (tmp_path / "link_log").mkdir()
+    (tmp_path / "victim").write_text("someone else's\n")
+    os.symlink(tmp_path / "victim", tmp_path / "link_log" / "log.jsonl")
+    sample_py = os.path.join(HERE, "sample.py")
+    train_tiny = [TRAIN, f"--data_root={data_root}", "--dataset=tiny", *TRAIN_TINY]
+    for argv, words in [
+        ([sample_py, f"--out_dir={good_run / 'good'}", f"--start=FILE:{tmp_path / 'fifo'}", "--device=cpu"],
+         "fifo is not a regular file"),
+        ([TRAIN, f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--device=cpu"],
+         "meta.json is not a regular file"),
+        ([sample_py, f"--init_from={tmp_path / 'hf'}", "--device=cpu"], "model.safetensors is not a regular file"),
+        ([*train_tiny, f"--out_dir={tmp_path / 'fifo_log'}"], "log.jsonl is not a regular file"),
+    ]:
+        r = script_process(*argv, timeout=60)
+        err = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and words in err[0], (argv, err)
+    for args, words in [(["--plot_only"], "log.jsonl is not a regular file"), ([], "log.jsonl is not a regular file")]:
+        msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'fifo_log'}", *args)  # no hang now: in-process
+        assert words in msg and "\n" not in msg, msg
+    msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'link_log'}")
+    assert "it must be a plain file, not a link" in msg and "\n" not in msg, msg
+    assert (tmp_path / "victim").read_text() == "someone else's\n"
+
+
+def test_closed_pipe_and_full_stdout(good_run):
+    """python sample.py | head -c1 ends quietly (no traceback, nothing about the pipe); > /dev/full ends in one
+    line saying so."""
+    argv = [sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={good_run / 'good'}", "--device=cpu",
+            "--max_new_tokens=300", "--num_samples=2"]
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_DEBUG"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.read(1)
+    p.stdout.close()  # what head does once it has its byte
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert "Traceback" not in err and "Broken" not in err and "Exception ignored" not in err, err
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=env, timeout=60)
+        last = r.stderr.decode().strip().splitlines()[-1]
+        assert r.returncode == 1 and "Traceback" not in r.stderr.decode(), r.stderr.decode()
+        assert last == "stopped: cannot write the output (No space left on device)", last
+
+
+def test_bias_update_that_overflows_stops_the_run(data_root, tmp_path):
+    """--bias_update_rate=1e300 is finite, but the float32 expert biases become inf after one step: one line, and
+    the run stops before a checkpoint with them could be saved."""
+    msg = fails_with(data_root, tmp_path, f"--out_dir={tmp_path / 'o'}", "--max_iters=4", "--eval_interval=2",
+                     "--bias_update_rate=1e300")
+    assert msg.startswith("the expert biases became NaN/inf at iter 0") and "no checkpoint was saved" in msg, msg
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
 def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(good_run, data_root, tmp_path):
     shutil.copytree(good_run / "good", tmp_path / "out")
     p = subprocess.Popen([sys.executable, "-u", TRAIN, f"--data_root={data_root}", "--dataset=tiny",
@@ -1954,7 +2127,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(good_run, data_root, tmp_pa
     _, err = p.communicate(timeout=60)
     m = re.fullmatch(r"interrupted at iter \d+: \S+ckpt.pt keeps iter (\d+)\n", err)
     assert p.returncode != 0 and m, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]  # no temp file
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]  # no temp file
     # the signal lands a few iters after "eval 8" was read: the checkpoint kept is whichever evaluation came last
     kept = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"]
     assert kept == int(m[1]) and kept >= 4 and kept % 4 == 0
@@ -1983,14 +2156,14 @@ def test_failed_save_keeps_the_previous_checkpoint(good_run, data_root, tmp_path
     assert re.fullmatch(r"cannot save \S+ckpt.pt at iter 4 \(No space left on device\): stopping; \S+ckpt.pt keeps "
                         r"iter 2", msg), msg
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]
 
 
 def test_atomic_write_never_follows_a_link_and_leaves_nothing_on_failure(tmp_path):
     target, victim = tmp_path / "ckpt.pt", tmp_path / "victim"
     target.write_bytes(b"old")
     victim.write_bytes(b"someone else's")
-    os.symlink(victim, tmp_path / "ckpt.pt.tmp")  # planted where the temp file goes
+    os.symlink(victim, tmp_path / f"ckpt.pt.tmp-{os.getpid()}")  # planted where this process's temp file goes
     with errors.atomic_write(str(target)) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new" and victim.read_bytes() == b"someone else's"
@@ -2091,17 +2264,19 @@ def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
     for k in range(3):  # swap_in renames twice: killed before the first, before the second, not at all
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(tmp_path / "old", data)
-        shutil.copytree(tmp_path / "new" / "ds", data / ".ds.tmp-killed")
+        staging = prepare.make_staging(str(data / "ds"))
+        os.rmdir(os.path.join(staging, "new"))
+        shutil.copytree(tmp_path / "new" / "ds", os.path.join(staging, "new"))
         monkeypatch.setattr(os, "rename", rename_killed_at(k))
         try:
-            prepare.swap_in(str(data / ".ds.tmp-killed"), str(data / "ds"))
+            prepare.swap_in(staging, str(data / "ds"))
         except KeyboardInterrupt:
             pass
         monkeypatch.setattr(os, "rename", real_rename)
         if (data / "ds").exists():
             assert dataset_files(data / "ds") in (old, new)
         else:
-            assert dataset_files(data / ".ds.old") == old
+            assert dataset_files(pathlib.Path(staging) / "old") == old
         prepare.recover_swap(str(data / "ds"))  # what the next run does first
         assert dataset_files(data / "ds") == (new if k == 2 else old) and os.listdir(data) == ["ds"]
     for k in range(2):  # the same through main(): its cleanup puts the old dataset back
@@ -2114,6 +2289,32 @@ def test_prepare_swaps_a_dataset_in_whole(tmp_path, monkeypatch):
         assert dataset_files(data / "ds") == old and os.listdir(data) == ["ds"]
     prepare.main([f"--input={tmp_path / 'new.txt'}", f"--data_root={data}", *make])
     assert dataset_files(data / "ds") == new and os.listdir(data) == ["ds"]
+
+
+def test_prepare_deletes_only_what_it_made(tmp_path):
+    """Hidden folders named like prepare.py's staging ones but not marked as its own, a file or a link where the
+    dataset goes, and a user's file inside it: never moved aside or deleted; each refusal is one line."""
+    (tmp_path / "in.txt").write_text(numbered_text(300, seed=1))
+    data = tmp_path / "data"
+    make = [f"--input={tmp_path / 'in.txt'}", "--tokenizer=char", f"--data_root={data}"]
+    prepare.main([*make, "--name=.ds.old"])  # a dataset whose name looks like a backup
+    (data / ".ds.prepare-12345678").mkdir()  # a user's folder that looks like a staging folder
+    (data / ".ds.prepare-12345678" / "keep").write_text("mine")
+    kept = dataset_files(data / ".ds.old")
+    prepare.main([*make, "--name=ds", "--force"])
+    prepare.main([*make, "--name=ds", "--force"])
+    assert dataset_files(data / ".ds.old") == kept and (data / ".ds.prepare-12345678" / "keep").read_text() == "mine"
+    (data / "ds" / "notes.txt").write_text("mine")
+    (data / "afile").write_text("mine")
+    os.symlink(data / ".ds.old", data / "alink")
+    before = sorted(os.listdir(data))
+    for name, words in [("ds", "holds files prepare.py did not write (notes.txt)"), ("afile", "is a file"),
+                        ("alink", "is a symlink")]:
+        with pytest.raises(SystemExit) as e:
+            prepare.main([*make, f"--name={name}", "--force"])
+        assert words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert sorted(os.listdir(data)) == before and (data / "afile").read_text() == "mine"
+    assert (data / "ds" / "notes.txt").read_text() == "mine"
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,9 @@ import time
 import uuid
 from contextlib import nullcontext
 
+from errors import quiet_exits
+
+quiet_exits()  # before the slow imports: a Ctrl-C during them, a closed pipe or a full stdout is one line or none
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -40,11 +43,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
-from configurator import configure, settings_of
+from configurator import a_device, at_least, between, configure, one_of, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
-from errors import atomic_write, debugging, error_text, fail
+from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
 from logs import draw_plots, open_log
-from model import DTYPES, Model, ModelConfig, peak_flops
+from model import DTYPES, Model, ModelConfig, memory_problem, peak_flops
 from moe import max_vio, recording_routes
 
 # -----------------------------------------------------------------------------
@@ -96,31 +99,45 @@ seed = 1337
 settings = settings_of(globals())
 # every setting's type: its default's, or for the None defaults ModelConfig's annotation or this
 setting_types = {f.name: f.type for f in dataclasses.fields(ModelConfig)} | {"lr_decay_iters": int, "min_lr": float}
-given = configure(settings, sys.argv[1:], setting_types)  # the names the command line and config files set
+# the values a setting may take, checked for config files and the command line alike (ModelConfig checks its own)
+setting_domains = {
+    "balance": one_of("bias", "aux", "none"), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "device": a_device(allow_auto=True), "seed": between(0, 2**63 - 1),
+    "beta1": between(0, 1, open_high=True), "beta2": between(0, 1, open_high=True),
+    **{k: at_least(1) for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
+                                "eval_interval")},
+    **{k: at_least(0) for k in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+                                "weight_decay", "grad_clip", "bias_update_rate", "aux_alpha")},
+}
+given = configure(settings, sys.argv[1:], setting_types, setting_domains)  # the names the arguments set
 globals().update(settings)
 model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
 # -----------------------------------------------------------------------------
 
 # settings that no config can repair, one line each, before any work
-if balance not in ("bias", "aux", "none"):
-    fail(f"--balance must be bias, aux or none, got {balance!r}")
 if init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "config.json")):
     fail(f"--init_from must be scratch, resume or a folder with config.json + *.safetensors, got {init_from!r}")
-if dtype not in ("auto", "float32", "bfloat16", "float16"):
-    fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-if min(batch_size, gradient_accumulation_steps, eval_iters, log_interval, eval_interval) < 1:
-    fail("batch_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval must be >= 1")
-for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "bias_update_rate", "aux_alpha"):
-    if settings[_name] is not None and not settings[_name] >= 0:
-        fail(f"--{_name}={settings[_name]} must be >= 0")
-if not 0 <= seed < 2**63:
-    fail(f"--seed={seed} must be in 0..2**63-1")
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f"--out_dir={out_dir} is a file, not a folder: pick another --out_dir")
+if not out_dir:
+    fail("--out_dir is empty: name a folder, e.g. --out_dir=out")
+
+# one run per out_dir: the lock is held until this process ends; a second run names the holder and exits here,
+# before it reads or writes anything of the folder (README, "Failure behaviour")
+if int(os.environ.get("RANK", 0)) == 0:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out_dir={out_dir} ({error_text(e)}): pick a folder you can write")
+    out_dir_lock = hold_lock(out_dir)
+    for _name in os.listdir(out_dir):  # temp files of killed runs (atomic_write's, named by process): ours now
+        if ".tmp-" in _name and _name.split(".tmp-")[0] in ("ckpt.pt", "log.jsonl", "loss.png", "expert_load.png"):
+            os.remove(os.path.join(out_dir, _name))
 
 if plot_only:
     if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
-        fail(f"no {out_dir}/log.jsonl to plot: train first")
+        fail(f"{out_dir}/log.jsonl is not a regular file: nothing to plot" if os.path.exists(
+            os.path.join(out_dir, "log.jsonl")) else f"no {out_dir}/log.jsonl to plot: train first")
     problem = draw_plots(out_dir)
     if problem:
         fail(problem)
@@ -230,6 +247,14 @@ try:
 except ValueError as e:
     fail(str(e))
 model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
+# memory, before any is taken: fp32 weights, gradients and AdamW's two moments; one micro-batch's activations
+_problem = memory_problem(device, {
+    "weights, gradients and AdamW": 16 * model_config.approx_params(),
+    "activations of a micro-batch": (4 if dtype == "float32" else 2) * batch_size * block_size * model_config.activation_floats()},
+    "lower --batch_size (--gradient_accumulation_steps keeps the tokens per step) or --block_size, or use a "
+    "smaller model")
+if _problem:
+    fail(_problem)
 for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
 if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
@@ -302,8 +327,19 @@ run_id = uuid.uuid4().hex[:12]  # tags this run's records in log.jsonl and its c
 if ckpt is not None:
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
+        # load_state_dict checks the groups, not the moments: a wrong shape would fail at the first step, after
+        # ckpt.pt was saved again; checked here, before anything is written
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st and (not torch.is_tensor(st[k]) or st[k].shape != p.shape or not st[k].is_floating_point()):
+                        raise ValueError(f"its {k} of a {tuple(p.shape)} parameter is "
+                                         f"{tuple(st[k].shape) if torch.is_tensor(st[k]) else type(st[k]).__name__}")
+                if "step" in st and not (torch.is_tensor(st["step"]) and st["step"].numel() == 1):
+                    raise ValueError("its step is not a number")
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{ckpt_path}: its optimizer state does not fit its model ({error_text(e)}): cannot resume it")
+        fail(f"{ckpt_path}: its optimizer state does not fit its model ({e if isinstance(e, ValueError) else error_text(e)}): cannot resume it")
     run_id = ckpt.get("run")  # the same run goes on (None: a checkpoint from before runs were tagged)
 saved_iter = iter_num if ckpt is not None else None  # the iter ckpt.pt holds, for the messages of a stop
 ckpt = None  # free the memory
@@ -340,7 +376,10 @@ if master:
         os.makedirs(out_dir, exist_ok=True)
         log_file = open_log(log_path, *((run_id, iter_num) if init_from == "resume" else ()))
     except OSError as e:
-        fail(f"cannot write to --out_dir={out_dir} ({error_text(e)}): pick a folder you can write")
+        fail(f"cannot write {log_path} ({error_text(e)}; it must be a plain file, not a link): pick a folder you "
+             "can write")
+    except ValueError as e:  # not a plain file, or too big to read
+        fail(f"{e}: move it away or pick another --out_dir")
 wandb_run = None
 if wandb_log and master:
     try:
@@ -430,12 +469,16 @@ def kept_checkpoint():
 
 
 def stop_if_nonfinite():
-    """The step loss is checked on the device every step (no sync) and read here, at log and eval points only."""
-    bad = first_bad_iter.clone()
+    """The step loss and the expert biases are checked on the device every step (no sync) and read here, at log
+    and eval points only."""
+    bad = torch.stack([first_bad_iter, first_bad_bias_iter])
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() >= 0:
-        fail(f"loss became NaN/inf at iter {bad.item()}: stopping; {kept_checkpoint()}")
+    if bad[0].item() >= 0:
+        fail(f"loss became NaN/inf at iter {bad[0].item()}: stopping; {kept_checkpoint()}")
+    if bad[1].item() >= 0:
+        fail(f"the expert biases became NaN/inf at iter {bad[1].item()} (--bias_update_rate={bias_update_rate}): "
+             f"stopping; {kept_checkpoint()}")
 
 
 def report_interrupt(kind, value, tb):
@@ -444,10 +487,10 @@ def report_interrupt(kind, value, tb):
     if kind is KeyboardInterrupt and not debugging():
         print(f"interrupted at iter {iter_num}: {kept_checkpoint()}", file=sys.stderr)
     else:
-        sys.__excepthook__(kind, value, tb)
+        quiet_hook(kind, value, tb)  # a closed pipe, a full stdout, or a real traceback
 
 
-sys.excepthook = report_interrupt
+quiet_hook, sys.excepthook = sys.excepthook, report_interrupt
 
 
 def fmt_time(s):
@@ -458,6 +501,7 @@ def fmt_time(s):
 # the loop
 
 first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)  # first iter with a non-finite loss
+first_bad_bias_iter = torch.full((), -1, dtype=torch.long, device=device)  # ... with a non-finite expert bias
 load_window = torch.zeros(n_moe, n_experts, device=device)  # tokens per expert since the last log line
 micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N ranks see what one rank would
 X, Y = get_batch("train", 0, iter_num, micro)
@@ -531,6 +575,8 @@ while True:
             dist.all_reduce(counts)  # every rank then applies the same update: identical biases
         if balance == "bias":
             raw_model.update_biases(bias_update_rate, counts)  # b_i += gamma * sign(mean(c) - c_i); resets counts
+            finite = torch.stack([torch.isfinite(m.expert_bias).all() for m in moe_layers]).all()
+            first_bad_bias_iter = torch.where((first_bad_bias_iter < 0) & ~finite, iter_num, first_bad_bias_iter)
         else:
             for m in moe_layers:
                 m.tokens_per_expert.zero_()  # counted for MaxVio only
@@ -576,3 +622,4 @@ if plot and master:
     problem = draw_plots(out_dir)  # the run itself is done and saved: a plot that fails is only a warning
     if problem:
         print(f"plot: {problem}", file=sys.stderr)
+release_locks()  # the run is over: out_dir is free for the next
