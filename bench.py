@@ -18,7 +18,8 @@ sections but load, arch, specialize and tradeoff need a CUDA GPU; those three ru
 Sections:
   moe    the "small" config's routed experts (64 experts, top-6, 768 -> 384 SwiGLU) at several token counts,
          forward and forward + backward: kernels.fused_moe vs moe.experts_reference (per-expert loop) vs
-         torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active FLOPs (hidden 6 * 384)
+         torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active FLOPs (hidden 6 * 384);
+         with moe_layouts, other (experts, top_k, width) layouts against their dense SwiGLU, as CUDA-graph replays
   mla    one decoding step (one query token) against a long latent cache: kernels.mla_decode vs
          mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
          GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
