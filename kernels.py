@@ -17,7 +17,7 @@ length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at on
     forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU in the epilogue; saves h1, h3)
               out[pair] = g * (silu(h1) h3) W2_e^T          _moe_mm_kernel
     backward  da = dy[tok] W2_e ; dg = da . a                _moe_down_bwd_kernel (SwiGLU backward in the epilogue)
-              dW2_e = sum dy[tok]^T (g a) ; dW1_e, dW3_e = sum dh1^T x[tok], dh3^T x[tok]   _moe_wgrad_kernel
+              dW2_e = sum dy[tok]^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T x[tok]   _moe_wgrad_kernel
               dx[pair] = dh1 W1_e + dh3 W3_e                 _moe_mm_kernel
 
 MLA decode (flash-decoding): each program takes one sequence, a tile of its (query token, head) rows and one
@@ -206,18 +206,15 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
                          PRECISION: tl.constexpr):
     """Backward through the down projection and the SwiGLU, one tile of I:
     da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
-    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1)."""
+    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
+    h is loaded after the main loop, not before it: held across the loop, its two tiles took the registers that
+    a 128-wide tile needs. Padding rows write zeros (their h is never read), so every row of dh and ga is defined."""
     expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
                                                    BLOCK_M, BLOCK_N, False)
     if expert < 0:
         return
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < I
-    # the epilogue's operands, loaded before the main loop so that their latency hides behind it
-    g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
-    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
-    h1 = tl.load(h_ptrs, mask=n_ok[None, :], other=0.0)
-    h3 = tl.load(h_ptrs + I, mask=n_ok[None, :], other=0.0)
     dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -228,7 +225,11 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
         acc = _dot(dyt, wt, acc, PRECISION)
         dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wd
-    h1, h3 = h1.to(tl.float32), h3.to(tl.float32)
+    g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
+    h_ok = valid[:, None] & n_ok[None, :]
+    h1 = tl.load(h_ptrs, mask=h_ok, other=0.0).to(tl.float32)
+    h3 = tl.load(h_ptrs + I, mask=h_ok, other=0.0).to(tl.float32)
     sig = tl.sigmoid(h1)
     silu = h1 * sig
     a = silu * h3
@@ -243,14 +244,15 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 @triton.jit
-def _moe_wgrad_kernel(l_ptr, l2_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
-                      n_pairs, top_k, P, Q, stride_l, stride_r, stride_oe, stride_op,
-                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, TWO: tl.constexpr,
+def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
+                      n_pairs, top_k, P, P1, Q, stride_l, stride_r, stride_oe, stride_op,
+                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """out[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
-    (dy or x) instead of the sorted row. TWO: also out2[e] = sum L2[row]^T R[row], sharing the loads of R
-    (dW1 and dW3 both read x[tok]). An expert with no tokens writes zeros."""
+    """G[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
+    (dy or x) instead of the sorted row. Rows p < P1 of G go to out[e], the rest to out2[e] at p - P1: dW1 and dW3
+    are the two halves of one GEMM dh^T x[tok] with dh = [dh1 ; dh3], so each program keeps one accumulator
+    (two, one per weight, spilled registers at 128 x 128 tiles). An expert with no tokens writes zeros."""
     expert = tl.program_id(0)
     pid = tl.program_id(1)
     n_tiles = tl.cdiv(Q, BLOCK_Q)
@@ -262,7 +264,6 @@ def _moe_wgrad_kernel(l_ptr, l2_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, 
     lo = tl.load(pad_start_ptr + expert)
     hi = tl.load(pad_end_ptr + expert)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_K):
         rows = (start + offs_k).to(tl.int64)
         pair = tl.load(sorted_pair_ptr + rows)
@@ -270,17 +271,16 @@ def _moe_wgrad_kernel(l_ptr, l2_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, 
         tok = (pair // top_k).to(tl.int64)
         l_rows = tok if GATHER_L else rows
         r_rows = tok if GATHER_R else rows
-        l_off = l_rows[:, None] * stride_l + offs_p[None, :]
-        l_mask = valid[:, None] & p_ok[None, :]
+        lt = tl.load(l_ptr + l_rows[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & p_ok[None, :],
+                     other=0.0)
         rt = tl.load(r_ptr + r_rows[:, None] * stride_r + offs_q[None, :], mask=valid[:, None] & q_ok[None, :],
                      other=0.0)
-        acc = _dot(tl.trans(tl.load(l_ptr + l_off, mask=l_mask, other=0.0)), rt, acc, PRECISION)
-        if TWO:
-            acc2 = _dot(tl.trans(tl.load(l2_ptr + l_off, mask=l_mask, other=0.0)), rt, acc2, PRECISION)
-    out_off = expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
-    if TWO:
-        tl.store(out2_ptr + out_off, acc2.to(out2_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+        acc = _dot(tl.trans(lt), rt, acc, PRECISION)
+    first = offs_p < P1
+    out_p = tl.where(first, offs_p, offs_p - P1)
+    out_off = expert.to(tl.int64) * stride_oe + out_p[:, None] * stride_op + offs_q[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=(first & p_ok)[:, None] & q_ok[None, :])
+    tl.store(out2_ptr + out_off, acc.to(out2_ptr.dtype.element_ty), mask=(~first & p_ok)[:, None] & q_ok[None, :])
 
 # -------------------------------------------------------------------------
 # MLA decode kernels
@@ -423,17 +423,17 @@ def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_stri
 
 
 def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, top_k, tiles, prec, gather_l, gather_r,
-                  left2=None, out2=None):
-    """out[e] = sum over expert e's rows of left^T right (gather_*: that side is read at the row's token);
-    with left2, also out2[e] = sum left2^T right."""
+                  out2=None):
+    """out[e] = sum over expert e's rows of left^T right (gather_*: that side is read at the row's token); with
+    out2, left holds the rows of both: the first out.shape[1] columns of left go to out, the rest to out2."""
     t = tiles["wgrad"]
-    E, P, Q = out.shape
+    E, P1, Q = out.shape
+    P = P1 + (out2.shape[1] if out2 is not None else 0)
     grid = (E, triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]))
-    two = left2 is not None
-    _moe_wgrad_kernel[grid](left, left2 if two else left, right, out, out2 if two else out, sorted_pair, pad_start,
-                            pad_end, n_pairs=n_pairs, top_k=top_k, P=P, Q=Q, stride_l=left.stride(0),
+    _moe_wgrad_kernel[grid](left, right, out, out if out2 is None else out2, sorted_pair, pad_start, pad_end,
+                            n_pairs=n_pairs, top_k=top_k, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
                             stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
-                            GATHER_L=gather_l, GATHER_R=gather_r, TWO=two, PRECISION=prec, **t)
+                            GATHER_L=gather_l, GATHER_R=gather_r, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -511,8 +511,7 @@ class _FusedMoE(torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:  # dW1_e, dW3_e = sum dh1^T x[tok], sum dh3^T x[tok]
             dw1 = torch.empty(w1.shape, device=x.device, dtype=w1_dtype)
             dw3 = torch.empty(w3.shape, device=x.device, dtype=w3_dtype)
-            _launch_wgrad(dh[:, :I], x, dw1, *args, tiles, prec, gather_l=False, gather_r=True, left2=dh[:, I:],
-                          out2=dw3)
+            _launch_wgrad(dh, x, dw1, *args, tiles, prec, gather_l=False, gather_r=True, out2=dw3)
         return dx, None, dg, dw1, dw2, dw3, None, None
 
 

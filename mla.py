@@ -69,11 +69,29 @@ def precompute_rope(cfg, seq_len):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs of the last dim: (x0 + i x1) (cos + i sin), as DeepSeek's code does it with complex
-    numbers (a few kernels, where the real-valued form takes nine). x (B, T, H, R); cos, sin (T, R/2)."""
+    """Rotate interleaved pairs of the last dim: (x0 + i x1) (cos + i sin). x (B, T, H, R); cos, sin (T, R/2).
+    Two forms of the same rotation: eager, complex numbers as DeepSeek's code does it (three kernels, where the
+    real-valued form takes nine); under torch.compile the real-valued form, which Inductor fuses into one kernel
+    (it generates no code for complex operators and would fall back to eager kernels for them)."""
+    if torch.compiler.is_compiling():
+        return rotate_pairs(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, R/2)
     rotated = pairs * torch.complex(cos, sin)[:, None, :]
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def rotate_pairs(x, cos, sin):
+    """apply_rope without complex numbers: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, R/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def latent_norm(norm, x):
+    """norm(x) computed in the norm weight's dtype, returned in x's. Under autocast x comes out of a Linear in bf16
+    while the weight is fp32; given both, RMSNorm leaves its fused kernel for a slower composite (with a warning).
+    Upcasting x first computes the same fp32 result in the fused kernel."""
+    return norm(x.to(norm.weight.dtype)).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -181,11 +199,11 @@ class MLA(nn.Module):
         written and read by position on the device, and nothing on the host depends on its value)."""
         B, T, _ = x.shape
         H, C, R, D = self.n_head, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(latent_norm(self.q_norm, self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, H, self.qk_head_dim).split([D, R], dim=-1)  # (B, T, H, D), (B, T, H, R)
         q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)  # (B, T, C), (B, T, R)
-        c_kv = self.kv_norm(c_kv)
+        c_kv = latent_norm(self.kv_norm, c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key shared by all heads
         if isinstance(cache, tuple):  # an MHACache layer: per-head K and V cached instead of the latents
             return self.wo(self._mha(q_nope, q_pe, c_kv, k_pe, *cache, start_pos).flatten(2))

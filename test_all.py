@@ -419,6 +419,44 @@ def test_latent_attention_is_mqa_over_latents():
     assert_close("latent attention vs SDPA", got, want.transpose(1, 2), 1e-5)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rope_real_form_equals_complex_form(dtype, tol):
+    """The two forms of apply_rope: the real-valued rotation (training under torch.compile) against the complex
+    multiply (eager), and both against the rotation written out in float64; a (T, R/2) table over (B, T, H, R)."""
+    from mla import apply_rope, rotate_pairs
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cos, sin = precompute_rope(cfg, 11)
+    x = torch.randn(2, 11, 3, cfg.qk_rope_head_dim).to(dtype)
+    x0, x1 = x.double()[..., 0::2], x.double()[..., 1::2]
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    want = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    eager, real = apply_rope(x, cos, sin), rotate_pairs(x, cos, sin)
+    assert eager.dtype == real.dtype == dtype
+    assert_close("RoPE complex form vs float64", eager, want, tol)
+    assert_close("RoPE real form vs float64", real, want, tol)
+    assert_close("RoPE real vs complex form", real, eager, tol)
+
+
+def test_latent_norm_under_autocast_is_the_fp32_norm():
+    """bf16 activations and an fp32 weight (autocast): the fused fp32 RMSNorm rounded once, with no
+    dtype-mismatch warning; a bf16 model's norm stays in bf16."""
+    import warnings
+    from mla import latent_norm
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = torch.randn(5, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warns "Mismatch dtype between input and weight"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = latent_norm(norm, x)
+    assert got.dtype == torch.bfloat16
+    assert_close("latent_norm vs fp32 norm", got, norm(x.float()).bfloat16(), 0.0)
+    norm16 = torch.nn.RMSNorm(16, eps=1e-6).bfloat16()
+    assert latent_norm(norm16, x).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("attn_impl", ["auto", "naive", "absorb"])
 def test_incremental_decoding_matches_full_forward(attn_impl):
     torch.manual_seed(0)

@@ -456,12 +456,15 @@ def save_checkpoint():
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
             "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "run": run_id,
             "data": data_identity}
+    t_save = time.time()
     try:
         with atomic_write(ckpt_path) as f:
             torch.save(ckpt, f)
     except (OSError, RuntimeError) as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
         fail(f"cannot save {ckpt_path} at iter {iter_num} ({error_text(e)}): stopping; {kept_checkpoint()}")
     saved_iter = iter_num
+    # the optimizer's moments double the weights' bytes: an MoE checkpoint is 4x its dense twin's, and so is its save
+    say(f"saved {ckpt_path} ({os.path.getsize(ckpt_path) / 1e9:.2f} GB) in {time.time() - t_save:.1f} s")
 
 
 def kept_checkpoint():
@@ -517,7 +520,9 @@ while True:
     if iter_num % eval_interval == 0 or last or eval_only:
         stop_if_nonfinite()
         if master:
+            t_eval = time.time()
             losses, val_counts = evaluate()
+            t_eval = time.time() - t_eval
             rec = {"kind": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
                    "train_loss": losses["train"], "val_loss": losses["val"]}
             line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -532,7 +537,7 @@ while True:
                 rec["maxvio_global"] = moe_max_vio(val_counts).item()
                 rec["val_load"] = (val_counts / val_counts.mean(1, keepdim=True)).tolist()
                 line += f", MaxVio_global {rec['maxvio_global']:.3f}"
-            say(line + f" (unigram entropy {unigram_entropy:.4f})")
+            say(line + f" (unigram entropy {unigram_entropy:.4f}; {t_eval:.1f} s)")
             log(rec)
             if not math.isfinite(losses["val"]):
                 fail(f"val loss is {losses['val']} at iter {iter_num}: stopping without saving")
