@@ -8,6 +8,8 @@ Latent Attention (mla.py). Field names follow DeepSeek / Hugging Face transforme
 hf.py reads and writes DeepSeek checkpoint folders; generate.py decodes with the latent cache.
 """
 import math
+import os
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -33,6 +35,56 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def cpu_busy(cpus, seconds=0.25):
+    """How many of the logical CPUs in cpus other work kept busy over the next `seconds` (from /proc/stat), or
+    None where there is no /proc/stat. Called before this process starts computing, so the load is someone else's."""
+    def sample():
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        # user nice system idle iowait irq softirq steal: idle and iowait are the idle columns
+        return {int(r[0][3:]): (sum(map(int, r[1:9])), int(r[4]) + int(r[5])) for r in rows}
+    try:
+        a = sample()
+        time.sleep(seconds)
+        b = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for c in cpus:
+        if c in a and c in b and b[c][0] > a[c][0]:
+            busy += 1 - (b[c][1] - a[c][1]) / (b[c][0] - a[c][0])
+    return busy
+
+
+def pick_threads(requested=0, share=1):
+    """-> (torch threads for CPU work, why). requested > 0 is taken as it is; else OMP_NUM_THREADS if set; else one
+    thread per physical core this process may run on (its CPU affinity; hyperthreads of a core count once), divided
+    by `share` (ranks of a CPU DDP run on this host), less the cores other work keeps busy right now. More threads
+    than free cores make every thread wait for the ones descheduled: a 2-core machine with one busy core trains
+    many times slower on 2 threads than on 1 (README, "Threads")."""
+    if requested > 0:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_cpus_list") as f:
+                cores.add(f.read().strip())  # the logical CPUs of c's physical core: one entry per core
+        except OSError:
+            cores.add(str(c))
+    physical = max(1, len(cores) // max(share, 1))
+    if share > 1:  # the other ranks start at the same time: their start-up would read as load
+        return physical, f"{len(cores)} physical cores / {share} ranks"
+    busy = cpu_busy(cpus)
+    if busy is None:
+        return physical, f"{physical} physical cores"
+    busy_cores = busy * len(cores) / len(cpus)  # logical CPUs busy -> physical cores' worth
+    n = max(1, min(physical, math.floor(physical - busy_cores + 0.5)))
+    return n, f"{physical} physical cores, {busy_cores:.1f} busy with other work"
 
 
 @dataclass

@@ -2012,7 +2012,7 @@ def test_log_keeps_every_run_and_a_resume_drops_only_its_later_records(good_run,
     out = tmp_path / "out"
     shutil.copytree(good_run / "good", out)
     first = (out / "log.jsonl").read_bytes()
-    run_train(data_root, out, "--max_iters=4", "--eval_interval=2")  # a new run in the same out_dir: appended
+    run_train(data_root, out, "--max_iters=4", "--eval_interval=2", "--overwrite")  # a new run in the same out_dir: appended
     second = (out / "log.jsonl").read_bytes()
     assert second.startswith(first) and len(second) > len(first)
     run_b = json.loads(second[len(first):].splitlines()[0])["run"]

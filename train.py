@@ -23,6 +23,7 @@ Load balancing (--balance):
 seq_aux_alpha (V3's complementary sequence-wise loss) works with any of them. MaxVio (Wang et al. eq. 6) measures
 the result: MaxVio_batch over each training step's tokens, MaxVio_global over all the evaluation batches of val.
 """
+import collections
 import dataclasses
 import json
 import math
@@ -44,7 +45,7 @@ from configurator import configure, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail
 from logs import draw_plots, open_log
-from model import DTYPES, Model, ModelConfig, peak_flops
+from model import DTYPES, Model, ModelConfig, peak_flops, pick_threads
 from moe import max_vio, recording_routes
 
 # -----------------------------------------------------------------------------
@@ -58,6 +59,7 @@ eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # save at every evaluation; False: only when val loss improves
 init_from = "scratch"            # "scratch"; "resume" from out_dir/ckpt.pt (continues exactly); or a DeepSeek /
                                  # Hugging Face folder (config.json + *.safetensors) to fine-tune
+overwrite = False                # a new run may replace another run's out_dir/ckpt.pt (at its first save)
 plot = True                      # draw out_dir/loss.png and expert_load.png at the end (needs matplotlib)
 plot_only = False                # only redraw the plots from out_dir/log.jsonl, train nothing
 wandb_log = False                # also log to Weights & Biases (only if wandb is installed)
@@ -91,6 +93,7 @@ min_lr = None                    # None: learning_rate / 10
 device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
+threads = 0                      # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per free physical core
 seed = 1337
 # -----------------------------------------------------------------------------
 settings = settings_of(globals())
@@ -115,6 +118,8 @@ for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "grad_cli
         fail(f"--{_name}={settings[_name]} must be >= 0")
 if not 0 <= seed < 2**63:
     fail(f"--seed={seed} must be in 0..2**63-1")
+if threads < 0:
+    fail(f"--threads={threads} must be >= 0 (0 = choose)")
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f"--out_dir={out_dir} is a file, not a folder: pick another --out_dir")
 
@@ -125,7 +130,6 @@ if plot_only:
     if problem:
         fail(problem)
     sys.exit()
-
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; each process owns one GPU (or a share of the CPU with gloo)
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -147,6 +151,9 @@ grad_accum = gradient_accumulation_steps // world_size  # micro-batches per rank
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if device_type == "cpu":  # measured before any work of ours, so the load seen is the machine's other work
+    n_threads, threads_why = pick_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n_threads)
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -199,6 +206,9 @@ if init_from == "resume":
              f"trained on {trained_on}: a resumed run continues on its own data; drop --dataset and --data_root "
              "(or start a new run with --init_from=scratch)")
     dataset = trained_on
+    saved_horizon = ckpt["config"].get("lr_decay_iters")
+    if "lr_decay_iters" not in given and type(saved_horizon) is int:
+        lr_decay_iters = saved_horizon  # the schedule goes on along the saved run's curve, not one for max_iters
 elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architecture, this run's context and switches
     runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
                    aux_alpha=aux_alpha if balance == "aux" else 0.0)
@@ -239,6 +249,19 @@ if ckpt is not None:  # the training settings are this command's: say which diff
                if k in settings and k not in unremarkable and settings[k] != v]
     if changed:
         say(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
+    if "lr_decay_iters" not in given and decay_lr and max_iters > lr_decay_iters:
+        say(f"resume: the lr schedule keeps the checkpoint's lr_decay_iters={lr_decay_iters}, so iters "
+            f"{max(lr_decay_iters, ckpt['iter_num'])}..{max_iters} run at min_lr {min_lr:.2e}; "
+            f"--lr_decay_iters={max_iters} would stretch the cosine instead (the lr goes back up)")
+
+if init_from != "resume" and not eval_only and os.path.isfile(ckpt_path):
+    # a new run would replace another run's checkpoint at its first save, and until then leave it for sample.py
+    _old = os.stat(ckpt_path)
+    _old = f"{_old.st_size / 1e6:,.1f} MB, saved {time.strftime('%Y-%m-%d %H:%M', time.localtime(_old.st_mtime))}"
+    if not overwrite:
+        fail(f"{ckpt_path} holds another run's checkpoint ({_old}): continue it with --init_from=resume, "
+             "train this one elsewhere with --out_dir=DIR, or replace it with --overwrite")
+    say(f"--overwrite: {ckpt_path} ({_old}, another run's) is replaced at this run's first save")
 
 # -----------------------------------------------------------------------------
 # system
@@ -335,6 +358,8 @@ if master:
     say(f"training: {device} {dtype}{' (' + gpu_name + ')' if device_type == 'cuda' else ''}, "
         f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
         f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
+    if device_type == "cpu":
+        say(f"threads: {n_threads} ({threads_why}; --threads=N or OMP_NUM_THREADS=N sets it)")
     log_path = os.path.join(out_dir, "log.jsonl")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -465,6 +490,7 @@ log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "uni
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
 t_start = t0 = time.time()
 start_iter, window_iters = iter_num, 0
+eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -559,7 +585,11 @@ while True:
                 rec["load"] = (load_window / load_window.mean(1, keepdim=True)).tolist()
                 load_window.zero_()
                 line += f" | MaxVio_batch {rec['maxvio_batch']:.3f}"
-            eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
+            # the ETA from the last 10 log intervals, evaluations included: it follows a change of speed (another
+            # job starting on the machine) within 10 log lines, and one slow iteration moves it by a tenth
+            eta_points.append((time.time(), iter_num))
+            (t_old, it_old), (t_new, it_new) = eta_points[0], eta_points[-1]
+            eta = (t_new - t_old) / (it_new - it_old) * (max_iters - iter_num)
             say(line + f" | eta {fmt_time(eta)}")
             log(rec)
         else:
