@@ -78,7 +78,7 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         if not os.path.exists(path):
-            fail(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first")
+            fail(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first{hf.checkpoints_near(out_dir)}")
         try:
             ckpt, _ = hf.read_checkpoint(path)
         except ValueError as e:

@@ -191,7 +191,8 @@ def take_model_settings(source, values):
 
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)")
+        fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)"
+             f"{hf.checkpoints_near(out_dir)}")
     try:
         ckpt, _ = hf.read_checkpoint(ckpt_path)
     except ValueError as e:
