@@ -45,7 +45,8 @@ from configurator import configure, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail
 from logs import draw_plots, open_log
-from model import DTYPES, Model, ModelConfig, peak_flops, pick_threads
+from model import (DTYPES, Model, ModelConfig, busy_elsewhere, cpu_sample, free_threads, peak_flops, physical_cores,
+                   pick_threads)
 from moe import max_vio, recording_routes
 
 # -----------------------------------------------------------------------------
@@ -152,8 +153,10 @@ device_type = "cuda" if device.startswith("cuda") else "cpu"
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if device_type == "cpu":  # measured before any work of ours, so the load seen is the machine's other work
-    n_threads, threads_why = pick_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n_threads, threads_why, adapt_threads = pick_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n_threads)
+else:
+    adapt_threads = False
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -360,7 +363,8 @@ if master:
         f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
         f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
     if device_type == "cpu":
-        say(f"threads: {n_threads} ({threads_why}; --threads=N or OMP_NUM_THREADS=N sets it)")
+        say(f"threads: {n_threads} ({threads_why}; " + ("follows the load; " if adapt_threads else "") +
+            "--threads=N or OMP_NUM_THREADS=N fixes it)")
     log_path = os.path.join(out_dir, "log.jsonl")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -474,6 +478,28 @@ def report_interrupt(kind, value, tb):
 
 
 sys.excepthook = report_interrupt
+
+
+cpus, physical = physical_cores() if adapt_threads else (None, None)
+last_sample = cpu_sample() if adapt_threads else None
+
+
+def follow_the_load():
+    """Other work that starts or stops during a CPU run: at a log line, threads = the physical cores that other
+    processes left free over the last second or more. A changed count changes the last bits of the numbers
+    (README, "Threads"); --threads=N keeps it fixed."""
+    global last_sample, n_threads
+    now = cpu_sample()
+    if now is None or now[0] - last_sample[0] < 1.0:
+        return
+    busy = busy_elsewhere(last_sample, now, cpus)
+    last_sample = now
+    want = free_threads(physical, busy, len(cpus))
+    if want != n_threads:
+        say(f"threads: {n_threads} -> {want} ({busy * physical / len(cpus):.1f} of {physical} physical cores busy "
+            "with other work)")
+        torch.set_num_threads(want)
+        n_threads = want
 
 
 def fmt_time(s):
@@ -593,6 +619,8 @@ while True:
             eta = (t_new - t_old) / (it_new - it_old) * (max_iters - iter_num)
             say(line + f" | eta {fmt_time(eta)}")
             log(rec)
+            if adapt_threads:
+                follow_the_load()
         else:
             load_window.zero_()
 
