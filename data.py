@@ -219,7 +219,7 @@ def missing_data(dataset, data_root):
                 close else f": pick one with --dataset=NAME, or build {os.path.basename(path)} with python "
                 f"prepare.py --input=FILE_OR_FOLDER --name={os.path.basename(path)}"))
     repo_data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-    if os.path.abspath(root) != repo_data and datasets_in(repo_data):
+    if not os.path.isabs(path) and os.path.abspath(root) != repo_data and datasets_in(repo_data):
         return (f"no dataset {where}: relative paths are the current folder's; the repository's {repo_data} has "
                 f"{', '.join(datasets_in(repo_data))}: run from {os.path.dirname(repo_data)}, or give "
                 f"--data_root={repo_data}")

@@ -32,6 +32,7 @@ import hf
 from data import load_tokenizer
 from errors import error_text, fail
 from configurator import configure, settings_of
+import kernels
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
 from model import DTYPES, Model, ModelConfig, cast_weights
@@ -160,7 +161,7 @@ def print_routing(layer_id, moe, tokens, ids, weights, decode, n_prompt):
     texts = [decode([t]) for t in tokens]
     print(f"\nrouting in layer {layer_id} (top-{moe.top_k} of {moe.n_experts} routed experts), sample 1: "
           f"{len(tokens)} tokens ({n_prompt} prompt, {len(tokens) - n_prompt} generated; the last token was never fed)")
-    print(" pos  token           routed experts (gate weight)")
+    print(" pos  token           routed experts (gate weight); a | after pos marks the first generated token")
     for p, (text, row, w) in enumerate(zip(texts, ids.tolist(), weights.tolist())):
         mark = "|" if p == n_prompt else " "  # where generation starts
         print(f"{p:4d}{mark} {repr(text):15.15s} " + "  ".join(f"{e:3d} ({g:.2f})" for e, g in zip(row, w)))
@@ -254,6 +255,13 @@ def main(argv=None):
                  if moe_ids else "this model has no MoE layer")
 
     print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
+    # the two switches say what may run; what does depends on the device (both are for CUDA)
+    kernels_on = use_kernels and kernels.usable(idx)
+    effect = "Triton kernels" if kernels_on else "PyTorch paths (" + (
+        "use_kernels=False)" if not use_kernels else "the kernels need CUDA and Triton)")
+    decoding = "CUDA graph" if graph else "eager decoding" + (
+        " (the CUDA graph needs CUDA, use_kernels and the cache)" if cuda_graph and not show_routing else "")
+    print(f"in effect: {effect}, {decoding}", file=sys.stderr)
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
     new, first = [], list(prompt)

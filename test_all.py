@@ -1391,7 +1391,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
     (["--n_group=3"], "n_experts (8) must be divisible by n_group (3)"),
     (["--n_group=2", "--topk_group=3"], "topk_group (3) must be in 1..n_group (2)"),
     (["--vocab_size=10"], "vocab_size 10 is smaller than the data's vocabulary"),
-    (["--dataset=nothing_here"], "run python prepare.py first"),
+    (["--dataset=nothing_here"], "has tiny: pick one with --dataset=NAME, or build nothing_here with python prepare.py"),
     (["--init_from=resume"], "no checkpoint at"),
 ])
 def test_rejections_are_one_clear_line(data_root, tmp_path, args, words):

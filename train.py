@@ -44,6 +44,7 @@ import hf
 from configurator import configure, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail
+from kernels import HAS_TRITON
 from logs import draw_plots, open_log
 from model import (DTYPES, Model, ModelConfig, busy_elsewhere, cpu_sample, free_threads, peak_flops, physical_cores,
                    pick_threads)
@@ -247,7 +248,7 @@ model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(
 for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
 if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
-    unremarkable = ("out_dir", "init_from", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
+    unremarkable = ("out_dir", "init_from", "overwrite", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
                     "wandb_run_name", "dataset", "data_root")
     changed = [f"{k}={settings[k]!r} (was {v!r})" for k, v in ckpt["config"].items()
                if k in settings and k not in unremarkable and settings[k] != v]
@@ -354,6 +355,8 @@ unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
 if master:
     say("config:\n" + textwrap.fill("  ".join(f"{k}={v!r}" for k, v in settings.items()), 118,
                                     initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
+    if use_kernels and not (device_type == "cuda" and HAS_TRITON):  # the setting says may, the device decides
+        say("in effect: use_kernels=True but the PyTorch paths run (the Triton kernels need CUDA and Triton)")
     say(f"model: {raw_model.num_params() / 1e6:.2f}M params, {raw_model.num_params(active=True) / 1e6:.2f}M "
         f"active per token, {n_moe} MoE layers ({n_experts} experts, top-{top_k}, {n_shared} shared), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token")
