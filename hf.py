@@ -477,7 +477,10 @@ def load_tokenizer(path):
         from data import load_tokenizer as load_prepared
         return load_prepared(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        from transformers import AutoTokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            fail(f"the tokenizer.json in {path} is read with transformers: pip install transformers")
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # whatever transformers makes of a damaged tokenizer.json or tokenizer_config.json
