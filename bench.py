@@ -1,9 +1,9 @@
 """
 Benchmarks: speed, measured side by side in one run. kernels.py's Triton paths against the PyTorch code they
 replace, decoding with the latent cache against a multi-head attention cache, the MoE training step against its
-dense baseline, checkpoint loading. Prints markdown tables (the GPU's name first) and writes every number to
-json_path. Every section but load needs a CUDA GPU. The training studies, which measure loss rather than speed
-(load balancing, multi-token prediction, the DeepSeekMoE claims), are study.py.
+dense baseline, checkpoint loading, CPU training on a busy machine. Prints markdown tables (the GPU's name first)
+and writes every number to json_path. Every section but load and threads needs a CUDA GPU. The training studies,
+which measure loss rather than speed (load balancing, multi-token prediction, the DeepSeekMoE claims), are study.py.
 
     python bench.py                                  # moe, mla, decode, train at the default sizes
     python bench.py --sections=decode                # tokens/s: latent cache vs MHA cache vs none, graph vs eager

@@ -6,11 +6,11 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
     python train.py config/train_small.py --compile      # the GPU "small" reference config (README, "The config")
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
     python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
-    python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt exactly where it stopped
+    python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt where it stopped, on its lr schedule
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
-(configurator.py); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
+(configurator.py; `python train.py --help` lists them); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
 checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png,
 each whole or not at all; log.jsonl is appended to. A bad input ends the run with one line (README, "Failure behaviour").
 
