@@ -78,8 +78,8 @@ def read_config_file(path):
 def source_notes(path):
     """{name: (group, comment)} for the settings a Python file assigns at module level or as fields of its classes
     (ModelConfig's), read from its source: the comment on the assignment's lines and on the comment-only lines
-    indented below it, and the group, the last comment line at column 0 above it (a `# --- ` prefix dropped,
-    rule lines skipped)."""
+    indented deeper below it, and the group, the last comment line above it at the statement's own indentation (a
+    `# --- ` prefix dropped, rule lines skipped)."""
     with open(path, encoding="utf-8") as f:
         src = f.read()
     comments = {}  # line number -> (column, text)
@@ -129,7 +129,7 @@ def help_text(settings, types, script):
     name = os.path.basename(script)
     out = [f"usage: python {name} [config/FILE.py ...] [--key=value ...]",
            "The settings below, in order: their defaults, then each config file (Python assigning some of them) and",
-           "--key=value, in the order given; a bool may be given bare (--compile = --compile=true).", ""]
+           "--key=value, in the order given; a bool may be given bare (--compile = --compile=true)."]
     groups = {}  # group -> its settings, groups in the order they first appear
     for key in settings:
         groups.setdefault(notes.get(key, (None, ""))[0], []).append(key)

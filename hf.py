@@ -432,7 +432,8 @@ def checkpoints_near(out_dir, limit=6):
     if found:
         return f"; checkpoints there: {', '.join(found)} (--out_dir=DIR)"
     repo_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-    if not os.path.isabs(out_dir) and os.path.abspath(out_dir) != repo_out and os.path.isfile(os.path.join(repo_out, "ckpt.pt")):
+    if not os.path.isabs(out_dir) and os.path.abspath(out_dir) != repo_out and \
+            os.path.isfile(os.path.join(repo_out, "ckpt.pt")):
         return (f"; relative paths are the current folder's, and the repository's {repo_out} has one: run from "
                 f"{os.path.dirname(repo_out)} or give --out_dir={repo_out}")
     return ""

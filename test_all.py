@@ -1340,7 +1340,8 @@ def test_help_lists_every_setting(script):
         assert any(re.fullmatch(r"  --lr_decay_iters=None +int or None +None: max_iters", l) for l in lines)
         assert {"I/O", "data", "load balancing", "model.py: MLA (DeepSeek-V2 section 2.1)"} <= set(lines)
         out_dir_line = next(i for i, l in enumerate(lines) if l.startswith("  --out_dir="))
-        assert lines.index("I/O") < out_dir_line and lines[out_dir_line].endswith("ckpt.pt, log.jsonl and the plots go here")
+        assert lines.index("I/O") < out_dir_line
+        assert lines[out_dir_line].endswith("ckpt.pt, log.jsonl and the plots go here")
     if script == "sample.py":
         assert any(re.match(r"  --top_p=1.0 +float +nucleus sampling", l) for l in lines)
 

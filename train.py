@@ -10,9 +10,10 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
-(configurator.py; `python train.py --help` lists them); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
-checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png,
-each whole or not at all; log.jsonl is appended to. A bad input ends the run with one line (README, "Failure behaviour").
+(configurator.py; `python train.py --help` lists them); every ModelConfig field is one, with model.py's default.
+The resolved settings are printed at start and saved in the checkpoint. Writes out_dir/ckpt.pt (sample.py reads
+it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png, each whole or not at all; log.jsonl is appended
+to. A bad input ends the run with one line (README, "Failure behaviour").
 
 Load balancing (--balance):
   bias  auxiliary-loss-free (Wang et al. arXiv 2408.15664 Algorithm 1; DeepSeek-V3 section 2.1.2): after every
@@ -41,10 +42,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
+import kernels
 from configurator import configure, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail
-from kernels import HAS_TRITON
 from logs import draw_plots, open_log
 from model import (DTYPES, Model, ModelConfig, busy_elsewhere, cpu_sample, free_threads, peak_flops, physical_cores,
                    pick_threads)
@@ -132,6 +133,7 @@ if plot_only:
     if problem:
         fail(problem)
     sys.exit()
+
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; each process owns one GPU (or a share of the CPU with gloo)
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -248,8 +250,8 @@ model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(
 for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
 if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
-    unremarkable = ("out_dir", "init_from", "overwrite", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
-                    "wandb_run_name", "dataset", "data_root")
+    unremarkable = ("out_dir", "init_from", "overwrite", "eval_only", "plot", "plot_only", "wandb_log",
+                    "wandb_project", "wandb_run_name", "dataset", "data_root")
     changed = [f"{k}={settings[k]!r} (was {v!r})" for k, v in ckpt["config"].items()
                if k in settings and k not in unremarkable and settings[k] != v]
     if changed:
@@ -355,7 +357,7 @@ unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
 if master:
     say("config:\n" + textwrap.fill("  ".join(f"{k}={v!r}" for k, v in settings.items()), 118,
                                     initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
-    if use_kernels and not (device_type == "cuda" and HAS_TRITON):  # the setting says may, the device decides
+    if use_kernels and not (device_type == "cuda" and kernels.HAS_TRITON):  # the setting says may, the device decides
         say("in effect: use_kernels=True but the PyTorch paths run (the Triton kernels need CUDA and Triton)")
     say(f"model: {raw_model.num_params() / 1e6:.2f}M params, {raw_model.num_params(active=True) / 1e6:.2f}M "
         f"active per token, {n_moe} MoE layers ({n_experts} experts, top-{top_k}, {n_shared} shared), "
@@ -519,7 +521,7 @@ X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
 t_start = t0 = time.time()
-start_iter, window_iters = iter_num, 0
+window_iters = 0
 eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
 while True:
     lr = get_lr(iter_num)
