@@ -35,7 +35,7 @@ from configurator import configure, settings_of
 import kernels
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
-from model import DTYPES, Model, ModelConfig, cast_weights
+from model import DTYPES, Model, ModelConfig, cast_weights, pick_threads
 from moe import recording_routes
 
 # -----------------------------------------------------------------------------
@@ -59,6 +59,7 @@ no_cache = False  # recompute the whole sequence every step instead of decoding 
 show_routing = False  # print the routed experts of every token of the first sample in one MoE layer (eager decoding)
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
 speculative = None  # draft with the MTP module, verify with the model (exact); None = on when the model has one
+threads = 0  # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per physical core left free by other work
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
 _settings = settings_of(globals())
 _types = {"routing_layer": int, "speculative": bool}  # the settings whose default is None
@@ -218,6 +219,11 @@ def main(argv=None):
     configure(settings, sys.argv[1:] if argv is None else argv, _types)
     globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
     check_settings()
+    if threads < 0:
+        fail(f"--threads={threads} must be >= 0 (0 = choose)")
+    if device == "cpu":  # as train.py picks them (README, "Threads"), once: the decoding loop is short
+        n_threads, threads_why, _ = pick_threads(threads)
+        torch.set_num_threads(n_threads)
     ptdtype = DTYPES[dtype]
     torch.manual_seed(seed)
     model, encode, decode, eot, tokenizer_dir = load_model(init_from, out_dir, device, use_kernels,
@@ -261,7 +267,8 @@ def main(argv=None):
         "use_kernels=False)" if not use_kernels else "the kernels need CUDA and Triton)")
     decoding = "CUDA graph" if graph else "eager decoding" + (
         " (the CUDA graph needs CUDA, use_kernels and the cache)" if cuda_graph and not show_routing else "")
-    print(f"in effect: {effect}, {decoding}", file=sys.stderr)
+    print(f"in effect: {effect}, {decoding}" + (f"; threads: {n_threads} ({threads_why}; --threads=N or "
+          "OMP_NUM_THREADS=N fixes it)" if device == "cpu" else ""), file=sys.stderr)
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
     new, first = [], list(prompt)

@@ -6,6 +6,7 @@ nanoseek tests: every fast path against its reference, and the invariants the ma
 """
 import os
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # train.py and sample.py take it as their thread count: the same bits
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: the kernel tests run interpreted on CPU
 
 import ast
@@ -1293,16 +1294,19 @@ def test_missing_checkpoint_lists_the_ones_nearby(tmp_path, monkeypatch):
 
 def test_thread_choice_is_printed_and_follows_the_free_cores(data_root, tmp_path, capsys, monkeypatch):
     import model as model_py
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the choice itself, as a user without it gets it
     capsys.readouterr()
     g = run_train(data_root, tmp_path / "a", "--max_iters=2", "--eval_interval=2", "--threads=0")
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("threads: "))
     n, why = re.fullmatch(r"threads: (\d+) \((.*)\)", line).groups()
     assert int(n) == g["n_threads"] and 1 <= int(n) <= os.cpu_count()
     assert why.endswith("--threads=N or OMP_NUM_THREADS=N fixes it")
-    if "OMP_NUM_THREADS" not in os.environ:
-        assert re.match(r"\d+ physical cores, \d+\.\d busy with other work; follows the load", why), why
+    assert re.match(r"\d+ physical cores, \d+\.\d busy with other work; follows the load", why), why
     run_train(data_root, tmp_path / "b", "--max_iters=2", "--eval_interval=2", "--threads=3")
     assert "threads: 3 (--threads; --threads=N or OMP_NUM_THREADS=N fixes it)" in capsys.readouterr().out
+    sample.main([f"--out_dir={tmp_path / 'b'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=2"])
+    assert re.search(r"; threads: \d+ \(\d+ physical cores, \d+\.\d busy with other work; --threads=N or "
+                     r"OMP_NUM_THREADS=N fixes it\)$", capsys.readouterr().err, re.M)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert model_py.pick_threads(0) == (2, "OMP_NUM_THREADS", False)
     monkeypatch.delenv("OMP_NUM_THREADS")
