@@ -37,8 +37,8 @@ Sections:
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-decode_profile, load, threads, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events
-around each repeat (or around CUDA-graph replays where a column says so), the median reported.
+decode_profile, load, threads, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA
+events around each repeat (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
 import functools
@@ -62,7 +62,8 @@ from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, load, threads, tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, load, threads, tune,
+                                  # profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,

@@ -1406,7 +1406,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
     (["--n_group=3"], "n_experts (8) must be divisible by n_group (3)"),
     (["--n_group=2", "--topk_group=3"], "topk_group (3) must be in 1..n_group (2)"),
     (["--vocab_size=10"], "vocab_size 10 is smaller than the data's vocabulary"),
-    (["--dataset=nothing_here"], "has tiny: pick one with --dataset=NAME, or build nothing_here with python prepare.py"),
+    (["--dataset=nothing_here"], "has tiny: pick one with --dataset=NAME, or build nothing_here with python prepare"),
     (["--init_from=resume"], "no checkpoint at"),
 ])
 def test_rejections_are_one_clear_line(data_root, tmp_path, args, words):
@@ -2147,7 +2147,7 @@ def test_log_keeps_every_run_and_a_resume_drops_only_its_later_records(good_run,
     out = tmp_path / "out"
     shutil.copytree(good_run / "good", out)
     first = (out / "log.jsonl").read_bytes()
-    run_train(data_root, out, "--max_iters=4", "--eval_interval=2", "--overwrite")  # a new run in the same out_dir: appended
+    run_train(data_root, out, "--max_iters=4", "--eval_interval=2", "--overwrite")  # a new run, same out_dir: appended
     second = (out / "log.jsonl").read_bytes()
     assert second.startswith(first) and len(second) > len(first)
     run_b = json.loads(second[len(first):].splitlines()[0])["run"]
