@@ -1,14 +1,15 @@
 """
 Benchmarks: speed, measured side by side in one run. kernels.py's Triton paths against the PyTorch code they
 replace, decoding with the latent cache against a multi-head attention cache, the MoE training step against its
-dense baseline, checkpoint loading. Prints markdown tables (the GPU's name first) and writes every number to
-json_path. Every section but load needs a CUDA GPU. The training studies, which measure loss rather than speed
-(load balancing, multi-token prediction, the DeepSeekMoE claims), are study.py.
+dense baseline, checkpoint loading, CPU training on a busy machine. Prints markdown tables (the GPU's name first)
+and writes every number to json_path. Every section but load and threads needs a CUDA GPU. The training studies,
+which measure loss rather than speed (load balancing, multi-token prediction, the DeepSeekMoE claims), are study.py.
 
     python bench.py                                  # moe, mla, decode, train at the default sizes
     python bench.py --sections=decode                # tokens/s: latent cache vs MHA cache vs none, graph vs eager
     python bench.py --sections=moe,mla --moe_tokens="(16384,)"
     python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
+    python bench.py --sections=threads               # CPU training tokens/s on a busy machine: our threads vs torch's
     python bench.py --sections=train,profile --compile=True   # the MoE training step vs dense, and its kernels
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
@@ -32,11 +33,13 @@ Sections:
   load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
+  threads  train.py on the CPU (data/shakespeare from prepare.py) while threads_busy other processes spin: tokens/s
+           at the thread count train.py picks against torch's default of one per core (runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process)
-decode_profile, load, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA events
-around each repeat (or around CUDA-graph replays where a column says so), the median reported.
+decode_profile, load, threads, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA
+events around each repeat (or around CUDA-graph replays where a column says so), the median reported.
 """
 import dataclasses
 import functools
@@ -59,7 +62,8 @@ from moe import experts_reference
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
-sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, load, tune, profile
+sections = "moe,mla,decode,train"  # comma-separated: moe, mla, decode, decode_profile, train, load, threads, tune,
+                                  # profile
 json_path = "out/bench.json"     # every measured number
 moe_tokens = (8192, 16384, 65536)  # tokens through one MoE layer (batch x sequence)
 moe_layouts = ()                 # more (experts, top_k, expert width) for the moe section: fused_moe vs a dense
@@ -77,6 +81,8 @@ decode_context = 8192            # the context of the largest-batch comparison
 decode_budget_gib = 40           # ... in this much GPU memory
 load_dir = "out/v2lite_cut"      # the load section's checkpoint (made once, ~2 GB per layer)
 load_layers = 8                  # DeepSeek-V2-Lite has 27
+threads_iters = 60               # threads: train.py iterations per run (the CPU default model on data/shakespeare)
+threads_busy = ""                # threads: other processes kept busy, comma-separated; "" = 0 and half the cores
 reps = 20                        # timed repeats per measurement (the per-expert loop gets fewer)
 seed = 0
 settings = settings_of(globals())
@@ -702,6 +708,48 @@ def make_checkpoint(cfg, path):
     hf.save_pretrained(m, path, max_shard_size=2 * 2**30)
 
 
+def bench_threads():
+    """train.py's CPU default model on data/shakespeare, --device=cpu, with other processes spinning on the machine:
+    tokens/s at the thread count train.py picks (--threads=0) against torch's own default (one per core)."""
+    import re
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    physical = len({open(f"/sys/devices/system/cpu/cpu{c}/topology/core_cpus_list").read() for c in
+                    os.sched_getaffinity(0)})
+    busy_counts = [int(b) for b in threads_busy.split(",")] if threads_busy else [0, max(1, physical // 2)]
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for n_busy in busy_counts:
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_busy)]
+            try:
+                time.sleep(1)  # the spinners are running before train.py measures the load
+                for threads in (0, torch.get_num_threads()):
+                    log = os.path.join(out, "log.jsonl")
+                    if os.path.exists(log):
+                        os.remove(log)
+                    done = subprocess.run(
+                        [sys.executable, os.path.join(here, "train.py"), "--device=cpu", f"--max_iters={threads_iters}",
+                         f"--eval_interval={threads_iters}", "--eval_iters=1", "--plot=False", f"--out_dir={out}",
+                         "--overwrite", f"--threads={threads}"], capture_output=True, text=True, cwd=here)
+                    if done.returncode:
+                        raise SystemExit(f"bench.py: train.py failed: {done.stderr.strip().splitlines()[-1]}")
+                    picked = re.search(r"threads: (\d+) \((.*?);", done.stdout)
+                    recs = [json.loads(line) for line in open(log)]
+                    tok_s = [r["tok_s"] for r in recs if r["kind"] == "train"][1:]  # the first window warms up
+                    rows.append(dict(busy=n_busy, threads_setting=threads, threads=int(picked[1]), why=picked[2],
+                                     tok_s=sorted(tok_s)[len(tok_s) // 2]))
+            finally:
+                for p in spinners:
+                    p.kill()
+                    p.wait()
+    results["threads"] = dict(physical_cores=physical, rows=rows)
+    print(f"\n## CPU threads: train.py's default model, {physical} physical cores, {threads_iters} iters per run\n")
+    print(table(["other processes spinning", "--threads", "threads used (why)", "median tokens/s"],
+                [[r["busy"], r["threads_setting"] or "0 (choose)", f"{r['threads']} ({r['why']})", f"{r['tok_s']:,.0f}"]
+                 for r in rows]))
+
+
 def bench_load():
     import re
     import threading
@@ -751,7 +799,7 @@ def bench_load():
 # -----------------------------------------------------------------------------
 
 SECTIONS = dict(moe=bench_moe, mla=bench_mla, decode=bench_decode, decode_profile=bench_decode_profile,
-                train=bench_train, load=bench_load, tune=bench_tune, profile=bench_profile)
+                train=bench_train, load=bench_load, tune=bench_tune, profile=bench_profile, threads=bench_threads)
 
 
 def main(argv):
@@ -764,8 +812,8 @@ def main(argv):
         study = [n for n in unknown if n in ("balance", "mtp", "arch", "specialize", "tradeoff")]
         raise SystemExit(f"bench.py: no section {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}"
                          + (f" (the training studies are python study.py --sections={','.join(study)})" if study else ""))
-    if not cuda and set(names) - {"load"}:
-        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load runs without one)")
+    if not cuda and set(names) - {"load", "threads"}:
+        raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load and threads run without one)")
     results["settings"] = settings
     torch.manual_seed(seed)
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {results['triton']}")

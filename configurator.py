@@ -8,7 +8,8 @@ Each setting has one type, declared once: its default's, or, for a default of No
 comes from, a config file or the command line: an int may stand where a float is expected; None only where the
 default is None; a bool is true/false/1/0/yes/no/on/off on the command line (a bare `--flag` is true) and True or
 False in a config file. Command-line values are Python literals (strings as they are). Unknown keys and wrong types
-end the program with one line naming the close matches or the type expected.
+end the program with one line naming the close matches or the type expected. --help (or -h) prints every setting
+with its default, its type and the comment beside it in the source, grouped as the source groups them, and exits.
 
 Each setting may also have a domain, declared once beside the types (`domains`): the values it may take, checked
 for config files and the command line alike, before any work. Every float must be finite in any case (1e400 is inf).
@@ -19,10 +20,14 @@ one line naming the file and the line.
     given = configure(settings, sys.argv[1:], types={"lr_decay_iters": int}, domains={"seed": at_least(0)})
     globals().update(settings)
 """
+import ast
 import difflib
+import io
 import math
 import os
 import sys
+import textwrap
+import tokenize
 import traceback
 from ast import literal_eval
 
@@ -138,6 +143,79 @@ def read_config_file(path):
     return {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
+def source_notes(path):
+    """{name: (group, comment)} for the settings a Python file assigns at module level or as fields of its classes
+    (ModelConfig's), read from its source: the comment on the assignment's lines and on the comment-only lines
+    indented deeper below it, and the group, the last comment line above it at the statement's own indentation (a
+    `# --- ` prefix dropped, rule lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        src = f.read()
+    comments = {}  # line number -> (column, text)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+    lines = src.splitlines()
+    notes = {}
+
+    def walk(body, previous_end):
+        group = None
+        for node in body:
+            for ln in range(previous_end + 1, node.lineno):  # the lines between the last statement and this one
+                col, text = comments.get(ln, (None, ""))
+                if col == node.col_offset and lines[ln - 1].lstrip().startswith("#") and text.strip("- "):
+                    group = text[4:] if text.startswith("--- ") else text
+            previous_end = node.end_lineno
+            if isinstance(node, ast.ClassDef):
+                walk(node.body, node.lineno)
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+                node.target if isinstance(node, ast.AnnAssign) else None
+            if not isinstance(target, ast.Name) or target.id in notes:  # the first assignment is the setting's
+                continue
+            own = [comments[ln][1] for ln in range(node.lineno, node.end_lineno + 1) if ln in comments]
+            ln = node.end_lineno + 1  # comment-only lines indented under it continue its comment
+            while ln in comments and comments[ln][0] > node.col_offset and not lines[ln - 1][:comments[ln][0]].strip():
+                own.append(comments[ln][1])
+                previous_end = ln
+                ln += 1
+            notes[target.id] = (group, " ".join(own))
+    walk(ast.parse(src).body, 0)
+    return notes
+
+
+def help_text(settings, types, script):
+    """--help: every setting of the script with its default, its type and the comment beside it in the source,
+    grouped as the source groups them. A setting the script does not assign itself (train.py's ModelConfig fields)
+    takes its comment from the other modules of this folder that the script imported."""
+    here = os.path.dirname(os.path.abspath(script))
+    notes = source_notes(script)
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if os.path.isabs(path) and os.path.dirname(path) == here and path.endswith(".py") and \
+                os.path.abspath(path) != os.path.abspath(script):
+            for k, (group, comment) in source_notes(path).items():
+                notes.setdefault(k, (f"{os.path.basename(path)}: {group}" if group else None, comment))
+    name = os.path.basename(script)
+    out = [f"usage: python {name} [config/FILE.py ...] [--key=value ...]",
+           "The settings below, in order: their defaults, then each config file (Python assigning some of them) and",
+           "--key=value, in the order given; a bool may be given bare (--compile = --compile=true)."]
+    groups = {}  # group -> its settings, groups in the order they first appear
+    for key in settings:
+        groups.setdefault(notes.get(key, (None, ""))[0], []).append(key)
+    for group, keys in groups.items():
+        out += ["", group] if group else [""]
+        for key in keys:
+            kind = TYPE_NAMES.get(types[key], types[key].__name__).split(" ", 1)[-1] if types[key] is not bool \
+                else "bool"
+            head = f"  --{key}={settings[key]!r}"
+            head = f"{head:<33} {kind + (' or None' if settings[key] is None else ''):<12}"
+            comment = notes.get(key, (None, ""))[1]
+            lines = textwrap.wrap(comment, 118, initial_indent=head + " ", subsequent_indent=" " * 48) \
+                if len(head) <= 48 else [head] + textwrap.wrap(comment, 118, initial_indent=" " * 48,
+                                                                subsequent_indent=" " * 48)
+            out += lines or [head]
+    return "\n".join(line.rstrip() for line in out)
+
+
 def configure(settings, argv, types=None, domains=None):
     """Update the dict `settings` in place from config files and --key=value arguments, in order; types gives the
     type of each setting whose default is None, domains the values some may take (at_least, between, one_of, ...).
@@ -148,6 +226,9 @@ def configure(settings, argv, types=None, domains=None):
         if default is None and key not in types:
             raise TypeError(f"setting {key} defaults to None: declare its type in configure(types=...)")
         types.setdefault(key, type(default))
+    if "--help" in argv or "-h" in argv:
+        print(help_text(settings, types, sys.modules["__main__"].__file__))
+        sys.exit(0)
     nullable = {k for k, v in settings.items() if v is None}
     given = set()
     for arg in argv:

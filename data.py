@@ -8,6 +8,7 @@ prepare.py uses it too, to write the same tokenizer formats it reads.
     names, ids = val_domains(data.meta)  # data/mix: the domain of every val token (None for one-domain data)
 """
 import base64
+import difflib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -218,12 +219,41 @@ def val_domains(meta):
     return names, np.repeat(np.arange(len(names), dtype=np.uint8), counts)
 
 
+def datasets_in(data_root):
+    """The names of the datasets prepare.py wrote in data_root (folders holding a meta.json), sorted."""
+    try:
+        names = os.listdir(data_root)
+    except OSError:
+        return []
+    return sorted(n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(data_root, n, "meta.json")))
+
+
+def missing_data(dataset, data_root):
+    """The one line for a dataset that is not there: the folder looked in (relative paths are the current folder's)
+    and what it holds, or, where it holds nothing, the data folder beside this file if that one has datasets."""
+    path = data_dir(dataset, data_root)
+    root = os.path.dirname(path) or "."
+    here = datasets_in(root)
+    where = f"{path} ({os.path.abspath(path)})" if not os.path.isabs(path) else path
+    if here:
+        close = difflib.get_close_matches(os.path.basename(path), here, n=1, cutoff=0.6)
+        return (f"no dataset {where}; {root}/ has {', '.join(here)}" + (f": did you mean --dataset={close[0]}?" if
+                close else f": pick one with --dataset=NAME, or build {os.path.basename(path)} with python "
+                f"prepare.py --input=FILE_OR_FOLDER --name={os.path.basename(path)}"))
+    repo_data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    if not os.path.isabs(path) and os.path.abspath(root) != repo_data and datasets_in(repo_data):
+        return (f"no dataset {where}: relative paths are the current folder's; the repository's {repo_data} has "
+                f"{', '.join(datasets_in(repo_data))}: run from {os.path.dirname(repo_data)}, or give "
+                f"--data_root={repo_data}")
+    return f"no data in {where}: run python prepare.py first"
+
+
 def load_data(dataset, data_root="data"):
     """Open data_root/NAME (or a folder path) written by prepare.py: meta, tokenizer and memmapped bins."""
     path = data_dir(dataset, data_root)
     if not os.path.exists(os.path.join(path, "meta.json")) or \
             not all(os.path.exists(os.path.join(path, f"{s}.bin")) for s in ("train", "val")):
-        fail(f"no data in {path}: run python prepare.py first")
+        fail(missing_data(dataset, data_root))
     meta = read_valid_meta(path)
     if not bins_match_meta(path, meta):
         fail(f"the bins in {path} do not match its meta.json (changed or cut short?): run python prepare.py --force")

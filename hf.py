@@ -11,6 +11,7 @@ train.py's own checkpoints (ckpt.pt) are read here too (read_checkpoint), with t
 the meta device before any memory is taken.
 """
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -442,6 +443,26 @@ def check_finite(tensors, path):
                              "checkpoint")
 
 
+def checkpoints_near(out_dir, limit=6):
+    """'' or '; ...' naming the train.py checkpoints one or two folders below out_dir, or, where there are none and
+    out_dir is relative, in the repository's out/ (relative paths are the current folder's), for a "no checkpoint"
+    line."""
+    def below(root):
+        found = [os.path.dirname(p) for pattern in ("*/ckpt.pt", "*/*/ckpt.pt")
+                 for p in sorted(glob.glob(os.path.join(glob.escape(root), pattern)))]
+        return found[:limit] + (["..."] if len(found) > limit else [])
+    parent = os.path.dirname(out_dir.rstrip("/")) or "."
+    found = below(out_dir) or [d for d in below(parent) if d != "..."][:limit]
+    if found:
+        return f"; checkpoints there: {', '.join(found)} (--out_dir=DIR)"
+    repo_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    if not os.path.isabs(out_dir) and os.path.abspath(out_dir) != repo_out and \
+            os.path.isfile(os.path.join(repo_out, "ckpt.pt")):
+        return (f"; relative paths are the current folder's, and the repository's {repo_out} has one: run from "
+                f"{os.path.dirname(repo_out)} or give --out_dir={repo_out}")
+    return ""
+
+
 def checkpoint_data_dir(ckpt):
     """The data folder a checkpoint was trained on: the absolute path train.py records; if that folder is gone
     (the project moved), or for a checkpoint from before it recorded one, its dataset and data_root settings,
@@ -481,7 +502,10 @@ def load_tokenizer(path):
         from data import load_tokenizer as load_prepared
         return load_prepared(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        from transformers import AutoTokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            fail(f"the tokenizer.json in {path} is read with transformers: pip install transformers")
         try:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if os.path.exists(os.path.join(path, name)):

@@ -127,6 +127,22 @@ def save_figure(fig, path, ax=None, dpi=120, tight=True, announce=True):
 # train.py's plots: train/val loss against tokens, and the load of every expert of every MoE layer over training
 
 
+def tokens_axis(ax, fontsize=None):
+    """An x axis of training tokens: a few ticks, labelled 100k / 1.5M / 2G, and its title."""
+    import matplotlib.ticker as ticker
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: format_tokens(x)))
+    ax.set_xlabel("training tokens", fontsize=fontsize)
+
+
+def format_tokens(x):
+    """400000 -> '400k', 1500000 -> '1.5M'."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
+
+
 def plot_run(out_dir):
     """out_dir/loss.png and, for a model with MoE layers, out_dir/expert_load.png, from its log's last run."""
     plt = pyplot()
@@ -146,7 +162,7 @@ def plot_run(out_dir):
         ax.axhline(start["unigram_entropy"], ls="--", c="gray", lw=1, label="unigram entropy")
     if evals:
         ax.set_title(f"{out_dir}: final val loss {evals[-1]['val_loss']:.4f}")
-    ax.set_xlabel("tokens")
+    tokens_axis(ax)
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -184,7 +200,8 @@ def plot_run(out_dir):
             else:
                 ax.axis("off")
             ax.tick_params(labelsize=7)
-            ax.xaxis.get_offset_text().set_fontsize(7)
+            if i <= n_layers:
+                tokens_axis(ax, fontsize=8)
         fig.colorbar(im, ax=axes[:, :n_layers].ravel().tolist() if rows == 1 else axes.ravel().tolist(), shrink=0.8,
                      label="log2(tokens / mean)")
         fig.suptitle(f"{out_dir}: expert load over training tokens (balance={start.get('balance', '?')}; "

@@ -9,6 +9,7 @@ hf.py reads and writes DeepSeek checkpoint folders; generate.py decodes with the
 """
 import math
 import os
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,6 +35,70 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def cpu_sample():
+    """(wall time, {logical CPU: (busy, all) seconds since boot} from /proc/stat, this process's CPU seconds), or
+    None where there is no /proc/stat. Two samples give the cores other processes kept busy in between."""
+    try:
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        tick = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal: idle and iowait are the idle columns
+        cpus = {int(r[0][3:]): ((sum(map(int, r[1:9])) - int(r[4]) - int(r[5])) / tick, sum(map(int, r[1:9])) / tick)
+                for r in rows}
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return time.time(), cpus, own.user + own.system
+
+
+def busy_elsewhere(a, b, cpus):
+    """The cores of cpus (logical CPUs) that processes other than this one kept busy between samples a and b."""
+    busy = sum(b[1][c][0] - a[1][c][0] for c in cpus if c in a[1] and c in b[1])
+    return max(0.0, (busy - (b[2] - a[2])) / max(b[0] - a[0], 1e-3))
+
+
+def physical_cores():
+    """(the logical CPUs this process may run on, how many physical cores they are: hyperthreads count once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_cpus_list") as f:
+                cores.add(f.read().strip())  # the logical CPUs of c's physical core: one entry per core
+        except OSError:
+            cores.add(str(c))
+    return cpus, len(cores)
+
+
+def free_threads(physical, busy_logical, n_logical):
+    """Threads that fit on the physical cores that other work leaves free (at least 1)."""
+    busy_cores = busy_logical * physical / n_logical  # logical CPUs busy -> physical cores' worth
+    return max(1, min(physical, math.floor(physical - busy_cores + 0.5)))
+
+
+def pick_threads(requested=0, share=1):
+    """-> (torch threads for CPU work, why, whether to keep adapting it). requested > 0 is taken as it is; else
+    OMP_NUM_THREADS if set; else one thread per physical core this process may run on (its CPU affinity), divided
+    by `share` (ranks of a CPU DDP run on this host), less the cores other work keeps busy over the next 0.25 s.
+    More threads than free cores make every thread wait for the ones descheduled: on a 2-core machine with one busy
+    core, 2 threads train several times slower than 1 (README, "Threads")."""
+    if requested > 0:
+        return requested, "--threads", False
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS", False
+    cpus, cores = physical_cores()
+    physical = max(1, cores // max(share, 1))
+    if share > 1:  # the other ranks start at the same time: their start-up would read as load
+        return physical, f"{cores} physical cores / {share} ranks", False
+    a = cpu_sample()
+    if a is None:
+        return physical, f"{physical} physical cores", False
+    time.sleep(0.25)
+    busy = busy_elsewhere(a, cpu_sample(), cpus)
+    return free_threads(physical, busy, len(cpus)), \
+        f"{physical} physical cores, {busy * physical / len(cpus):.1f} busy with other work", True
 
 
 @dataclass

@@ -39,6 +39,7 @@ train.py and sample.py read the result through data.py (load_data, load_tokenize
 """
 
 import argparse
+import difflib
 import functools
 import hashlib
 import io
@@ -90,8 +91,22 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that encode in parallel "
                    "(default: the number of CPUs)")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_ROOT/NAME is up to date")
-    p.error = lambda message: fail(f"prepare.py: {message} (python prepare.py --help lists every flag)")
+    p.error = lambda message: fail(f"prepare.py: {message}{did_you_mean(message, p)} (python prepare.py --help lists "
+                                   "every flag)")
     return p.parse_args(argv)
+
+
+def did_you_mean(message, parser):
+    """'; did you mean --x?' for the unknown flags of argparse's "unrecognized arguments" message (--vocab-size ->
+    --vocab_size), as train.py's settings get; else ''."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    flags = list(parser._option_string_actions)
+    close = []
+    for arg in message.split(":", 1)[1].split():
+        name = arg.split("=", 1)[0]
+        close += difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), flags, n=1, cutoff=0.6)
+    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 
 def check_args(args):

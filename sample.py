@@ -34,9 +34,10 @@ import hf
 from data import load_tokenizer
 from errors import MiB, error_text, fail, read_file
 from configurator import a_device, at_least, between, configure, one_of, settings_of
+import kernels
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
-from model import DTYPES, Model, ModelConfig, cast_weights, memory_problem
+from model import DTYPES, Model, ModelConfig, cast_weights, memory_problem, pick_threads
 from moe import recording_routes
 
 # -----------------------------------------------------------------------------
@@ -60,13 +61,14 @@ no_cache = False  # recompute the whole sequence every step instead of decoding 
 show_routing = False  # print the routed experts of every token of the first sample in one MoE layer (eager decoding)
 routing_layer = None  # the layer --show_routing shows; None = the middle MoE layer
 speculative = None  # draft with the MTP module, verify with the model (exact); None = on when the model has one
+threads = 0  # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per physical core left free by other work
 save_pretrained = ""  # a folder: write the loaded model there in the Hugging Face DeepSeek layout (+ tokenizer), exit
 _settings = settings_of(globals())
 _types = {"routing_layer": int, "speculative": bool}  # the settings whose default is None
 _domains = {  # the values a setting may take, checked for config files and the command line alike
     "temperature": ("a number >= 0 (0: greedy)", lambda v: v >= 0), "top_p": ("in (0, 1] (1: off)", lambda v: 0 < v <= 1),
     "top_k": at_least(0), "num_samples": at_least(1), "max_new_tokens": at_least(1), "seed": between(0, 2**63 - 1),
-    "device": a_device(), "dtype": one_of(*DTYPES), "routing_layer": at_least(0),
+    "device": a_device(), "dtype": one_of(*DTYPES), "routing_layer": at_least(0), "threads": at_least(0),
 }
 
 # -----------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def load_model(init_from, out_dir, device, use_kernels=True, dtype=torch.float32
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         if not os.path.exists(path):
-            fail(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first")
+            fail(f"no checkpoint in {out_dir.rstrip('/')}/: run python train.py first{hf.checkpoints_near(out_dir)}")
         try:
             ckpt, _ = hf.read_checkpoint(path)
         except ValueError as e:
@@ -166,7 +168,7 @@ def print_routing(layer_id, moe, tokens, ids, weights, decode, n_prompt):
     texts = [decode([t]) for t in tokens]
     print(f"\nrouting in layer {layer_id} (top-{moe.top_k} of {moe.n_experts} routed experts), sample 1: "
           f"{len(tokens)} tokens ({n_prompt} prompt, {len(tokens) - n_prompt} generated; the last token was never fed)")
-    print(" pos  token           routed experts (gate weight)")
+    print(" pos  token           routed experts (gate weight); a | after pos marks the first generated token")
     for p, (text, row, w) in enumerate(zip(texts, ids.tolist(), weights.tolist())):
         mark = "|" if p == n_prompt else " "  # where generation starts
         print(f"{p:4d}{mark} {repr(text):15.15s} " + "  ".join(f"{e:3d} ({g:.2f})" for e, g in zip(row, w)))
@@ -212,6 +214,9 @@ def main(argv=None):
     configure(settings, sys.argv[1:] if argv is None else argv, _types, _domains)
     globals().update(settings)  # every setting, so a second main() in one process starts from the defaults again
     check_settings()
+    if device == "cpu":  # as train.py picks them (README, "Threads"), once: the decoding loop is short
+        n_threads, threads_why, _ = pick_threads(threads)
+        torch.set_num_threads(n_threads)
     ptdtype = DTYPES[dtype]
     torch.manual_seed(seed)
     model, encode, decode, eot, tokenizer_dir = load_model(init_from, out_dir, device, use_kernels,
@@ -259,6 +264,14 @@ def main(argv=None):
                  if moe_ids else "this model has no MoE layer")
 
     print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
+    # the two switches say what may run; what does depends on the device (both are for CUDA)
+    kernels_on = use_kernels and kernels.usable(idx)
+    effect = "Triton kernels" if kernels_on else "PyTorch paths (" + (
+        "use_kernels=False)" if not use_kernels else "the kernels need CUDA and Triton)")
+    decoding = "CUDA graph" if graph else "eager decoding" + (
+        " (the CUDA graph needs CUDA, use_kernels and the cache)" if cuda_graph and not show_routing else "")
+    print(f"in effect: {effect}, {decoding}" + (f"; threads: {n_threads} ({threads_why}; --threads=N or "
+          "OMP_NUM_THREADS=N fixes it)" if device == "cpu" else ""), file=sys.stderr)
 
     # the first sample is streamed as it comes; text is printed only up to its last complete character
     new, first = [], list(prompt)

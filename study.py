@@ -94,7 +94,8 @@ def train_runs(config, runs, out_root, extra):
     logs, t_start = {}, time.time()
     for k, (name, args) in enumerate(runs.items()):
         out_dir = run_dir(out_root, name)
-        cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", *extra.split()]
+        cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", "--overwrite",
+               *extra.split()]  # a study run again replaces its own runs
         print(f"[{k + 1}/{len(runs)}] $ python " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

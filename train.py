@@ -6,13 +6,14 @@ Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSee
     python train.py config/train_small.py --compile      # the GPU "small" reference config (README, "The config")
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
     python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
-    python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt exactly where it stopped
+    python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt where it stopped, on its lr schedule
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
 
 Settings are the module-level defaults below, then config/*.py files and --key=value in the order given
-(configurator.py); every ModelConfig field is one, with model.py's default. The resolved settings are printed at start and saved in the
-checkpoint. Writes out_dir/ckpt.pt (sample.py reads it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png,
-each whole or not at all; log.jsonl is appended to. A bad input ends the run with one line (README, "Failure behaviour").
+(configurator.py; `python train.py --help` lists them); every ModelConfig field is one, with model.py's default.
+The resolved settings are printed at start and saved in the checkpoint. Writes out_dir/ckpt.pt (sample.py reads
+it), out_dir/log.jsonl, out_dir/loss.png, out_dir/expert_load.png, each whole or not at all; log.jsonl is appended
+to. A bad input ends the run with one line (README, "Failure behaviour").
 
 Load balancing (--balance):
   bias  auxiliary-loss-free (Wang et al. arXiv 2408.15664 Algorithm 1; DeepSeek-V3 section 2.1.2): after every
@@ -23,6 +24,7 @@ Load balancing (--balance):
 seq_aux_alpha (V3's complementary sequence-wise loss) works with any of them. MaxVio (Wang et al. eq. 6) measures
 the result: MaxVio_batch over each training step's tokens, MaxVio_global over all the evaluation batches of val.
 """
+import collections
 import dataclasses
 import json
 import math
@@ -43,11 +45,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
+import kernels
 from configurator import a_device, at_least, between, configure, one_of, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
 from logs import draw_plots, open_log
-from model import DTYPES, Model, ModelConfig, memory_problem, peak_flops
+from model import (DTYPES, Model, ModelConfig, busy_elsewhere, cpu_sample, free_threads, memory_problem, peak_flops,
+                   physical_cores, pick_threads)
 from moe import max_vio, recording_routes
 
 # -----------------------------------------------------------------------------
@@ -61,6 +65,7 @@ eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # save at every evaluation; False: only when val loss improves
 init_from = "scratch"            # "scratch"; "resume" from out_dir/ckpt.pt (continues exactly); or a DeepSeek /
                                  # Hugging Face folder (config.json + *.safetensors) to fine-tune
+overwrite = False                # a new run may replace another run's out_dir/ckpt.pt (at its first save)
 plot = True                      # draw out_dir/loss.png and expert_load.png at the end (needs matplotlib)
 plot_only = False                # only redraw the plots from out_dir/log.jsonl, train nothing
 wandb_log = False                # also log to Weights & Biases (only if wandb is installed)
@@ -94,6 +99,7 @@ min_lr = None                    # None: learning_rate / 10
 device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
+threads = 0                      # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per free physical core
 seed = 1337
 # -----------------------------------------------------------------------------
 settings = settings_of(globals())
@@ -107,7 +113,7 @@ setting_domains = {
     **{k: at_least(1) for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
                                 "eval_interval")},
     **{k: at_least(0) for k in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
-                                "weight_decay", "grad_clip", "bias_update_rate", "aux_alpha")},
+                                "weight_decay", "grad_clip", "bias_update_rate", "aux_alpha", "threads")},
 }
 given = configure(settings, sys.argv[1:], setting_types, setting_domains)  # the names the arguments set
 globals().update(settings)
@@ -164,6 +170,11 @@ grad_accum = gradient_accumulation_steps // world_size  # micro-batches per rank
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if device_type == "cpu":  # measured before any work of ours, so the load seen is the machine's other work
+    n_threads, threads_why, adapt_threads = pick_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n_threads)
+else:
+    adapt_threads = False
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
 min_lr = learning_rate / 10 if min_lr is None else min_lr
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -201,7 +212,8 @@ def take_model_settings(source, values):
 
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)")
+        fail(f"no checkpoint at {ckpt_path} to resume from: train from scratch first (--init_from=scratch)"
+             f"{hf.checkpoints_near(out_dir)}")
     try:
         ckpt, _ = hf.read_checkpoint(ckpt_path)
     except ValueError as e:
@@ -216,6 +228,9 @@ if init_from == "resume":
              f"trained on {trained_on}: a resumed run continues on its own data; drop --dataset and --data_root "
              "(or start a new run with --init_from=scratch)")
     dataset = trained_on
+    saved_horizon = ckpt["config"].get("lr_decay_iters")
+    if "lr_decay_iters" not in given and type(saved_horizon) is int:
+        lr_decay_iters = saved_horizon  # the schedule goes on along the saved run's curve, not one for max_iters
 elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architecture, this run's context and switches
     runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
                    aux_alpha=aux_alpha if balance == "aux" else 0.0)
@@ -258,12 +273,25 @@ if _problem:
 for k in ("dataset", "vocab_size", "device", "dtype", "lr_decay_iters", "min_lr") + tuple(model_fields):
     settings[k] = model_args[k] if k in model_args else globals()[k]  # the config saved is the one that ran
 if ckpt is not None:  # the training settings are this command's: say which differ from the checkpoint's run
-    unremarkable = ("out_dir", "init_from", "eval_only", "plot", "plot_only", "wandb_log", "wandb_project",
-                    "wandb_run_name", "dataset", "data_root")
+    unremarkable = ("out_dir", "init_from", "overwrite", "eval_only", "plot", "plot_only", "wandb_log",
+                    "wandb_project", "wandb_run_name", "dataset", "data_root")
     changed = [f"{k}={settings[k]!r} (was {v!r})" for k, v in ckpt["config"].items()
                if k in settings and k not in unremarkable and settings[k] != v]
     if changed:
         say(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
+    if "lr_decay_iters" not in given and decay_lr and max_iters > lr_decay_iters:
+        say(f"resume: the lr schedule keeps the checkpoint's lr_decay_iters={lr_decay_iters}, so iters "
+            f"{max(lr_decay_iters, ckpt['iter_num'])}..{max_iters} run at min_lr {min_lr:.2e}; "
+            f"--lr_decay_iters={max_iters} would stretch the cosine instead (the lr goes back up)")
+
+if init_from != "resume" and not eval_only and os.path.isfile(ckpt_path):
+    # a new run would replace another run's checkpoint at its first save, and until then leave it for sample.py
+    _old = os.stat(ckpt_path)
+    _old = f"{_old.st_size / 1e6:,.1f} MB, saved {time.strftime('%Y-%m-%d %H:%M', time.localtime(_old.st_mtime))}"
+    if not overwrite:
+        fail(f"{ckpt_path} holds another run's checkpoint ({_old}): continue it with --init_from=resume, "
+             "train this one elsewhere with --out_dir=DIR, or replace it with --overwrite")
+    say(f"--overwrite: {ckpt_path} ({_old}, another run's) is replaced at this run's first save")
 
 # -----------------------------------------------------------------------------
 # system
@@ -363,6 +391,8 @@ unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
 if master:
     say("config:\n" + textwrap.fill("  ".join(f"{k}={v!r}" for k, v in settings.items()), 118,
                                     initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
+    if use_kernels and not (device_type == "cuda" and kernels.HAS_TRITON):  # the setting says may, the device decides
+        say("in effect: use_kernels=True but the PyTorch paths run (the Triton kernels need CUDA and Triton)")
     say(f"model: {raw_model.num_params() / 1e6:.2f}M params, {raw_model.num_params(active=True) / 1e6:.2f}M "
         f"active per token, {n_moe} MoE layers ({n_experts} experts, top-{top_k}, {n_shared} shared), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token")
@@ -371,6 +401,9 @@ if master:
     say(f"training: {device} {dtype}{' (' + gpu_name + ')' if device_type == 'cuda' else ''}, "
         f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
         f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
+    if device_type == "cpu":
+        say(f"threads: {n_threads} ({threads_why}; " + ("follows the load; " if adapt_threads else "") +
+            "--threads=N or OMP_NUM_THREADS=N fixes it)")
     log_path = os.path.join(out_dir, "log.jsonl")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -496,6 +529,28 @@ def report_interrupt(kind, value, tb):
 quiet_hook, sys.excepthook = sys.excepthook, report_interrupt
 
 
+cpus, physical = physical_cores() if adapt_threads else (None, None)
+last_sample = cpu_sample() if adapt_threads else None
+
+
+def follow_the_load():
+    """Other work that starts or stops during a CPU run: at a log line, threads = the physical cores that other
+    processes left free over the last second or more. A changed count changes the last bits of the numbers
+    (README, "Threads"); --threads=N keeps it fixed."""
+    global last_sample, n_threads
+    now = cpu_sample()
+    if now is None or now[0] - last_sample[0] < 1.0:
+        return
+    busy = busy_elsewhere(last_sample, now, cpus)
+    last_sample = now
+    want = free_threads(physical, busy, len(cpus))
+    if want != n_threads:
+        say(f"threads: {n_threads} -> {want} ({busy * physical / len(cpus):.1f} of {physical} physical cores busy "
+            "with other work)")
+        torch.set_num_threads(want)
+        n_threads = want
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -511,7 +566,8 @@ X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
 t_start = t0 = time.time()
-start_iter, window_iters = iter_num, 0
+window_iters = 0
+eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -610,9 +666,15 @@ while True:
                 rec["load"] = (load_window / load_window.mean(1, keepdim=True)).tolist()
                 load_window.zero_()
                 line += f" | MaxVio_batch {rec['maxvio_batch']:.3f}"
-            eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
+            # the ETA from the last 10 log intervals, evaluations included: it follows a change of speed (another
+            # job starting on the machine) within 10 log lines, and one slow iteration moves it by a tenth
+            eta_points.append((time.time(), iter_num))
+            (t_old, it_old), (t_new, it_new) = eta_points[0], eta_points[-1]
+            eta = (t_new - t_old) / (it_new - it_old) * (max_iters - iter_num)
             say(line + f" | eta {fmt_time(eta)}")
             log(rec)
+            if adapt_threads:
+                follow_the_load()
         else:
             load_window.zero_()
 
