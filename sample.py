@@ -32,7 +32,7 @@ import torch
 
 import hf
 from data import load_tokenizer
-from errors import MiB, error_text, fail, read_file
+from errors import error_text, fail, read_file
 from configurator import a_device, at_least, between, configure, one_of, settings_of
 import kernels
 from generate import generate_stream, new_cache
@@ -118,7 +118,7 @@ def read_prompt(start, encode, eot, block_size):
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
         try:  # a plain file of at most 64 MiB: a FIFO or /dev/zero is refused, not waited on
-            text = read_file(path, 64 * MiB, "prompt file").decode("utf-8")
+            text = read_file(path, 64 << 20, "prompt file").decode("utf-8")
         except (OSError, ValueError) as e:
             fail(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
     try:
