@@ -55,10 +55,11 @@ import hf
 import kernels
 from configurator import configure, read_config_file, settings_of
 from generate import CapturedStep, decode_step, generate_stream, new_cache
-from logs import run_sections, table
+from logs import read_log, run_sections, table
 from mla import MLA, MHACache, cache_values_per_token, latent_attention
-from model import Model, ModelConfig, cast_weights, peak_flops
+from model import Model, ModelConfig, cast_weights
 from moe import experts_reference
+from system import peak_bandwidth, peak_flops
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
@@ -87,13 +88,11 @@ reps = 20                        # timed repeats per measurement (the per-expert
 seed = 0
 settings = settings_of(globals())
 SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_small.py")
-PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
-           "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}  # HBM datasheet bytes/s; the first name found wins
 cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
 gpu = torch.cuda.get_device_name(device) if cuda else f"no GPU ({os.cpu_count()} CPU cores)"
 peak = peak_flops(device)
-peak_bw = next((v for k, v in PEAK_BW.items() if k in gpu), None)
+peak_bw = peak_bandwidth(device)
 results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None), peak_flops=peak,
                peak_bw=peak_bw)
 copy_bw = float("nan")  # measured in main()
@@ -735,7 +734,7 @@ def bench_threads():
                     if done.returncode:
                         raise SystemExit(f"bench.py: train.py failed: {done.stderr.strip().splitlines()[-1]}")
                     picked = re.search(r"threads: (\d+) \((.*?);", done.stdout)
-                    recs = [json.loads(line) for line in open(log)]
+                    recs = read_log(log)
                     tok_s = [r["tok_s"] for r in recs if r["kind"] == "train"][1:]  # the first window warms up
                     rows.append(dict(busy=n_busy, threads_setting=threads, threads=int(picked[1]), why=picked[2],
                                      tok_s=sorted(tok_s)[len(tok_s) // 2]))

@@ -37,8 +37,9 @@ from configurator import a_device, at_least, between, configure, one_of, setting
 import kernels
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
-from model import DTYPES, Model, ModelConfig, cast_weights, memory_problem, pick_threads
+from model import DTYPES, Model, ModelConfig, cast_weights
 from moe import recording_routes
+from system import memory_problem, pick_threads
 
 # -----------------------------------------------------------------------------
 # settings: defaults, overridden by config files and --key=value (configurator.py)

@@ -1333,7 +1333,7 @@ def test_missing_checkpoint_lists_the_ones_nearby(tmp_path, monkeypatch):
 
 
 def test_thread_choice_is_printed_and_follows_the_free_cores(data_root, tmp_path, capsys, monkeypatch):
-    import model as model_py
+    import system
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the choice itself, as a user without it gets it
     capsys.readouterr()
     g = run_train(data_root, tmp_path / "a", "--max_iters=2", "--eval_interval=2", "--threads=0")
@@ -1348,14 +1348,14 @@ def test_thread_choice_is_printed_and_follows_the_free_cores(data_root, tmp_path
     assert re.search(r"; threads: \d+ \(\d+ physical cores, \d+\.\d busy with other work; --threads=N or "
                      r"OMP_NUM_THREADS=N fixes it\)$", capsys.readouterr().err, re.M)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert model_py.pick_threads(0) == (2, "OMP_NUM_THREADS", False)
+    assert system.pick_threads(0) == (2, "OMP_NUM_THREADS", False)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert model_py.pick_threads(0, share=64)[:2] == (1, f"{model_py.physical_cores()[1]} physical cores / 64 ranks")
+    assert system.pick_threads(0, share=64)[:2] == (1, f"{system.physical_cores()[1]} physical cores / 64 ranks")
     # the arithmetic: 2 logical CPUs, 1.5 CPU-seconds busy in 1 s of which 0.5 were ours -> 1 core busy elsewhere
     a, b = (0.0, {0: (0.0, 0.0), 1: (0.0, 0.0)}, 0.0), (1.0, {0: (1.0, 1.0), 1: (0.5, 1.0)}, 0.5)
-    assert model_py.busy_elsewhere(a, b, [0, 1]) == 1.0
-    assert [model_py.free_threads(2, busy, 2) for busy in (0.0, 0.4, 0.6, 1.0, 2.0)] == [2, 2, 1, 1, 1]
-    assert model_py.free_threads(4, 2.0, 8) == 3  # 8 hyperthreads of 4 cores: 2 busy threads are one core's worth
+    assert system.busy_elsewhere(a, b, [0, 1]) == 1.0
+    assert [system.free_threads(2, busy, 2) for busy in (0.0, 0.4, 0.6, 1.0, 2.0)] == [2, 2, 1, 1, 1]
+    assert system.free_threads(4, 2.0, 8) == 3  # 8 hyperthreads of 4 cores: 2 busy threads are one core's worth
 
 
 HELP_SCRIPTS = ["train.py", "sample.py", "bench.py", "study.py"]

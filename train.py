@@ -50,9 +50,9 @@ from configurator import a_device, at_least, between, configure, one_of, setting
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
 from logs import draw_plots, open_log
-from model import (DTYPES, Model, ModelConfig, busy_elsewhere, cpu_sample, free_threads, memory_problem, peak_flops,
-                   physical_cores, pick_threads)
+from model import DTYPES, Model, ModelConfig
 from moe import max_vio, recording_routes
+from system import ThreadFollower, memory_problem, peak_flops, pick_threads
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train ModelConfig's default model on data/shakespeare in a few minutes on a 2-core CPU
@@ -529,26 +529,7 @@ def report_interrupt(kind, value, tb):
 quiet_hook, sys.excepthook = sys.excepthook, report_interrupt
 
 
-cpus, physical = physical_cores() if adapt_threads else (None, None)
-last_sample = cpu_sample() if adapt_threads else None
-
-
-def follow_the_load():
-    """Other work that starts or stops during a CPU run: at a log line, threads = the physical cores that other
-    processes left free over the last second or more. A changed count changes the last bits of the numbers
-    (README, "Threads"); --threads=N keeps it fixed."""
-    global last_sample, n_threads
-    now = cpu_sample()
-    if now is None or now[0] - last_sample[0] < 1.0:
-        return
-    busy = busy_elsewhere(last_sample, now, cpus)
-    last_sample = now
-    want = free_threads(physical, busy, len(cpus))
-    if want != n_threads:
-        say(f"threads: {n_threads} -> {want} ({busy * physical / len(cpus):.1f} of {physical} physical cores busy "
-            "with other work)")
-        torch.set_num_threads(want)
-        n_threads = want
+thread_follower = ThreadFollower(n_threads) if adapt_threads else None  # CPU: other work that comes and goes
 
 
 def fmt_time(s):
@@ -673,8 +654,8 @@ while True:
             eta = (t_new - t_old) / (it_new - it_old) * (max_iters - iter_num)
             say(line + f" | eta {fmt_time(eta)}")
             log(rec)
-            if adapt_threads:
-                follow_the_load()
+            if thread_follower is not None and (note := thread_follower.update()):
+                say(note)
         else:
             load_window.zero_()
 
