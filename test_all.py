@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import types
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -35,10 +36,12 @@ import torch
 import torch.nn.functional as F
 
 import configurator
+import corpus
 import data as data_py  # "data" is the tests' usual name for a loaded dataset
 import errors
 import hf  # the tests that compare with transformers import it themselves: nothing else needs the HF stack
 import kernels
+import math_problems
 import prepare
 import sample
 from generate import generate, generate_stream, new_cache, sample_probs
@@ -117,14 +120,14 @@ def interleaves(original, a, b):
 
 
 def test_bpe_roundtrip_shakespeare_unicode_whitespace(tmp_path):
-    plays = [f for f in prepare.shakespeare_files() if f.endswith(("macbeth.md", "the-tempest.md"))]
-    corpus = tmp_path / "plays"
-    corpus.mkdir()
+    plays = [f for f in corpus.shakespeare_files() if f.endswith(("macbeth.md", "the-tempest.md"))]
+    plays_dir = tmp_path / "plays"
+    plays_dir.mkdir()
     for f in plays:
         with open(f, encoding="utf-8") as src:
-            text = prepare.markdown_play_to_text(src.read())
-        (corpus / (os.path.basename(f) + ".txt")).write_text(text, encoding="utf-8")
-    out = run(tmp_path, f"--input={corpus}", "--vocab_size=600")
+            text = corpus.markdown_play_to_text(src.read())
+        (plays_dir / (os.path.basename(f) + ".txt")).write_text(text, encoding="utf-8")
+    out = run(tmp_path, f"--input={plays_dir}", "--vocab_size=600")
     encode, decode, eot = data_py.load_tokenizer(out)
     assert eot == 599 and json.load(open(os.path.join(out, "meta.json")))["vocab_size"] == 600
     samples = [
@@ -185,24 +188,24 @@ def test_bins_decode_to_split_text_and_split_is_deterministic(tmp_path):
 
 
 def test_folder_input_splits_by_whole_documents(tmp_path):
-    corpus = tmp_path / "books"
-    (corpus / "sub").mkdir(parents=True)
-    (corpus / ".git").mkdir()
-    (corpus / ".git" / "x.txt").write_text("hidden, skipped\n")
-    (corpus / "skip.bin").write_bytes(b"\x00\x01 not text")
+    books = tmp_path / "books"
+    (books / "sub").mkdir(parents=True)
+    (books / ".git").mkdir()
+    (books / ".git" / "x.txt").write_text("hidden, skipped\n")
+    (books / "skip.bin").write_bytes(b"\x00\x01 not text")
     docs = {}
     for k in range(300):  # documents smaller than a piece (val_fraction * total / 20 bytes) stay whole
         rel = f"sub/doc{k:03d}.md" if k % 3 else f"doc{k:03d}.txt"
         docs[rel] = f"document {k}\n" + numbered_text(2, seed=k)
-        (corpus / rel).write_text(docs[rel], encoding="utf-8")
-    out = run(tmp_path, f"--input={corpus}", "--vocab_size=300", "--val_fraction=0.2")
+        (books / rel).write_text(docs[rel], encoding="utf-8")
+    out = run(tmp_path, f"--input={books}", "--vocab_size=300", "--val_fraction=0.2")
     assert out == str(tmp_path / "data" / "books")
     data = data_py.load_data(out)
     train, val = split_texts(data)
     assert train.endswith(data_py.EOT) and val.endswith(data_py.EOT)
     got = train.split(data_py.EOT)[:-1] + val.split(data_py.EOT)[:-1]
     assert sorted(got) == sorted(docs.values())  # every document whole, once, and nothing else
-    in_order = [docs[k] for k in sorted(docs, key=lambda r: os.path.join(str(corpus), r))]
+    in_order = [docs[k] for k in sorted(docs, key=lambda r: os.path.join(str(books), r))]
     assert train.split(data_py.EOT)[:-1] == [d for d in in_order if d in train]  # corpus order kept
     assert data.meta["documents"] == 300 and 45 <= val.count(data_py.EOT) <= 75
 
@@ -212,7 +215,7 @@ def test_pieces_cover_the_file_and_never_split_a_character():
     for text in ["東京🙂é" * 50, numbered_text(30), "a\n\nb" * 40 + "\n"]:
         raw = text.encode()
         for piece_bytes in (1, 2, 3, 5, 64, 10_000):
-            pieces = list(prepare.read_pieces(io.BytesIO(raw), piece_bytes))
+            pieces = list(corpus.read_pieces(io.BytesIO(raw), piece_bytes))
             assert b"".join(pieces) == raw and all(pieces)
             assert all(len(p) <= max(piece_bytes, 1) + 3 for p in pieces)
             for p in pieces:
@@ -363,13 +366,13 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_shakespeare_conversion_is_plain_text_with_speakers():
-    files = prepare.shakespeare_files()
+    files = corpus.shakespeare_files()
     assert len(files) == 38
     total = 0
     for f in files:
         with open(f, encoding="utf-8") as src:
             md = src.read()
-        text = prepare.markdown_play_to_text(md)
+        text = corpus.markdown_play_to_text(md)
         total += len(text)
         for marker in ("*", "_", "\n#", "\\", " \n", "\t", "[ ]", "[]", "\0"):  # no Markdown markup left
             assert marker not in text, (f, marker)
@@ -380,7 +383,7 @@ def test_shakespeare_conversion_is_plain_text_with_speakers():
         assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n")
     assert 4_500_000 < total < 5_500_000
     with open([f for f in files if f.endswith("macbeth.md")][0], encoding="utf-8") as src:
-        macbeth = prepare.markdown_play_to_text(src.read())
+        macbeth = corpus.markdown_play_to_text(src.read())
     assert macbeth.startswith("Macbeth\n\nACT I\n\nSCENE I. A desert place.\n\n"
                               "[Thunder and lightning. Enter three Witches]\n\n"
                               "First Witch:\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n\n")
@@ -2126,6 +2129,9 @@ BAD_INVOCATIONS = [  # (script, arguments, words the one line must contain); {pl
     ("prepare", ["--bogus"], "unrecognized arguments: --bogus"),
     ("prepare", ["--vocab-size=4096"], "unrecognized arguments: --vocab-size=4096; did you mean --vocab_size?"),
     ("prepare", ["--input={bad}/other.txt", "--data_root={bad}/a_file"], "is not a folder"),
+    ("prepare", ["--corpus=claims", "--mix_weights=math:0.5,code:0.5"], "must give each of math, code, language one"),
+    ("prepare", ["--corpus=claims", "--mix_weights=math:0.5,code:0.5,language:0.5"], "sum to 1 (they sum to 1.5)"),
+    ("prepare", ["--train_tokens=1000"], "--train_tokens is a setting of --corpus=claims"),
 ]
 
 
@@ -2495,7 +2501,7 @@ def test_prepare_deletes_only_what_it_made(tmp_path):
 
 
 def tiny_mix_domains(n_lines=400):
-    """Stand-ins for prepare.MIX_DOMAINS: every line starts with its domain's name, so any text can be traced back."""
+    """Stand-ins for corpus.MIX_DOMAINS: every line starts with its domain's name, so any text can be traced back."""
     def domain(name, seed):
         def docs():  # two documents of different lines
             texts = ["".join(f"{name} {line}\n" for line in numbered_text(n_lines, seed + k).splitlines()).encode()
@@ -2507,7 +2513,7 @@ def tiny_mix_domains(n_lines=400):
 
 
 def test_mix_corpus_is_deterministic_and_val_domains_are_recovered(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains())
     outs = [prepare.main([f"--data_root={tmp_path / d}", "--corpus=mix", "--vocab_size=300", "--force"])
             for d in ("a", "b")]
     for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
@@ -2527,8 +2533,126 @@ def test_mix_corpus_is_deterministic_and_val_domains_are_recovered(tmp_path, mon
     assert data_py.val_domains({"tokens": {"val": 5}}) is None  # one-domain data
 
 
+def tiny_claims_domains():
+    """Stand-ins for corpus.CLAIMS_DOMAINS: the real math generator (it makes as little as asked for), and code and
+    language documents whose every line starts with the domain's name, so any text can be traced back."""
+    def finite(name, seed, n_lines):
+        def make(_seed):
+            texts = ["".join(f"{name} {line}\n" for line in numbered_text(n_lines, seed + k).splitlines()).encode()
+                     for k in range(3)]
+            return corpus.Domain(f"{name}: stand-in", name, {"stand_in": True},
+                                 docs=[(f"{name}-{k}", len(t), functools.partial(io.BytesIO, t)) for k, t in enumerate(texts)])
+        return make
+    return {"math": corpus.math_domain, "code": finite("code", 100, 800), "language": finite("language", 200, 100)}
+
+
+def test_claims_corpus_is_deterministic_keeps_its_weights_and_val_domains(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CLAIMS_DOMAINS", tiny_claims_domains())
+    make = ["--corpus=claims", "--vocab_size=400", "--train_tokens=60000", "--val_bytes=3000",
+            "--mix_weights=math:0.5,code:0.1,language:0.4", "--force"]
+    outs = [prepare.main([f"--data_root={tmp_path / d}", *make]) for d in ("a", "b")]
+    for f in ("train.bin", "val.bin", "tokenizer.tiktoken"):
+        assert open(os.path.join(outs[0], f), "rb").read() == open(os.path.join(outs[1], f), "rb").read(), f
+    data = data_py.load_data(outs[0])
+    meta = data.meta
+    names, ids = data_py.val_domains(meta)
+    assert names == ["math", "code", "language"] and len(ids) == len(data.val)
+    # the weights, exactly: each domain's share of train.bin, its tokens one after another, each ending a document
+    train, start = data.train.tolist(), 0
+    for d, want in zip(meta["domains"], (30000, 6000, 24000)):
+        assert d["tokens"]["train"] == want and train[start + want - 1] == data.eot_token, d["name"]
+        text = data.decode(train[start:start + want])
+        start += want
+        if d["name"] == "math":
+            assert text.startswith("Problem: ") and d["passes"] == 1.0
+        else:
+            lines = [line for line in text.replace(data_py.EOT, "\n").splitlines() if line]
+            assert all(line.startswith(d["name"] + " ") for line in lines[:-1]), d["name"]  # the last may be cut
+    language = meta["domains"][2]
+    assert language["passes"] > 1.5 and meta["domains"][1]["passes"] < 1  # repeated to fill; cut to fit
+    # every val token's domain, each domain's val about --val_bytes, and never text that train holds
+    train_text = data.decode(train)
+    val = data.val.tolist()
+    for k, name in enumerate(names):
+        text = data.decode([t for t, d in zip(val, ids) if d == k])
+        assert 2500 < meta["domains"][k]["bytes"]["val"] < 12000, name
+        if name == "math":
+            problems = text.replace(data_py.EOT, "\n\n").strip().split("\n\n")
+            assert all(p.startswith("Problem: ") and "\nAnswer: " in p for p in problems)
+        else:
+            lines = [line for line in text.replace(data_py.EOT, "\n").splitlines() if line.strip()]
+            assert lines and all(line.startswith(name + " ") for line in lines), name
+            assert not any(line in train_text for line in lines if len(line) > 20), name  # numbered: all distinct
+    assert meta["packages"]["rustbpe"] and meta["config"]["seed"] == 0
+
+
+def exact(expr):
+    """An arithmetic expression of the math problems' steps ("3/4 + (-2)^2 * 5") -> its exact value, by Python's
+    own parser with every integer made a Fraction; None if it is not one."""
+    if not re.fullmatch(r"[\d\s+\-*/^().]+", expr) or not re.search(r"\d", expr):
+        return None
+    return eval(re.sub(r"\d+", lambda m: f"Fraction({m[0]})", expr.replace("^", "**")), {"Fraction": Fraction})
+
+
+def poly_at(text, x):
+    """"3x^2 - 2x + 5" or "(2x + 3)(x - 4)" at x, exactly."""
+    expr = re.sub(r"(\d|\))x", r"\1*x", text.replace(")(", ")*(")).replace("^", "**")
+    expr = re.sub(r"\d+", lambda m: f"Fraction({m[0]})", expr)
+    return eval(expr, {"Fraction": Fraction, "x": Fraction(x)})
+
+
+def test_math_problems_steps_and_answers_are_right():
+    """Every kind, 150 problems each: each step that is plain arithmetic holds, and the answer is recomputed from
+    the question alone (Fraction arithmetic, math.gcd, the polynomial evaluated at several points, sympy's derivative)."""
+    import sympy
+    rng = random.Random(0)
+    for kind in math_problems.MATH_KINDS:
+        for _ in range(150):
+            question, steps, answer = kind(rng)
+            for line in steps:
+                values = [v for v in map(exact, line.split(": ")[0].split(" = ")) if v is not None]
+                assert len(set(values)) <= 1, (kind.__name__, question, line)
+            nums = [int(n) for n in re.findall(r"-?\d+", question)]
+            if kind.__name__ in ("addition", "subtraction", "multiplication", "fractions", "order_of_operations"):
+                expr = question.split(" ", 1)[1].rstrip(".").replace(" divided by ", " / (") + \
+                    (")" if "divided" in question else "")
+                assert exact(expr) == exact(answer), (question, answer)
+            elif kind.__name__ == "division":
+                q, _, r = answer.partition(" remainder ")
+                assert divmod(nums[0], nums[1]) == (int(q), int(r or 0)), (question, answer)
+            elif kind.__name__ == "percent":
+                assert Fraction(nums[0], 100) * nums[1] == exact(answer), (question, answer)
+            elif kind.__name__ == "gcd_lcm":
+                g = math.gcd(nums[0], nums[1])
+                assert int(answer) == (g if "greatest" in question else nums[0] * nums[1] // g), (question, answer)
+            elif kind.__name__ == "prime_factors":
+                bases = [int(b) for b in re.findall(r"(\d+)(?:\^\d+)?", answer)]
+                assert exact(answer) == nums[0] and bases == sorted(set(bases)) and all(map(sympy.isprime, bases)), \
+                    (question, answer)
+            elif kind.__name__ == "linear_equation":
+                left, right = question[len("Solve "):-len(" for x.")].split(" = ")
+                x = exact(answer[len("x = "):])
+                assert poly_at(left, x) == poly_at(right, x), (question, answer)
+            elif kind.__name__ == "expand":
+                product = question[len("Expand "):-1].replace(")^2", ")*(" + question[len("Expand ("):-4] + ")")
+                assert all(poly_at(product, x) == poly_at(answer, x) for x in (-2, 0, 1, 3, 7)), (question, answer)
+            elif kind.__name__ == "evaluate":
+                poly, x = question[len("Evaluate "):-1].split(" at x = ")
+                assert poly_at(poly, int(x)) == exact(answer), (question, answer)
+            elif kind.__name__ == "derivative":
+                f = question[len("Differentiate f(x) = "):-1]
+                want = sympy.diff(sympy.sympify(re.sub(r"(\d)x", r"\1*x", f).replace("^", "**")), sympy.Symbol("x"))
+                assert all(want.subs("x", x) == poly_at(answer[len("f'(x) = "):], x) for x in (-2, 0, 1, 3, 5)), \
+                    (question, answer)
+            else:
+                raise AssertionError(f"no check for {kind.__name__}")
+    doc = math_problems.math_document(0, "train", 3)
+    assert doc == math_problems.math_document(0, "train", 3) != math_problems.math_document(0, "val", 3)
+    assert doc.decode().count("Problem: ") == math_problems.PROBLEMS_PER_DOCUMENT
+
+
 def test_train_reports_val_loss_per_domain(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains())
     prepare.main([f"--data_root={tmp_path}", "--corpus=mix", "--tokenizer=char"])
     g = run_train_argv("--dataset=mix_char", f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'out'}",
                        *TRAIN_TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=4")
