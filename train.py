@@ -1,5 +1,5 @@
 """
-Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSeek's load balancing of the experts.
+Train nanoseek on one GPU, several (DDP or FSDP2) or the CPU: nanoGPT's loop plus DeepSeek's expert balancing.
 
     python prepare.py                                    # data/shakespeare, once
     python train.py                                      # the CPU default: a few minutes on 2 cores
