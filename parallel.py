@@ -5,7 +5,8 @@ after, its gradients reduce-scattered after its backward. train.py uses it under
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --fsdp=True
 
-Three jobs, each a few calls of PyTorch's own API (https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html,
+Three jobs, each a few calls of PyTorch's own API (FSDP2 and distributed checkpoints:
+https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html,
 https://docs.pytorch.org/docs/stable/distributed.checkpoint.html):
   sharded_model  the model on the meta device, sharded, then each rank's shard filled from rank 0's full state dict
   full_state     the model's and optimizer's state gathered to rank 0's host memory, for the one ckpt.pt format
@@ -37,7 +38,7 @@ def sharded_model(cfg, state, device, param_dtype=None):
     # cast_forward_inputs=False: a block's RoPE tables stay float32 (torch.complex has no bfloat16); its input x is
     # bfloat16 already, from the bfloat16 embedding
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    # an MTP module's norm is called from outside its forward (Model.mtp_losses), so only its block is a unit of its own
+    # an MTP module's norm is called outside its forward (by Model.mtp_losses): only its block is a unit of its own
     for block in list(model.layers) + [m.block for m in model.mtp]:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -279,6 +279,8 @@ model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(
 # one micro-batch's activations
 _problem = memory_problem(device, {
     "weights, gradients and AdamW": 16 * model_config.approx_params() // (world_size if fsdp else 1),
+    # FSDP keeps the unsharded float32 gradients between the micro-batches of a step (set_requires_gradient_sync)
+    **({"gradients between micro-batches": 4 * model_config.approx_params()} if fsdp and grad_accum > 1 else {}),
     "activations of a micro-batch": (4 if dtype == "float32" else 2) * batch_size * block_size * model_config.activation_floats()},
     "lower --batch_size (--gradient_accumulation_steps keeps the tokens per step) or --block_size, or use a "
     "smaller model")
