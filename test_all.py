@@ -1486,6 +1486,121 @@ def test_ddp_two_ranks_match_one_rank(data_root, tmp_path):
     assert any(one[k].abs().sum() > 0 for k in one if k.endswith("expert_bias"))
 
 
+# -----------------------------------------------------------------------------
+# sharded training (FSDP2, parallel.py): 2 CPU ranks under torchrun with gloo against one process
+
+# run as a torchrun script: train.py through runpy, then each rank's expert biases saved (they are replicated, so
+# ckpt.pt holds only rank 0's); "full_disk" first: every write of a save fails half-way, as on a full disk
+FSDP_RUNNER = """
+import contextlib, errno, os, runpy, sys
+sys.path.insert(0, {here!r})
+import errors, torch
+mode, out_dir = sys.argv[1], sys.argv[2]
+if mode == "full_disk":
+    real_atomic_write = errors.atomic_write
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        with real_atomic_write(path) as f:
+            class Half:
+                def write(self, b):
+                    f.write(bytes(b)[:len(b) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                flush = f.flush
+            yield Half()
+    errors.atomic_write = full_disk  # train.py imports it from errors
+sys.argv = [{train!r}, *sys.argv[3:], "--out_dir=" + out_dir]
+run = runpy.run_path({train!r}, run_name="__main__")
+torch.save([m.expert_bias for m in run["moe_layers"]], os.path.join(out_dir, f"bias{{os.environ['RANK']}}.pt"))
+"""
+# a tiny MoE model with an MTP module, 4 micro-batches per step (2 per rank), an evaluation and a save every step
+FSDP_ARGS = ["--mtp_depth=1", "--gradient_accumulation_steps=4", "--eval_interval=1", "--lr_decay_iters=6",
+             "--bias_update_rate=0.01", "--log_interval=1"]
+FSDP_ATOL = 2e-5  # float32; the gradients are summed in another order (reduce-scatter vs in place): rounding only
+
+
+def run_fsdp(tmp_path, data_root, out_dir, *args, mode="plain"):
+    runner = tmp_path / "fsdp_runner.py"
+    runner.write_text(FSDP_RUNNER.format(here=HERE, train=TRAIN))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(runner), mode, str(out_dir), "--dataset=tiny", f"--data_root={data_root}", *TRAIN_TINY,
+                           *FSDP_ARGS, "--fsdp=True", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def eval_losses(out_dir):
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in read_log(out_dir, "eval")}
+
+
+def assert_same_checkpoint(want, got, atol):
+    """Two ckpt.pt files: the same keys, shapes and kinds, tensors within atol, the expert biases equal."""
+    a, b = (torch.load(p, weights_only=True) for p in (want, got))
+    assert a["iter_num"] == b["iter_num"] and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert a["model"][k].dtype == b["model"][k].dtype and a["model"][k].shape == b["model"][k].shape, k
+        if k.endswith("expert_bias"):
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        assert_close(k, b["model"][k], a["model"][k], atol)
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        assert torch.equal(oa["state"][i]["step"], ob["state"][i]["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert_close(f"state {i} {k}", ob["state"][i][k], oa["state"][i][k], atol)
+
+
+def test_fsdp_matches_one_process_and_resumes_across(data_root, tmp_path):
+    """6 steps on one process == 3 under FSDP, resumed on one process for 3 more == 3 on one process, resumed under
+    FSDP: the same evaluation losses every step and the same ckpt.pt (within FSDP_ATOL; its optimizer state in
+    optimizer.state_dict()'s own format), the expert biases equal exactly, on both ranks."""
+    run_train(data_root, tmp_path / "one", "--max_iters=6", *FSDP_ARGS)
+    one = eval_losses(tmp_path / "one")
+    # FSDP from scratch for 3 steps, then one process
+    r = run_fsdp(tmp_path, data_root, tmp_path / "fsdp_first", "--max_iters=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 rank(s) x 2 micro-batches" in r.stdout and "sharded (FSDP2)" in r.stdout
+    run_train(data_root, tmp_path / "fsdp_first", "--max_iters=6", "--init_from=resume", *FSDP_ARGS)
+    # one process for 3 steps, then FSDP
+    run_train(data_root, tmp_path / "fsdp_last", "--max_iters=3", *FSDP_ARGS)
+    r = run_fsdp(tmp_path, data_root, tmp_path / "fsdp_last", "--max_iters=6", "--init_from=resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for d in ("fsdp_first", "fsdp_last"):
+        got = eval_losses(tmp_path / d)
+        assert got.keys() == one.keys() == set(range(7))
+        diff = max(abs(x - y) for i in one for x, y in zip(one[i], got[i]))
+        print(f"{d}: max |eval loss - one process's| over 7 evaluations = {diff:.2e}")
+        assert diff < FSDP_ATOL, (d, one, got)
+        assert_same_checkpoint(tmp_path / "one" / "ckpt.pt", tmp_path / d / "ckpt.pt", FSDP_ATOL)
+    biases = [torch.load(tmp_path / "fsdp_last" / f"bias{r}.pt", weights_only=True) for r in (0, 1)]
+    want = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    want = [want[k] for k in want if k.endswith("expert_bias")]
+    assert len(want) == 3 and all(b.abs().sum() > 0 for b in want)  # 2 MoE blocks and the MTP one, and they moved
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(want, *biases))
+
+
+def test_fsdp_fine_tunes_a_folder_in_bfloat16_and_a_failed_save_keeps_the_old_checkpoint(data_root, tmp_path):
+    """--init_from=FOLDER under FSDP (rank 0 reads it, the ranks get their shards) with the GPU's mixed precision
+    (bfloat16 weights, float32 gradient reduction): its first evaluation is the folder's model's within bfloat16
+    rounding; then every write of the save fails half-way (a full disk): the old ckpt.pt stays byte-identical."""
+    first = run_train(data_root, tmp_path / "a", "--max_iters=2", "--eval_interval=2")
+    hf.save_pretrained(first["raw_model"], str(tmp_path / "hf"))
+    before = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    r = run_fsdp(tmp_path, data_root, tmp_path / "a", "--max_iters=2", "--eval_interval=2", "--overwrite",
+                 f"--init_from={tmp_path / 'hf'}", "--dtype=bfloat16", "--mtp_depth=0", mode="full_disk")
+    assert r.returncode != 0
+    assert re.search(r"cannot save \S+ckpt.pt at iter 2 \(No space left on device\): stopping", r.stderr), r.stderr
+    assert (tmp_path / "a" / "ckpt.pt").read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path / "a") if ".tmp-" in f]
+    want, got = read_log(tmp_path / "a", "eval")[1], read_log(tmp_path / "a", "eval")[2]
+    assert want["iter"] == 2 and got["iter"] == 0 and abs(got["val_loss"] - want["val_loss"]) < 0.02, (want, got)
+    assert math.isfinite(read_log(tmp_path / "a", "train")[-1]["loss"])
+
+
+def test_fsdp_needs_torchrun(data_root, tmp_path):
+    msg = fails_with(data_root, tmp_path, "--fsdp=True")
+    assert "--fsdp=True shards the model over torchrun's processes" in msg and "\n" not in msg
+
+
 def test_plots_are_drawn_from_the_log(data_root, tmp_path):
     """--plot draws loss.png and expert_load.png at the end; --plot_only redraws them from log.jsonl alone."""
     pytest.importorskip("matplotlib")

@@ -1,10 +1,11 @@
 """
-Train nanoseek on one GPU, several (DDP) or the CPU: nanoGPT's loop plus DeepSeek's load balancing of the experts.
+Train nanoseek on one GPU, several (DDP or FSDP2) or the CPU: nanoGPT's loop plus DeepSeek's expert balancing.
 
     python prepare.py                                    # data/shakespeare, once
     python train.py                                      # the CPU default: a few minutes on 2 cores
     python train.py config/train_small.py --compile      # the GPU "small" reference config (README, "The config")
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
+    torchrun --standalone --nproc_per_node=8 train.py --init_from=path/to/hf_folder --fsdp=True  # sharded (FSDP2)
     python train.py --n_experts=64 --top_k=6 --n_shared=2 --balance=aux --aux_alpha=0.001
     python train.py --init_from=resume --max_iters=4000  # continue out/ckpt.pt where it stopped, on its lr schedule
     python train.py --init_from=path/to/hf_folder --dataset=NAME  # fine-tune a DeepSeek-format checkpoint
@@ -46,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
 import kernels
+import parallel
 from configurator import a_device, at_least, between, configure, one_of, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
@@ -99,6 +101,8 @@ min_lr = None                    # None: learning_rate / 10
 device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
+fsdp = False                     # under torchrun: shard weights, gradients and AdamW's moments over the ranks (FSDP2,
+                                 # parallel.py) instead of replicating them (DDP); the same ckpt.pt either way
 threads = 0                      # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per free physical core
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -163,8 +167,13 @@ if ddp:
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
              f"{world_size} ranks")
+    if fsdp and dtype == "float16":  # bfloat16 needs no loss scaling, and GradScaler knows nothing of shards
+        fail("--fsdp=True trains in bfloat16 or float32, not float16: use --dtype=bfloat16")
 else:
     rank, world_size = 0, 1
+    if fsdp:  # one rank under torchrun is allowed: the sharded code path on one GPU, with nothing to share
+        fail("--fsdp=True shards the model over torchrun's processes: run it as torchrun --standalone "
+             "--nproc_per_node=N train.py ... --fsdp=True")
 master = rank == 0
 grad_accum = gradient_accumulation_steps // world_size  # micro-batches per rank per step
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -189,7 +198,7 @@ def say(*args):
 # data, model config, checkpoint
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = None
+ckpt = pretrained = None
 # On resume, and when fine-tuning a folder, the model is the source's: every ModelConfig field the arguments do not
 # give takes the source's value, and one they give must agree with it (a resumed run continues the same model, on
 # the same data). What may differ, safely: the runtime switches use_kernels and attn_impl (the same numbers) and the
@@ -234,11 +243,15 @@ if init_from == "resume":
 elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architecture, this run's context and switches
     runtime = dict(block_size=block_size, use_kernels=use_kernels, attn_impl=attn_impl, seq_aux_alpha=seq_aux_alpha,
                    aux_alpha=aux_alpha if balance == "aux" else 0.0)
-    try:
-        pretrained = hf.from_pretrained(init_from, **runtime)
-    except (ValueError, OSError) as e:
-        fail(f"cannot load {init_from}: {error_text(e) if isinstance(e, OSError) else e}")
-    take_model_settings(init_from, {k: getattr(pretrained.config, k) for k in model_fields})
+    if master or not fsdp:  # FSDP: rank 0 alone reads the folder, and spreads it (parallel.sharded_model)
+        try:
+            pretrained = hf.from_pretrained(init_from, **runtime)
+        except (ValueError, OSError) as e:
+            fail(f"cannot load {init_from}: {error_text(e) if isinstance(e, OSError) else e}")
+    folder_config = [None if pretrained is None else pretrained.config]
+    if fsdp:
+        dist.broadcast_object_list(folder_config)
+    take_model_settings(init_from, {k: getattr(folder_config[0], k) for k in model_fields})
 data = load_data(dataset, data_root=data_root)  # exits with "run python prepare.py first"
 data_identity = {"dir": os.path.abspath(data.dir), "tokenizer": tokenizer_identity(data.dir, data.meta)}
 if ckpt is not None:
@@ -262,9 +275,12 @@ try:
 except ValueError as e:
     fail(str(e))
 model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
-# memory, before any is taken: fp32 weights, gradients and AdamW's two moments; one micro-batch's activations
+# memory, before any is taken: fp32 weights, gradients and AdamW's two moments (FSDP: this rank's shard of them);
+# one micro-batch's activations
 _problem = memory_problem(device, {
-    "weights, gradients and AdamW": 16 * model_config.approx_params(),
+    "weights, gradients and AdamW": 16 * model_config.approx_params() // (world_size if fsdp else 1),
+    # FSDP keeps the unsharded float32 gradients between the micro-batches of a step (set_requires_gradient_sync)
+    **({"gradients between micro-batches": 4 * model_config.approx_params()} if fsdp and grad_accum > 1 else {}),
     "activations of a micro-batch": (4 if dtype == "float32" else 2) * batch_size * block_size * model_config.activation_floats()},
     "lower --batch_size (--gradient_accumulation_steps keeps the tokens per step) or --block_size, or use a "
     "smaller model")
@@ -340,21 +356,31 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # model, optimizer, balancing state
 
-model = Model(model_config)
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
-    model.load_state_dict(ckpt["model"])  # expert_bias included: it is a persistent buffer
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-elif init_from not in ("scratch", "resume"):
-    model.load_state_dict(pretrained.state_dict())  # expert biases included: fine-tuning keeps updating them
-    del pretrained
-model.to(device)
+if fsdp:  # the whole model on rank 0's host only (the checkpoint's, the folder's or a new one); each rank its shard
+    full = {} if not master else ckpt["model"] if ckpt is not None else \
+        pretrained.state_dict() if pretrained is not None else Model(model_config).state_dict()
+    model = parallel.sharded_model(model_config, full, device, None if dtype == "float32" else ptdtype)
+    pretrained = full = None
+else:
+    model = Model(model_config)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # expert_bias included: it is a persistent buffer
+    elif init_from not in ("scratch", "resume"):
+        model.load_state_dict(pretrained.state_dict())  # expert biases included: fine-tuning keeps updating them
+        del pretrained
+    model.to(device)
 raw_model = model  # the uncompiled, un-DDP'd module: saved, evaluated, its MoE layers read
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 run_id = uuid.uuid4().hex[:12]  # tags this run's records in log.jsonl and its checkpoints
 if ckpt is not None:
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if fsdp:
+            parallel.load_optimizer(model, optimizer, ckpt["optimizer"] if master else {})
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         # load_state_dict checks the groups, not the moments: a wrong shape would fail at the first step, after
         # ckpt.pt was saved again; checked here, before anything is written
         for group in optimizer.param_groups:
@@ -366,7 +392,7 @@ if ckpt is not None:
                                          f"{tuple(st[k].shape) if torch.is_tensor(st[k]) else type(st[k]).__name__}")
                 if "step" in st and not (torch.is_tensor(st["step"]) and st["step"].numel() == 1):
                     raise ValueError("its step is not a number")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: set_optimizer_state_dict's
         fail(f"{ckpt_path}: its optimizer state does not fit its model ({e if isinstance(e, ValueError) else error_text(e)}): cannot resume it")
     run_id = ckpt.get("run")  # the same run goes on (None: a checkpoint from before runs were tagged)
 saved_iter = iter_num if ckpt is not None else None  # the iter ckpt.pt holds, for the messages of a stop
@@ -375,7 +401,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 if compile:
     say("compiling the model...")
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     # broadcast_buffers=False: each rank counts its own tokens_per_expert (summed by all_reduce below), and the
     # expert biases stay identical because every rank applies the same update to the same summed counts
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
@@ -400,7 +426,8 @@ if master:
         f"unigram entropy {unigram_entropy:.4f} nats (the loss to beat)")
     say(f"training: {device} {dtype}{' (' + gpu_name + ')' if device_type == 'cuda' else ''}, "
         f"{world_size} rank(s) x {grad_accum} micro-batches x {batch_size} x {block_size} = "
-        f"{tokens_per_iter:,} tokens/iter, balance={balance}, from iter {iter_num} to {max_iters}")
+        f"{tokens_per_iter:,} tokens/iter{', sharded (FSDP2)' if fsdp else ''}, balance={balance}, "
+        f"from iter {iter_num} to {max_iters}")
     if device_type == "cpu":
         say(f"threads: {n_threads} ({threads_why}; " + ("follows the load; " if adapt_threads else "") +
             "--threads=N or OMP_NUM_THREADS=N fixes it)")
@@ -486,7 +513,14 @@ def evaluate():
 def save_checkpoint():
     """Whole or not at all (atomic_write): a full disk or a kill mid-save leaves the previous ckpt.pt as it was."""
     global saved_iter
-    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+    if fsdp:  # every rank takes part in gathering the whole state to rank 0, which alone writes it
+        model_state, optimizer_state = parallel.full_state(raw_model, optimizer)
+        if not master:
+            saved_iter = iter_num
+            return
+    else:
+        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+    ckpt = {"model": model_state, "optimizer": optimizer_state, "model_args": model_args,
             "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "run": run_id,
             "data": data_identity}
     t_save = time.time()
@@ -556,7 +590,7 @@ while True:
     last = iter_num >= max_iters
     if iter_num % eval_interval == 0 or last or eval_only:
         stop_if_nonfinite()
-        if master:
+        if master or fsdp:  # FSDP: a forward pass is collective; every rank evaluates the same batches, 0 reports
             t_eval = time.time()
             losses, val_counts = evaluate()
             t_eval = time.time() - t_eval
@@ -590,7 +624,9 @@ while True:
     step_loss = torch.zeros((), device=device)
     step_mtp = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
-        if ddp:  # all-reduce the gradients only on the last micro-batch
+        if fsdp:  # reduce-scatter the gradients only on the last micro-batch; they accumulate in float32 before
+            raw_model.set_requires_gradient_sync(micro_step == grad_accum - 1)
+        elif ddp:  # all-reduce the gradients only on the last micro-batch
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
             _, loss = model(X, Y)
