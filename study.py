@@ -641,7 +641,8 @@ SECTIONS = dict(balance=study_balance, mtp=study_mtp, arch=study_arch, specializ
                 tradeoff=study_tradeoff)
 DOMAINS = {"arch_seeds": ("a tuple of 3 or more distinct seeds (ints >= 0): every arm trains under each, and the "
                           "spread over them is the noise the claims are judged against",
-                          lambda v: len(v) >= 3 and all(type(s) is int and s >= 0 for s in v) and len(set(v)) == len(v)),
+                          lambda v: len(v) >= 3 and len(set(v)) == len(v) and all(type(s) is int and s >= 0
+                                                                                   for s in v)),
            "tradeoff_alphas": ("a tuple of 4 or more aux-loss weights in (0, 1] (--balance=none is the alpha-0 run, "
                                "which the section makes anyway)",
                                lambda v: len(v) >= 4 and all(type(a) in (int, float) and 0 < a <= 1 for a in v)),

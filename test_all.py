@@ -1393,7 +1393,8 @@ def test_help_lists_every_setting(script):
 def test_checkpoint_round_trips_into_model(data_root, tmp_path):
     g = run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)  # no pickled code needed
-    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data",
+                         "train_seconds"}
     assert ckpt["iter_num"] == 4 and ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["data_root"] == data_root
     assert ckpt["data"]["dir"] == os.path.join(data_root, "tiny") and ckpt["data"]["tokenizer"]["kind"] == "char"
     assert ckpt["config"]["n_experts"] == 8 and ckpt["model_args"]["vocab_size"] == g["data"].vocab_size
