@@ -5,7 +5,7 @@ markdown tables (the device first) and writes every number to json_path.
 
     python study.py --sections=balance               # four train.py runs: bias vs aux loss vs none
     python study.py --sections=mtp                   # mtp_depth 0 vs 1, then speculative decoding (GPU)
-    python study.py --sections=arch,specialize,tradeoff --arch_scale=cpu  # the claims at CPU size: ~10 min x 2
+    python study.py --sections=arch,specialize,tradeoff --arch_scale=cpu  # the claims at CPU size (minutes)
     python study.py --sections=arch,specialize --runs=reuse     # on a GPU (config/study_gpu.py); a study cut off
                                                                 # by a time limit goes on where it stopped
     python study.py --sections=arch --arch_dry_run             # the arms' parameters and FLOPs, no training
@@ -597,7 +597,12 @@ def study_tradeoff():
                   f"{r['seeds'][s1]['maxvio_global']:.3f}",
                   f"{r['seeds'][s2]['maxvio_global']:.3f}" if s2 in r["seeds"] else "-", f"{r['tok_s']['mean']:,.0f}"]
                  for k, r in rows.items()]))
-    results["tradeoff"] = dict(config=config, dataset=data_name, best_alpha=float(best[3:]), rows=rows)
+    diffs = [rows["bias"]["seeds"][s]["val_loss"] - rows[best]["seeds"][s]["val_loss"] for s in (s1, s2)]
+    print(f"\nbias against the best alpha ({best[3:]}), paired by seed: val loss "
+          f"{' / '.join(f'{d:+.4f}' for d in diffs)} ({verdict(diffs)}); MaxVio_global "
+          f"{rows['bias']['maxvio_global']['mean']:.3f} vs {rows[best]['maxvio_global']['mean']:.3f} (mean of both seeds)")
+    results["tradeoff"] = dict(config=config, dataset=data_name, best_alpha=float(best[3:]), rows=rows,
+                               bias_minus_best_alpha=diffs)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     aux = [k for k in kinds if k.startswith("aux")]
