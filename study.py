@@ -325,6 +325,7 @@ def final_row(recs):
     ev = [r for r in recs if r["kind"] == "eval"]
     tr = [r for r in recs if r["kind"] == "train"]
     return dict(val_loss=ev[-1]["val_loss"], domains=ev[-1].get("val_loss_domain", {}),
+                still_falling=len(ev) > 1 and ev[-1]["val_loss"] < ev[-2]["val_loss"],  # not yet overfitting
                 maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"], tok_s=median_tok_s(tr),
                 train_seconds=ev[-1].get("train_seconds", float("nan")), warmup_seconds=warmup_seconds(recs))
 
@@ -438,6 +439,7 @@ def study_arch():
                          train_seconds=seed_stats([r["train_seconds"] - r["warmup_seconds"] for r in finals]),
                          warmup_seconds=seed_stats([r["warmup_seconds"] for r in finals]),
                          tok_s=seed_stats([r["tok_s"] for r in finals]),
+                         still_falling=sum(r["still_falling"] for r in finals),
                          maxvio_global=None if finals[0]["maxvio_global"] is None else
                          seed_stats([r["maxvio_global"] for r in finals]))
     domains = list(next(iter(rows.values()))["domains"])
@@ -445,13 +447,13 @@ def study_arch():
     print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({gpu}), seeds {seeds}\n")
     print(f"final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
     print(table(["arm", "val loss", *[f"val {d}" for d in domains], "params", "active", "MFLOPs/token",
-                 "tokens/s", "training s", "MaxVio_global"],
+                 "tokens/s", "training s", "MaxVio_global", "val loss still falling (seeds)"],
                 [[r["label"], fmt_stats(r["val_loss"]),
                   *[f"{r['domains'][d]['mean']:.4f} ({r['domains'][d]['max'] - r['domains'][d]['min']:.4f})"
                     for d in domains], f"{r['params'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
                   f"{r['flops'] / 1e6:.1f}", f"{r['tok_s']['mean']:,.0f}", f"{r['train_seconds']['mean']:.1f}",
-                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']['mean']:.3f}"]
-                 for r in rows.values()]))
+                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']['mean']:.3f}",
+                  f"{r['still_falling']} of {len(arch_seeds)}"] for r in rows.values()]))
     claims = []
     for arm, other, question in ARCH_CLAIMS:
         for axis in ("tokens", "seconds"):
