@@ -5,9 +5,10 @@ markdown tables (the device first) and writes every number to json_path.
 
     python study.py --sections=balance               # four train.py runs: bias vs aux loss vs none
     python study.py --sections=mtp                   # mtp_depth 0 vs 1, then speculative decoding (GPU)
-    python study.py --sections=arch,specialize       # five architectures on data/mix, then which experts each domain uses
-    python study.py --sections=arch,specialize --arch_scale=cpu   # the same at CPU size: minutes on 2 cores
-    python study.py --sections=tradeoff              # aux-loss alpha sweep vs bias vs none: val loss vs MaxVio_global
+    python study.py --sections=arch,specialize,tradeoff --arch_scale=cpu  # the claims at CPU size (minutes)
+    python study.py --sections=arch,specialize --runs=reuse     # on a GPU (config/study_gpu.py); a study cut off
+                                                                # by a time limit goes on where it stopped
+    python study.py --sections=arch --arch_dry_run             # the arms' parameters and FLOPs, no training
 
 Sections:
   balance  the load-balancing ablation of train.py (config/train_balance.py, same data, tokens and seed):
@@ -15,21 +16,25 @@ Sections:
            balance_dir/balance.png (val loss and MaxVio over training, the four runs overlaid)
   mtp      two train.py runs (config/train_balance.py, mtp_depth 0 and 1): the main head's val loss, the MTP
            head's loss and accuracy, mtp_dir/mtp.png; then greedy decoding of the MTP checkpoint, plain (eager and
-           CUDA graph) and speculative, at batch 1 and 32: tokens/s, drafts accepted, the same tokens or not
-  arch     the DeepSeekMoE ablation (arXiv 2401.06066; arch_variants below): dense vs coarse top-2 of 16 vs 1 shared
-           + top-1 of 15 vs fine-grained 2 shared + top-6 of 62 vs fine-grained top-8 of 64, same active FFN width
-           and total expert parameters, --balance=bias, on data/mix with config/train_arch.py (arch_scale=gpu) or
-           config/train_arch_cpu.py (cpu); then a second seed for the best two; val loss overall and per domain,
-           parameters, tokens/s, MaxVio_global, and arch_dir/arch.png (val loss against tokens)
-  specialize  the arch section's fine-grained and coarse checkpoints over data/mix's val: the share of each domain's
-           tokens each routed expert receives, per MoE layer (arch_dir/specialize.png), and the mutual information
-           between domain and chosen expert in bits, next to the same counts with the domains shuffled
-  tradeoff the balancing trade-off (Wang et al. arXiv 2408.15664, Figure 1): the arch config's fine-grained model
-           with --balance=aux at tradeoff_alphas, bias and none; val loss against MaxVio_global
-           (arch_dir/tradeoff.png)
+           CUDA graph) and speculative, at batch 1 and 32: acceptance, tokens/s, the same tokens or not
+  arch     the DeepSeekMoE ablation (arXiv 2401.06066) and the shared-expert question (arch_arms below): dense,
+           coarse top-2 of 16, coarse + 1 shared, fine-grained top-8 of 64 with 0, 1 or 2 shared experts (top-8 of
+           64, 1 + top-7 of 63, 2 + top-6 of 62 = DeepSeekMoE); the same active FFN width and expert parameters,
+           --balance=bias, every arm under every seed of arch_seeds (config/study_gpu.py or config/study_cpu.py,
+           on --dataset); val loss overall and per domain as mean and spread over seeds, the claims as paired
+           differences per seed at equal tokens (and against dense at equal training seconds), and
+           arch_dir/arch_tokens.png, arch_seconds.png (val loss against training tokens and training seconds)
+  specialize  the arch section's DeepSeekMoE and coarse checkpoints, every seed, over the data's val: the mutual
+           information between domain and chosen expert per MoE layer in bits (mean and spread over seeds), next to
+           the same counts with the domains shuffled, and arch_dir/specialize.png (the first seed's shares)
+  tradeoff the balancing trade-off (Wang et al. arXiv 2408.15664, Figure 1): the DeepSeekMoE arm with
+           --balance=aux at tradeoff_alphas, bias and none under the first seed, then bias and the best alpha
+           under the second; val loss against MaxVio_global (arch_dir/tradeoff/tradeoff.png)
+Every run prints its seconds (training, and start-up + evaluations + save) and the study's projected total.
 Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CPU scale.
 """
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -38,9 +43,10 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, read_config_file, settings_of
-from data import load_data, val_domains
+from configurator import at_least, configure, one_of, read_config_file, settings_of
+from data import data_dir, load_data, val_domains
 from generate import generate, generate_stream
+from errors import atomic_write
 from logs import last_run, pyplot, read_log, run_sections, save_figure, table
 from model import Model, ModelConfig, cast_weights
 from moe import mutual_information, recording_routes, routing_counts
@@ -54,13 +60,16 @@ balance_args = ""                # extra train.py arguments for every balance ru
 mtp_dir = "out/mtp"              # the mtp section's two runs and mtp.png
 mtp_args = ""                    # extra train.py arguments for both mtp runs
 mtp_new = 256                    # tokens decoded per sample in the mtp section
-arch_scale = "gpu"               # arch, specialize, tradeoff: "gpu" (config/train_arch.py) or "cpu" (.._cpu.py)
+arch_scale = "gpu"               # arch, specialize, tradeoff: "gpu" (config/study_gpu.py) or "cpu" (.._cpu.py)
+dataset = ""                     # their corpus (data/NAME of prepare.py, with domains); "" = the config's
 arch_dir = ""                    # their runs (one train.py out_dir each) and pictures; "" = out/arch-ARCH_SCALE
 arch_args = ""                   # extra train.py arguments for every arch and tradeoff run
-arch_seeds = (1337, 1338)        # every variant runs with the first; the best two again with the second
-arch_dry_run = False             # arch: print each variant's parameters and FLOPs per token, train nothing
-specialize_tokens = 0            # val tokens the specialize section routes per checkpoint; 0 = all of val
-tradeoff_alphas = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
+arch_seeds = (1337, 1338, 1339)  # every arm trains under each; the tradeoff section uses the first two
+arch_dry_run = False             # arch: print each arm's parameters and FLOPs per token, train nothing
+specialize_tokens = 1_000_000    # val tokens the specialize section routes per checkpoint; 0 = all of val
+tradeoff_alphas = (0.0001, 0.001, 0.003, 0.01, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
+runs = "train"                   # "train": every run anew; "reuse": a run whose out_dir holds a finished run of
+                                 # the same arguments is read, not trained again; "read": train nothing, read all
 seed = 0
 settings = settings_of(globals())
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,24 +97,69 @@ def median_tok_s(train_records):
     return rates[len(rates) // 2] if rates else float("nan")
 
 
-def train_runs(config, runs, out_root, extra):
-    """One train.py run per entry of runs {name: [arguments]} on top of config, each in out_root/name, one after
-    the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line."""
-    logs, t_start = {}, time.time()
-    for k, (name, args) in enumerate(runs.items()):
+def warmup_seconds(recs):
+    """The first log interval's time beyond the run's median step time (torch.compile, the first CUDA kernels): the
+    one-off cost inside a run's training seconds."""
+    tr = [r for r in recs if r["kind"] == "train"]
+    if len(tr) < 2:
+        return 0.0
+    ms = sorted(r["ms"] for r in tr[1:])[(len(tr) - 1) // 2]
+    return max(tr[0]["ms"] - ms, 0.0) * tr[0]["iter"] / 1000
+
+
+def finished_run(out_dir, config, args):
+    """out_dir's last run if it finished (its last evaluation at the end) under the same config and arguments
+    (study_run.json, written when it did), else None."""
+    try:
+        with open(os.path.join(out_dir, "study_run.json")) as f:
+            same = json.load(f) == dict(config=config, args=args)
+        recs = last_run(read_log(os.path.join(out_dir, "log.jsonl")))
+    except (OSError, ValueError):
+        return None
+    return recs if same and any(r["kind"] == "eval" for r in recs) else None
+
+
+def train_runs(config, todo, out_root, extra):
+    """One train.py run per entry of todo {name: [arguments]} on top of config, each in out_root/name, one after
+    the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line.
+    --runs=reuse reads a run that finished before with the same arguments; --runs=read trains nothing."""
+    logs, t_start, walls = {}, time.time(), []
+    for k, (name, args) in enumerate(todo.items()):
         out_dir = run_dir(out_root, name)
-        cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", "--overwrite",
-               *extra.split()]  # a study run again replaces its own runs
-        print(f"[{k + 1}/{len(runs)}] $ python " + " ".join(cmd[1:]), flush=True)
+        args = [*args, *extra.split()]
+        head = f"[{k + 1}/{len(todo)}] {name}"
+        if runs == "read":
+            path = os.path.join(out_dir, "log.jsonl")
+            if not os.path.isfile(path):
+                raise SystemExit(f"study.py --runs=read: no {path}: train it first (--runs=reuse trains only what "
+                                 "is missing)")
+            logs[name] = last_run(read_log(path))
+            print(f"{head}: read {path}", flush=True)
+            continue
+        if runs == "reuse" and (recs := finished_run(out_dir, config, args)) is not None:
+            logs[name] = recs
+            print(f"{head}: finished before with the same arguments, read from {out_dir}", flush=True)
+            continue
+        cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", "--overwrite"]
+        print(f"{head} $ python " + " ".join(cmd[1:]), flush=True)  # a study run again replaces its own runs
         t0 = time.time()
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
             raise SystemExit(f"study.py: the {name!r} run failed: {last}")
+        wall = time.time() - t0
         logs[name] = last_run(read_log(os.path.join(out_dir, "log.jsonl")))  # log.jsonl keeps earlier runs too
+        with atomic_write(os.path.join(out_dir, "study_run.json")) as f:
+            f.write(json.dumps(dict(config=config, args=args)).encode())
+        walls.append(wall)
+        train_s = [r for r in logs[name] if r["kind"] == "eval"][-1].get("train_seconds", float("nan"))
+        warm = warmup_seconds(logs[name])
+        results.setdefault("run_seconds", {})[out_dir] = dict(wall=wall, train=train_s, warmup=warm)
         elapsed = time.time() - t_start
-        eta = elapsed / (k + 1) * (len(runs) - k - 1)
-        print(f"  {time.time() - t0:.0f} s (study {elapsed:.0f} s so far, about {eta:.0f} s to go)", flush=True)
+        eta = sum(walls) / len(walls) * (len(todo) - k - 1)
+        print(f"  {wall:.0f} s: training {train_s:.1f} s (of it first-steps warm-up {warm:.1f} s), start-up + "
+              f"evaluations + save {wall - train_s:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about "
+              f"{eta:.0f} s to go, projected total {elapsed + eta:.0f} s", flush=True)
     return logs
 
 
@@ -211,57 +265,125 @@ def study_mtp():
 
 
 # -----------------------------------------------------------------------------
-# the DeepSeekMoE claims: the architecture ablation, expert specialization, the balancing trade-off
+# the DeepSeekMoE claims: the architecture ablation over seeds, expert specialization, the balancing trade-off
 
-ARCH_CONFIGS = {"gpu": "config/train_arch.py", "cpu": "config/train_arch_cpu.py"}
+ARCH_CONFIGS = {"gpu": "config/study_gpu.py", "cpu": "config/study_cpu.py"}
 
 
-def arch_variants(cfg):
+def arch_arms(cfg):
     """The DeepSeekMoE paper's ablation (arXiv 2401.06066, fine-grained expert segmentation and shared-expert
-    isolation) at the width of cfg (a config's settings): {name: train.py overrides}. A segment is the
-    fine-grained expert, cfg's moe_inter_dim; every variant spends 8 segments of FFN hidden per token (the dense
-    FFN is 8 segments wide) and every MoE variant holds 64 segments of experts, shared ones included."""
+    isolation) and the shared-expert question OLMoE (arXiv 2409.02060) answers the other way, at the width of cfg
+    (a config's settings): {name: train.py overrides}. A segment is the fine-grained expert, cfg's moe_inter_dim;
+    every arm spends 8 segments of FFN hidden per token (the dense FFN is 8 segments wide) and every MoE arm holds
+    64 segments of experts, shared ones included."""
     seg, n_layer = cfg["moe_inter_dim"], cfg["n_layer"]
     return {
         "dense": dict(n_dense_layers=n_layer, dense_inter_dim=8 * seg),
         "coarse": dict(n_experts=16, top_k=2, n_shared=0, moe_inter_dim=4 * seg),  # GShard / Mixtral style
-        "shared": dict(n_experts=15, top_k=1, n_shared=1, moe_inter_dim=4 * seg),  # + shared-expert isolation
-        "deepseekmoe": dict(n_experts=62, top_k=6, n_shared=2, moe_inter_dim=seg),  # fine-grained + shared
-        "fine": dict(n_experts=64, top_k=8, n_shared=0, moe_inter_dim=seg),  # fine-grained, no shared expert
+        "coarse_shared": dict(n_experts=15, top_k=1, n_shared=1, moe_inter_dim=4 * seg),  # + shared-expert isolation
+        "fine": dict(n_experts=64, top_k=8, n_shared=0, moe_inter_dim=seg),  # fine-grained, 0 shared (OLMoE)
+        "fine_shared1": dict(n_experts=63, top_k=7, n_shared=1, moe_inter_dim=seg),  # 1 shared (the 2B ablation)
+        "deepseekmoe": dict(n_experts=62, top_k=6, n_shared=2, moe_inter_dim=seg),  # 2 shared (DeepSeekMoE)
     }
 
 
 ARCH_LABELS = {"dense": "dense (SwiGLU 8 seg)", "coarse": "coarse: top-2 of 16 x 4 seg",
-               "shared": "1 shared + top-1 of 15 x 4 seg", "deepseekmoe": "DeepSeekMoE: 2 shared + top-6 of 62",
-               "fine": "fine: top-8 of 64"}
+               "coarse_shared": "coarse + 1 shared: top-1 of 15 x 4 seg", "fine": "fine, 0 shared: top-8 of 64",
+               "fine_shared1": "fine, 1 shared: top-7 of 63", "deepseekmoe": "DeepSeekMoE, 2 shared: top-6 of 62"}
+# the claims, as paired comparisons (same seed: same initial draw and the same batches): (arm, against, what it asks)
+ARCH_CLAIMS = [("deepseekmoe", "dense", "fine-grained + shared beats dense at equal active compute"),
+               ("deepseekmoe", "coarse", "fine-grained + shared beats a coarse MoE (GShard / Mixtral)"),
+               ("fine", "coarse", "fine-grained segmentation alone beats coarse experts"),
+               ("coarse_shared", "coarse", "shared-expert isolation helps coarse experts"),
+               ("fine_shared1", "fine", "the shared-expert question: 1 shared vs 0"),
+               ("deepseekmoe", "fine", "the shared-expert question: 2 shared vs 0"),
+               ("deepseekmoe", "fine_shared1", "the shared-expert question: 2 shared vs 1")]
 
 
 def arch_config():
+    """(config file, its settings on top of ModelConfig's defaults, the dataset the study trains on)."""
     if arch_scale not in ARCH_CONFIGS:
         raise SystemExit(f"--arch_scale must be one of {', '.join(ARCH_CONFIGS)}, got {arch_scale!r}")
-    return ARCH_CONFIGS[arch_scale], {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
-                                      **read_config_file(os.path.join(HERE, ARCH_CONFIGS[arch_scale]))}
+    cfg = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
+           **read_config_file(os.path.join(HERE, ARCH_CONFIGS[arch_scale]))}
+    return ARCH_CONFIGS[arch_scale], cfg, dataset or cfg.get("dataset", "shakespeare")
 
 
 def args_of(overrides):
     return [f"--{k}={v}" for k, v in overrides.items()]
 
 
+def arch_runs(arms, data_name):
+    """{run name: train.py arguments}, every arm under every seed, seed by seed: a study cut short has whole seeds."""
+    return {f"{arm}-s{s}": ["--balance=bias", f"--seed={s}", f"--dataset={data_name}", *args_of(o)]
+            for s in arch_seeds for arm, o in arms.items()}
+
+
 def final_row(recs):
-    """The numbers of a finished run's log: its last evaluation, the median tokens/s, the tokens trained."""
+    """The numbers of a finished run's log: its last evaluation, the median tokens/s, the tokens trained, the
+    training seconds (evaluations and saves excluded) and the warm-up inside them."""
     ev = [r for r in recs if r["kind"] == "eval"]
     tr = [r for r in recs if r["kind"] == "train"]
     return dict(val_loss=ev[-1]["val_loss"], domains=ev[-1].get("val_loss_domain", {}),
-                maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"],
-                tok_s=median_tok_s(tr))
+                still_falling=len(ev) > 1 and ev[-1]["val_loss"] < ev[-2]["val_loss"],  # not yet overfitting
+                maxvio_global=ev[-1].get("maxvio_global"), tokens=ev[-1]["tokens"], tok_s=median_tok_s(tr),
+                train_seconds=ev[-1].get("train_seconds", float("nan")), warmup_seconds=warmup_seconds(recs))
 
 
-def variant_counts(cfg, variants, vocab_size):
+def seed_stats(xs):
+    """A quantity over seeds: mean, sample standard deviation (n - 1), min, max, n."""
+    a = np.asarray(xs, dtype=float)
+    return dict(mean=float(a.mean()), std=float(a.std(ddof=1)) if len(a) > 1 else 0.0, min=float(a.min()),
+                max=float(a.max()), n=len(a))
+
+
+def fmt_stats(st, digits=4):
+    """'3.6512 ± 0.0120 (3.6400-3.6640)': mean ± std over seeds (min-max)."""
+    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} ({st['min']:.{digits}f}-{st['max']:.{digits}f})"
+
+
+def curve(recs, seconds=False):
+    """A run's val loss at each evaluation against training tokens, or against training seconds with the first
+    steps' warm-up (torch.compile) taken out -> (xs, ys)."""
+    ev = [r for r in recs if r["kind"] == "eval"]
+    if not seconds:
+        return [r["tokens"] for r in ev], [r["val_loss"] for r in ev]
+    warm = warmup_seconds(recs)
+    return [max(r.get("train_seconds", float("nan")) - (warm if r["iter"] > 0 else 0), 0) for r in ev], \
+        [r["val_loss"] for r in ev]
+
+
+def at(xs, ys, x):
+    """ys interpolated at x along the run's evaluations."""
+    return float(np.interp(x, xs, ys))
+
+
+def paired(logs, arm, other, seconds=False):
+    """arm's final val loss minus other's, per seed (the same seed: the same initial draw and batches). At equal
+    seconds: both curves read at the earlier of the two runs' ends."""
+    diffs = []
+    for s in arch_seeds:
+        (xa, ya), (xb, yb) = curve(logs[f"{arm}-s{s}"], seconds), curve(logs[f"{other}-s{s}"], seconds)
+        x = min(xa[-1], xb[-1])
+        diffs.append(at(xa, ya, x) - at(xb, yb, x))
+    return diffs
+
+
+def verdict(diffs):
+    n = len(diffs)
+    if all(d < 0 for d in diffs):
+        return f"lower under all {n} seeds"
+    if all(d > 0 for d in diffs):
+        return f"higher under all {n} seeds"
+    return f"signs differ across seeds ({sum(d < 0 for d in diffs)} of {n} lower): not decided"
+
+
+def arch_counts(cfg, arms, vocab_size):
     """By Model's own count, on the meta device: {name: params, active params, training FLOPs per token, the
     parameters of each MoE layer's experts (routed + shared), the router's FLOPs per token}."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     out = {}
-    for n, o in variants.items():
+    for n, o in arms.items():
         with torch.device("meta"):
             m = Model(ModelConfig(**{**{k: v for k, v in cfg.items() if k in names}, "vocab_size": vocab_size, **o}))
         experts = sorted({sum(p.numel() for p in layer.experts.parameters()) +
@@ -273,51 +395,102 @@ def variant_counts(cfg, variants, vocab_size):
     return out
 
 
+def plot_arch(logs, arms, seconds, path, title):
+    """Val loss over training, mean over seeds (line) and min-max (band), one colour per arm."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, arm in enumerate(arms):
+        cs = [curve(logs[f"{arm}-s{s}"], seconds) for s in arch_seeds]
+        n = min(len(x) for x, _ in cs)
+        xs = np.mean([x[1:n] for x, _ in cs], axis=0)  # the evaluation at iter 0 (seconds 0, loss ~ln V) left out
+        ys = np.array([y[1:n] for _, y in cs])
+        ax.plot(xs, ys.mean(0), "o-", ms=3, color=f"C{i}", label=ARCH_LABELS[arm])
+        ax.fill_between(xs, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2, lw=0)
+    ax.set(xlabel="training seconds (evaluations, checkpoints and the compile warm-up excluded)" if seconds else
+           "training tokens", ylabel=f"val loss (nats), mean and min-max over {len(arch_seeds)} seeds", title=title)
+    save_figure(fig, path, ax)
+
+
 def study_arch():
-    config, cfg = arch_config()
-    variants = arch_variants(cfg)
-    s1, s2 = arch_seeds
+    config, cfg, data_name = arch_config()
+    arms = arch_arms(cfg)
     if arch_dry_run:  # what the arms are, before any training: equal active FLOPs and expert parameters
-        counts = variant_counts(cfg, variants, vocab_size=8192)  # the BPE of prepare.py --corpus=mix
-        print(table(["variant", "params", "active", "MFLOPs/token (router)", "expert params per MoE layer"],
+        counts = arch_counts(cfg, arms, vocab_size=8192)  # the BPE of prepare.py --corpus=mix
+        print(table(["arm", "params", "active", "MFLOPs/token (router)", "expert params per MoE layer"],
                     [[ARCH_LABELS[n], f"{c['params']:,}", f"{c['active']:,}",
                       f"{c['flops'] / 1e6:.3f} ({c['router_flops'] / 1e6:.3f})", c["expert_params"]]
                      for n, c in counts.items()]))
+        todo = arch_runs(arms, data_name)
+        print(f"{len(todo)} runs: {len(arms)} arms x seeds {', '.join(map(str, arch_seeds))}, {config} on "
+              f"data/{data_name}")
         results["arch_variants"] = counts
         return
-    logs = train_runs(config, {n: ["--balance=bias", f"--seed={s1}", *args_of(o)] for n, o in variants.items()},
-                      arch_dir, arch_args)
-    rows = {n: final_row(recs) for n, recs in logs.items()}
-    best = sorted(rows, key=lambda n: rows[n]["val_loss"])[:2]  # the two that decide the ranking: a second seed
-    logs2 = train_runs(config, {f"{n} seed2": ["--balance=bias", f"--seed={s2}", *args_of(variants[n])]
-                                for n in best}, arch_dir, arch_args)
-    for n in best:
-        rows[n]["val_loss_seed2"] = final_row(logs2[f"{n} seed2"])["val_loss"]
-    for n, counts in variant_counts(cfg, variants, load_data(cfg["dataset"]).vocab_size).items():
-        rows[n].update(params=counts["params"], active=counts["active"], flops=counts["flops"])
+    data = load_data(data_name)
+    logs = train_runs(config, arch_runs(arms, data_name), arch_dir, arch_args)
+    counts = arch_counts(cfg, arms, data.vocab_size)
+    rows = {}
+    for arm in arms:
+        per_seed = {s: final_row(logs[f"{arm}-s{s}"]) for s in arch_seeds}
+        finals = list(per_seed.values())
+        domains = list(finals[0]["domains"])
+        rows[arm] = dict(label=ARCH_LABELS[arm], seeds=per_seed, **counts[arm],
+                         val_loss=seed_stats([r["val_loss"] for r in finals]),
+                         domains={d: seed_stats([r["domains"][d] for r in finals]) for d in domains},
+                         train_seconds=seed_stats([r["train_seconds"] - r["warmup_seconds"] for r in finals]),
+                         warmup_seconds=seed_stats([r["warmup_seconds"] for r in finals]),
+                         tok_s=seed_stats([r["tok_s"] for r in finals]),
+                         still_falling=sum(r["still_falling"] for r in finals),
+                         maxvio_global=None if finals[0]["maxvio_global"] is None else
+                         seed_stats([r["maxvio_global"] for r in finals]))
     domains = list(next(iter(rows.values()))["domains"])
-    print(f"\n## DeepSeekMoE architecture ablation, {config} on data/{cfg['dataset']} ({gpu})\n")
-    print(table(["variant", f"val loss (seed {s1})", f"seed {s2}", *[f"val {d}" for d in domains], "params",
-                 "active", "MFLOPs/token", "tokens/s", "MaxVio_global"],
-                [[ARCH_LABELS[n], f"{r['val_loss']:.4f}",
-                  f"{r['val_loss_seed2']:.4f}" if "val_loss_seed2" in r else "-",
-                  *[f"{r['domains'][d]:.4f}" for d in domains], f"{r['params'] / 1e6:.2f}M",
-                  f"{r['active'] / 1e6:.2f}M", f"{r['flops'] / 1e6:.1f}", f"{r['tok_s']:,.0f}",
-                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']:.3f}"] for n, r in rows.items()]))
-    tokens = next(iter(rows.values()))["tokens"]
-    n_train = load_data(cfg["dataset"]).meta["tokens"]["train"]
-    print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train "
-          f"split); seed {s2} rerun for: {', '.join(best)}")
-    results["arch"] = dict(config=config, rows=rows, tokens=tokens, train_tokens=n_train)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for n, recs in {**logs, **logs2}.items():
-        ev = [r for r in recs if r["kind"] == "eval" and r["iter"] > 0]
-        base = n.replace(" seed2", "")
-        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-" if base == n else "s--", ms=3,
-                color=f"C{list(variants).index(base)}", label=ARCH_LABELS[base] + (f" (seed {s2})" if base != n else ""))
-    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"{config}, --balance=bias ({gpu})")
-    save_figure(fig, os.path.join(arch_dir, "arch.png"), ax)
+    seeds = ", ".join(map(str, arch_seeds))
+    print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({gpu}), seeds {seeds}\n")
+    print(f"final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
+    print(table(["arm", "val loss", *[f"val {d}" for d in domains], "params", "active", "MFLOPs/token",
+                 "tokens/s", "training s", "MaxVio_global", "val loss still falling (seeds)"],
+                [[r["label"], fmt_stats(r["val_loss"]),
+                  *[f"{r['domains'][d]['mean']:.4f} ({r['domains'][d]['max'] - r['domains'][d]['min']:.4f})"
+                    for d in domains], f"{r['params'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
+                  f"{r['flops'] / 1e6:.1f}", f"{r['tok_s']['mean']:,.0f}", f"{r['train_seconds']['mean']:.1f}",
+                  "-" if r["maxvio_global"] is None else f"{r['maxvio_global']['mean']:.3f}",
+                  f"{r['still_falling']} of {len(arch_seeds)}"] for r in rows.values()]))
+    claims = []
+    for arm, other, question in ARCH_CLAIMS:
+        for axis in ("tokens", "seconds"):
+            if axis == "seconds" and other != "dense":
+                continue  # equal seconds is what a user pays: asked against the dense model
+            diffs = paired(logs, arm, other, seconds=axis == "seconds")
+            claims.append(dict(arm=arm, against=other, question=question, axis=axis, diffs=diffs,
+                               mean=float(np.mean(diffs)), verdict=verdict(diffs)))
+    print(f"\nthe claims, paired by seed: val loss of the arm minus the other's (negative: the arm is better)\n")
+    print(table(["claim", "at equal", "mean difference", "per seed", "verdict"],
+                [[c["question"] + f" ({c['arm']} - {c['against']})", "training seconds" if c["axis"] == "seconds"
+                  else "tokens", f"{c['mean']:+.4f}", " / ".join(f"{d:+.4f}" for d in c["diffs"]), c["verdict"]]
+                 for c in claims]))
+    ds, dense = rows["deepseekmoe"], rows["dense"]
+    by = {(c["arm"], c["against"], c["axis"]): c for c in claims}
+    print(f"\nDeepSeekMoE against dense: at equal tokens {by['deepseekmoe', 'dense', 'tokens']['mean']:+.4f} nats "
+          f"({by['deepseekmoe', 'dense', 'tokens']['verdict']}); at equal training seconds "
+          f"{by['deepseekmoe', 'dense', 'seconds']['mean']:+.4f} ({by['deepseekmoe', 'dense', 'seconds']['verdict']}), "
+          f"its step costing {dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x the dense model's "
+          f"({ds['tok_s']['mean']:,.0f} vs {dense['tok_s']['mean']:,.0f} tokens/s)")
+    tokens = next(iter(ds["seeds"].values()))["tokens"]
+    n_train = data.meta["tokens"]["train"]
+    print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train split)")
+    results["arch"] = dict(config=config, dataset=data_name, seeds=list(arch_seeds), rows=rows, claims=claims,
+                           tokens=tokens, train_tokens=n_train)
+    title = f"{config} on data/{data_name}, --balance=bias ({gpu})"
+    plot_arch(logs, arms, False, os.path.join(arch_dir, "arch_tokens.png"), title)
+    plot_arch(logs, arms, True, os.path.join(arch_dir, "arch_seconds.png"), title)
+
+
+SPECIALIZE_ARMS = ("deepseekmoe", "coarse")
+
+
+def specialize_checkpoints():
+    """{(arm, seed): the arch run's ckpt.pt} for the arms the specialize section reads."""
+    return {(arm, s): os.path.join(run_dir(arch_dir, f"{arm}-s{s}"), "ckpt.pt") for arm in SPECIALIZE_ARMS
+            for s in arch_seeds}
 
 
 @torch.no_grad()
@@ -333,43 +506,55 @@ def record_routing(ckpt_path, n_tokens):
     names, domain = val_domains(data.meta)
     T = model.config.block_size
     starts = np.linspace(0, len(data.val) - T, min(n_tokens or len(data.val), len(data.val)) // T).round()
-    at = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
+    at_ = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
     choices = [[] for _ in model.moe_layers()]
-    val = torch.from_numpy(np.asarray(data.val)[at].astype(np.int64))
+    val = torch.from_numpy(np.asarray(data.val)[at_].astype(np.int64))
     with recording_routes(model.moe_layers(), lambda i, ids, _: choices[i].append(ids.cpu())):
         for rows in val.split(32):
             model(rows.to(device))
-    return names, domain[at].reshape(-1), [torch.cat(c).numpy() for c in choices], model.config.n_experts
+    return names, domain[at_].reshape(-1), [torch.cat(c).numpy() for c in choices], model.config.n_experts
 
 
 def study_specialize():
-    runs = {"deepseekmoe": ARCH_LABELS["deepseekmoe"], "coarse": ARCH_LABELS["coarse"]}
     rng = np.random.default_rng(seed)
-    out, panels = [], {}
-    for run, label in runs.items():
-        names, domain, choices, E = record_routing(os.path.join(arch_dir, run, "ckpt.pt"), specialize_tokens)
+    per_run, panels = [], {}
+    for (arm, s), path in specialize_checkpoints().items():
+        t0 = time.time()
+        names, domain, choices, E = record_routing(path, specialize_tokens)
         shuffled = rng.permutation(domain)  # a router that ignores the domain, with the same counts
         for layer, ch in enumerate(choices):
             counts = routing_counts(ch, domain, len(names), E)
-            row = dict(run=run, layer=layer, tokens=len(domain), experts=E, top_k=ch.shape[1],
+            row = dict(arm=arm, seed=s, layer=layer, tokens=len(domain), experts=E, top_k=ch.shape[1],
                        mi_bits=mutual_information(counts),
                        mi_shuffled_bits=mutual_information(routing_counts(ch, shuffled, len(names), E)),
                        h_domain_bits=mutual_information(np.diag(np.bincount(domain, minlength=len(names)))))
-            out.append(row)
-            panels[run, layer] = (counts, row)
-    print(f"\n## Expert specialization over data/mix's val ({gpu}): I(domain; chosen expert), bits\n")
-    print(table(["checkpoint", "MoE layer", "routed experts, top-k", "MI (bits)", "MI, domains shuffled",
+            per_run.append(row)
+            panels[arm, s, layer] = (counts, row)
+        print(f"  {arm}-s{s}: {len(domain):,} val tokens routed in {time.time() - t0:.1f} s", flush=True)
+    rows = []
+    n_layers = max(r["layer"] for r in per_run) + 1
+    for arm in SPECIALIZE_ARMS:
+        for layer in range(n_layers):
+            mine = [r for r in per_run if r["arm"] == arm and r["layer"] == layer]
+            rows.append(dict(arm=arm, layer=layer, experts=mine[0]["experts"], top_k=mine[0]["top_k"],
+                             mi_bits=seed_stats([r["mi_bits"] for r in mine]),
+                             mi_shuffled_bits_max=max(r["mi_shuffled_bits"] for r in mine),
+                             h_domain_bits=mine[0]["h_domain_bits"], tokens=mine[0]["tokens"]))
+    print(f"\n## Expert specialization over data/{arch_config()[2]}'s val ({gpu}): I(domain; chosen expert), bits, "
+          f"mean ± std over seeds {', '.join(map(str, arch_seeds))} (min-max)\n")
+    print(table(["arm", "MoE layer", "routed experts, top-k", "MI (bits)", "MI, domains shuffled (max)",
                  "H(domain)", "val tokens"],
-                [[runs[r["run"]], r["layer"], f"{r['experts']}, top-{r['top_k']}", f"{r['mi_bits']:.4f}",
-                  f"{r['mi_shuffled_bits']:.4f}", f"{r['h_domain_bits']:.3f}", f"{r['tokens']:,}"] for r in out]))
-    results["specialize"] = dict(domains=names, rows=out)
+                [[ARCH_LABELS[r["arm"]], r["layer"], f"{r['experts']}, top-{r['top_k']}", fmt_stats(r["mi_bits"]),
+                  f"{r['mi_shuffled_bits_max']:.4f}", f"{r['h_domain_bits']:.3f}", f"{r['tokens']:,}"] for r in rows]))
+    results["specialize"] = dict(domains=names, rows=rows, runs=per_run)
     plt = pyplot()
-    n_layers = max(layer for _, layer in panels) + 1
-    fig, axes = plt.subplots(n_layers, len(runs), figsize=(6.5 * len(runs), 1.6 * n_layers + 1.2), squeeze=False,
-                             layout="constrained")
-    for j, run in enumerate(runs):
+    s = arch_seeds[0]  # experts are not the same experts under another seed: the picture is one seed's
+    fig, axes = plt.subplots(n_layers, len(SPECIALIZE_ARMS), figsize=(6.5 * len(SPECIALIZE_ARMS), 1.6 * n_layers + 1.2),
+                             squeeze=False, layout="constrained")
+    for j, arm in enumerate(SPECIALIZE_ARMS):
         for i in range(n_layers):
-            counts, row = panels[run, i]
+            counts, row = panels[arm, s, i]
+            mi = next(r["mi_bits"] for r in rows if r["arm"] == arm and r["layer"] == i)
             share = counts / counts.sum(1, keepdims=True) * row["top_k"]  # a domain's tokens that chose each expert
             # experts grouped by the domain they favour most (against their mean share), strongest first
             lift = share / share.mean(0, keepdims=True).clip(1e-12)
@@ -377,42 +562,104 @@ def study_specialize():
             im = axes[i, j].imshow(share[:, order], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
             axes[i, j].set_yticks(range(len(names)), names, fontsize=8)
             axes[i, j].set_xticks([])
-            axes[i, j].set_title(f"{runs[run]}, MoE layer {i}: MI {row['mi_bits']:.3f} bits "
-                                 f"(shuffled {row['mi_shuffled_bits']:.4f})", fontsize=8)
+            axes[i, j].set_title(f"{ARCH_LABELS[arm]}, MoE layer {i}: MI {row['mi_bits']:.3f} bits (seeds: "
+                                 f"{mi['mean']:.3f} ± {mi['std']:.3f}; shuffled {row['mi_shuffled_bits']:.4f})",
+                                 fontsize=8)
             fig.colorbar(im, ax=axes[i, j], shrink=0.9, label="share of the domain's tokens")
-        axes[-1, j].set_xlabel("routed experts, grouped by the domain they favour")
-    fig.suptitle(f"which experts each domain's tokens choose, data/mix val ({gpu})", fontsize=10)
+        axes[-1, j].set_xlabel(f"routed experts, grouped by the domain they favour (seed {s})")
+    fig.suptitle(f"which experts each domain's tokens choose, data/{arch_config()[2]} val ({gpu})", fontsize=10)
     save_figure(fig, os.path.join(arch_dir, "specialize.png"), dpi=110, tight=False)
 
 
 def study_tradeoff():
-    config, cfg = arch_config()
-    base = ["--seed=%d" % arch_seeds[0], *args_of(arch_variants(cfg)["deepseekmoe"])]
-    runs = {f"aux {a:g}": [*base, "--balance=aux", f"--aux_alpha={a}"] for a in tradeoff_alphas}
-    runs.update({"bias": [*base, "--balance=bias"], "none": [*base, "--balance=none"]})
-    logs = train_runs(config, runs, os.path.join(arch_dir, "tradeoff"), arch_args)
-    rows = {n: final_row(recs) for n, recs in logs.items()}
-    print(f"\n## Balancing trade-off, {config} (fine-grained + shared) on data/{cfg['dataset']} ({gpu})\n")
-    print(table(["--balance", "val loss", "MaxVio_global", "tokens/s"],
-                [[n, f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}", f"{r['tok_s']:,.0f}"]
-                 for n, r in rows.items()]))
-    results["tradeoff"] = rows
+    """Wang et al. Figure 1 at the study's scale: the DeepSeekMoE arm with --balance=aux at every alpha, bias and
+    none under the first seed; then the bias and the best alpha again under the second."""
+    config, cfg, data_name = arch_config()
+    base = [f"--dataset={data_name}", *args_of(arch_arms(cfg)["deepseekmoe"])]
+    kinds = {f"aux{a:g}": ["--balance=aux", f"--aux_alpha={a}"] for a in tradeoff_alphas}
+    kinds.update({"bias": ["--balance=bias"], "none": ["--balance=none"]})
+    s1, s2 = arch_seeds[:2]
+    out = os.path.join(arch_dir, "tradeoff")
+    logs = train_runs(config, {f"{k}-s{s1}": [*base, f"--seed={s1}", *a] for k, a in kinds.items()}, out, arch_args)
+    best = min((k for k in kinds if k.startswith("aux")), key=lambda k: final_row(logs[f"{k}-s{s1}"])["val_loss"])
+    logs.update(train_runs(config, {f"{k}-s{s2}": [*base, f"--seed={s2}", *kinds[k]] for k in ("bias", best)}, out,
+                           arch_args))
+    rows = {}
+    for k in kinds:
+        finals = {s: final_row(logs[f"{k}-s{s}"]) for s in (s1, s2) if f"{k}-s{s}" in logs}
+        rows[k] = dict(seeds=finals, val_loss=seed_stats([r["val_loss"] for r in finals.values()]),
+                       maxvio_global=seed_stats([r["maxvio_global"] for r in finals.values()]),
+                       tok_s=seed_stats([r["tok_s"] for r in finals.values()]))
+    print(f"\n## Balancing trade-off, {config} (DeepSeekMoE arm) on data/{data_name} ({gpu}); seed {s2} again for "
+          f"bias and the best alpha ({best[3:]})\n")
+    print(table(["--balance", f"val loss (seed {s1})", f"seed {s2}", f"MaxVio_global (seed {s1})", f"seed {s2}",
+                 "tokens/s"],
+                [[k, f"{r['seeds'][s1]['val_loss']:.4f}",
+                  f"{r['seeds'][s2]['val_loss']:.4f}" if s2 in r["seeds"] else "-",
+                  f"{r['seeds'][s1]['maxvio_global']:.3f}",
+                  f"{r['seeds'][s2]['maxvio_global']:.3f}" if s2 in r["seeds"] else "-", f"{r['tok_s']['mean']:,.0f}"]
+                 for k, r in rows.items()]))
+    diffs = [rows["bias"]["seeds"][s]["val_loss"] - rows[best]["seeds"][s]["val_loss"] for s in (s1, s2)]
+    print(f"\nbias against the best alpha ({best[3:]}), paired by seed: val loss "
+          f"{' / '.join(f'{d:+.4f}' for d in diffs)} ({verdict(diffs)}); MaxVio_global "
+          f"{rows['bias']['maxvio_global']['mean']:.3f} vs {rows[best]['maxvio_global']['mean']:.3f} (mean of both seeds)")
+    results["tradeoff"] = dict(config=config, dataset=data_name, best_alpha=float(best[3:]), rows=rows,
+                               bias_minus_best_alpha=diffs)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (n, r) in enumerate(rows.items()):
-        ax.scatter(r["maxvio_global"], r["val_loss"], s=40, marker="*" if n == "bias" else "o", color=f"C{i}", label=n)
+    aux = [k for k in kinds if k.startswith("aux")]
+    ax.plot([rows[k]["seeds"][s1]["maxvio_global"] for k in aux], [rows[k]["seeds"][s1]["val_loss"] for k in aux],
+            "o-", color="C0", label=f"aux loss, alpha {', '.join(k[3:] for k in aux)}")
+    for k in aux:
+        ax.annotate(k[3:], (rows[k]["seeds"][s1]["maxvio_global"], rows[k]["seeds"][s1]["val_loss"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    for k, marker, color in ((best, "o", "C0"), ("bias", "*", "C1"), ("none", "x", "C2")):
+        for s, r in rows[k]["seeds"].items():
+            if k != best or s != s1:
+                ax.scatter(r["maxvio_global"], r["val_loss"], s=60, marker=marker, color=color,
+                           label=f"{k}, seed {s}" if k != best else f"alpha {best[3:]}, seed {s}")
     ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
-           title=f"aux-loss alpha vs loss-free bias ({gpu})")
-    save_figure(fig, os.path.join(arch_dir, "tradeoff.png"), ax)
+           title=f"aux-loss alpha vs loss-free bias, {config} ({gpu})")
+    save_figure(fig, os.path.join(out, "tradeoff.png"), ax)
+
+
+def check_settings(names):
+    """The study's arguments that no run can repair, one line each, before any run."""
+    if not {"arch", "specialize", "tradeoff"} & set(names) or arch_dry_run and names == ["arch"]:
+        return
+    _, _, data_name = arch_config()
+    if not os.path.isfile(os.path.join(data_dir(data_name), "meta.json")):
+        raise SystemExit(f"study.py: no {data_dir(data_name)} to train on (--dataset={data_name}): build it first, "
+                         f"e.g. python prepare.py --corpus={data_name}")
+    if ("specialize" in names or "arch" in names and not arch_dry_run) and \
+            val_domains(load_data(data_name).meta) is None:
+        raise SystemExit(f"study.py: data/{data_name} has no domains: the arch and specialize sections report per "
+                         "domain; build a corpus with domains (python prepare.py --corpus=mix)")
+    if "specialize" in names and "arch" not in names:
+        missing = [p for p in specialize_checkpoints().values() if not os.path.isfile(p)]
+        if missing:
+            raise SystemExit(f"study.py --sections=specialize: no {missing[0]} ({len(missing)} of "
+                             f"{len(specialize_checkpoints())} checkpoints missing): run --sections=arch first "
+                             f"(with the same --arch_scale, --arch_dir and --arch_seeds)")
+
 
 # -----------------------------------------------------------------------------
 SECTIONS = dict(balance=study_balance, mtp=study_mtp, arch=study_arch, specialize=study_specialize,
                 tradeoff=study_tradeoff)
+DOMAINS = {"arch_seeds": ("a tuple of 3 or more distinct seeds (ints >= 0): every arm trains under each, and the "
+                          "spread over them is the noise the claims are judged against",
+                          lambda v: len(v) >= 3 and len(set(v)) == len(v) and all(type(s) is int and s >= 0
+                                                                                   for s in v)),
+           "tradeoff_alphas": ("a tuple of 4 or more aux-loss weights in (0, 1] (--balance=none is the alpha-0 run, "
+                               "which the section makes anyway)",
+                               lambda v: len(v) >= 4 and all(type(a) in (int, float) and 0 < a <= 1 for a in v)),
+           "runs": one_of("train", "reuse", "read"), "arch_scale": one_of(*ARCH_CONFIGS),
+           "specialize_tokens": at_least(0)}
 
 
 def main(argv):
     global arch_dir
-    configure(settings, argv)
+    configure(settings, argv, domains=DOMAINS)
     globals().update(settings)
     arch_dir = arch_dir or f"out/arch-{arch_scale}"
     names = [s.strip() for s in sections.split(",")]
@@ -421,6 +668,7 @@ def main(argv):
         raise SystemExit(f"study.py: no section {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}")
     if "mtp" in names and device.type != "cuda":
         raise SystemExit("study.py --sections=mtp needs a CUDA GPU (its decoding half times CUDA graphs)")
+    check_settings(names)
     results["settings"] = settings
     print(f"device: {gpu} | torch {torch.__version__}")
     run_sections(SECTIONS, names, results, json_path)

@@ -1396,7 +1396,8 @@ def test_help_lists_every_setting(script):
 def test_checkpoint_round_trips_into_model(data_root, tmp_path):
     g = run_train(data_root, tmp_path, "--max_iters=4", "--eval_interval=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)  # no pickled code needed
-    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "run", "data",
+                         "train_seconds"}
     assert ckpt["iter_num"] == 4 and ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["data_root"] == data_root
     assert ckpt["data"]["dir"] == os.path.join(data_root, "tiny") and ckpt["data"]["tokenizer"]["kind"] == "char"
     assert ckpt["config"]["n_experts"] == 8 and ckpt["model_args"]["vocab_size"] == g["data"].vocab_size
@@ -2791,21 +2792,108 @@ def test_mutual_information_of_routing():
     assert counts.tolist() == [[1, 2, 1, 0], [1, 0, 0, 1]]
 
 
+STUDY = os.path.join(HERE, "study.py")
+ARMS = ["dense", "coarse", "coarse_shared", "fine", "fine_shared1", "deepseekmoe"]
+
+
 @pytest.mark.parametrize("scale", ["gpu", "cpu"])
 def test_arch_variants_same_active_flops_and_expert_params(scale, tmp_path):
-    """study.py --arch_dry_run counts every variant of the architecture study with Model's own count."""
+    """study.py --arch_dry_run counts every arm of the architecture study with Model's own count."""
     path = tmp_path / "variants.json"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "study.py"), "--sections=arch", f"--arch_scale={scale}",
+    r = subprocess.run([sys.executable, STUDY, "--sections=arch", f"--arch_scale={scale}",
                         "--arch_dry_run", f"--json_path={path}"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "18 runs: 6 arms x seeds 1337, 1338, 1339" in r.stdout  # every arm under three seeds
     counts = json.loads(path.read_text())["arch_variants"]
-    assert list(counts) == ["dense", "coarse", "shared", "deepseekmoe", "fine"]
+    assert list(counts) == ARMS
     flops = {n: c["flops"] for n, c in counts.items()}
-    # the routers differ (64 experts score each token where 16 do): well under 1% of the small config's FLOPs, a
+    # the routers differ (64 experts score each token where 16 do): well under 1% of the GPU config's FLOPs, a
     # little more at the CPU scale, where the FFNs are narrow; the rest of the work is equal by construction
-    assert max(flops.values()) / min(flops.values()) < (1.01 if scale == "gpu" else 1.015), flops
+    assert max(flops.values()) / min(flops.values()) < (1.01 if scale == "gpu" else 1.02), flops
     assert len({c["flops"] - c["router_flops"] for c in counts.values()}) == 1, counts
     assert counts["dense"]["expert_params"] == [] and counts["dense"]["params"] == counts["dense"]["active"]
     experts = {e for n, c in counts.items() if n != "dense" for e in c["expert_params"]}
-    assert len(experts) == 1, counts  # every MoE layer of every variant holds the same expert parameters
+    assert len(experts) == 1, counts  # every MoE layer of every arm holds the same expert parameters
     assert all(len(c["expert_params"]) == 1 for n, c in counts.items() if n != "dense")
+
+
+def test_eval_records_carry_the_training_seconds(data_root, tmp_path, capsys):
+    """train_seconds: the time of the steps so far, evaluations and saves excluded: at each evaluation it is the sum
+    of the log lines' step times since the start (log_interval divides eval_interval); --save_last_only saves once."""
+    run_train(data_root, tmp_path, "--max_iters=12", "--eval_interval=4", "--log_interval=2", "--save_last_only")
+    assert capsys.readouterr().out.count("saved ") == 1
+    ev, tr = read_log(tmp_path, "eval"), read_log(tmp_path, "train")
+    assert [r["iter"] for r in ev] == [0, 4, 8, 12] and ev[0]["train_seconds"] < 0.05
+    for r in ev[1:]:
+        steps = sum(t["ms"] * 2 / 1000 for t in tr if t["iter"] <= r["iter"])
+        assert steps <= r["train_seconds"] <= steps + 0.05 + 0.1 * steps, (r, steps)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_seconds"] == ev[-1]["train_seconds"]
+
+
+def fake_run(out_dir, val_losses, domains, seconds, ms=10.0):
+    """A log.jsonl as train.py writes it, with the given val loss at each evaluation (every 10 iters)."""
+    os.makedirs(out_dir)
+    recs = [dict(kind="start", iter=0, run="r")]
+    for k, (v, t) in enumerate(zip(val_losses, seconds)):
+        it = 10 * k
+        if k:
+            recs += [dict(kind="train", iter=it - 5, ms=ms * (3 if k == 1 else 1), tok_s=1000.0, loss=v, run="r"),
+                     dict(kind="train", iter=it, ms=ms, tok_s=1000.0, loss=v, run="r")]
+        recs.append(dict(kind="eval", iter=it, tokens=it * 100, train_seconds=t, val_loss=v, maxvio_global=0.5,
+                         val_loss_domain={d: v + j for j, d in enumerate(domains)}, run="r"))
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
+    """study.py --runs=read on fake logs of every arm and seed: the mean and spread over seeds overall and per
+    domain, the paired differences per seed at equal tokens and at equal seconds, and both pictures."""
+    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"])
+    seeds, domains = (1, 2, 3), ["verse", "code", "prose"]
+    final = {arm: {s: 5.0 - 0.01 * a + 0.006 * s * (a % 2) for s in seeds} for a, arm in enumerate(ARMS)}
+    for arm in ARMS:
+        for s in seeds:  # dense runs twice as fast: at equal seconds it is read where the MoE run ends
+            secs = [0, 1, 2] if arm == "dense" else [0, 2, 4]
+            fake_run(tmp_path / "arch" / f"{arm}-s{s}", [8.0, final[arm][s] + 1, final[arm][s]], domains, secs)
+    path = tmp_path / "study.json"
+    r = subprocess.run([sys.executable, STUDY, "--sections=arch", "--arch_scale=cpu", "--runs=read",
+                        f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
+                        f"--json_path={path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(path.read_text())["arch"]
+    for arm in ARMS:
+        xs = np.array([final[arm][s] for s in seeds])
+        st = out["rows"][arm]["val_loss"]
+        assert abs(st["mean"] - xs.mean()) < 1e-12 and abs(st["std"] - xs.std(ddof=1)) < 1e-12
+        assert (st["min"], st["max"]) == (xs.min(), xs.max())
+        assert abs(out["rows"][arm]["domains"]["prose"]["mean"] - xs.mean() - 2) < 1e-12
+        assert abs(out["rows"][arm]["warmup_seconds"]["mean"] - 0.1) < 1e-12  # the first window's extra 2 x 10 ms x 5
+    claims = {(c["arm"], c["against"], c["axis"]): c for c in out["claims"]}
+    tok = claims["deepseekmoe", "dense", "tokens"]
+    assert np.allclose(tok["diffs"], [final["deepseekmoe"][s] - final["dense"][s] for s in seeds])
+    assert tok["verdict"] == "lower under all 3 seeds"
+    # equal seconds (the warm-up taken out): dense ends at 2 - 0.1 s, where the MoE run is at its middle evaluation
+    for s, d in zip(seeds, claims["deepseekmoe", "dense", "seconds"]["diffs"]):
+        assert abs(d - (final["deepseekmoe"][s] + 1 - final["dense"][s])) < 1e-9, d
+    assert claims["deepseekmoe", "fine_shared1", "tokens"]["verdict"] == \
+        "signs differ across seeds (1 of 3 lower): not decided"
+    assert (tmp_path / "arch" / "arch_tokens.png").exists() and (tmp_path / "arch" / "arch_seconds.png").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sections=arch", "--arch_seeds=(1,)"], "3 or more distinct seeds"),
+    (["--sections=arch", "--arch_seeds=(1, 1, 2)"], "3 or more distinct seeds"),
+    (["--sections=tradeoff", "--tradeoff_alphas=(-0.1, 0.001, 0.01, 0.1)"], "in (0, 1]"),
+    (["--sections=arch", "--dataset=nosuch"], "python prepare.py --corpus=nosuch"),
+    (["--sections=specialize", "--dataset=DATA", "--arch_dir=EMPTY"], "run --sections=arch first"),
+    (["--sections=arch", "--runs=maybe"], "one of train, reuse, read"),
+])
+def test_bad_study_arguments_are_one_line(args, words, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains(40))
+    data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"]) \
+        if "--dataset=DATA" in args else ""
+    args = [a.replace("DATA", data).replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    r = subprocess.run([sys.executable, STUDY, *args, f"--json_path={tmp_path / 's.json'}"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "out").exists()

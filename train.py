@@ -65,6 +65,7 @@ log_interval = 10                # iters between log lines
 eval_iters = 10                  # batches per split in an evaluation (the same batches every time)
 eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # save at every evaluation; False: only when val loss improves
+save_last_only = False           # save at the last iter only (study.py: its runs' checkpoints are read at the end)
 init_from = "scratch"            # "scratch"; "resume" from out_dir/ckpt.pt (continues exactly); or a DeepSeek /
                                  # Hugging Face folder (config.json + *.safetensors) to fine-tune
 overwrite = False                # a new run may replace another run's out_dir/ckpt.pt (at its first save)
@@ -357,8 +358,11 @@ def get_lr(it):
 # model, optimizer, balancing state
 
 iter_num, best_val_loss = 0, float("inf")
+train_seconds = 0.0  # seconds spent in training steps so far, evaluations and checkpoint saves excluded
 if ckpt is not None:
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    _t = ckpt.get("train_seconds")  # a resumed run's clock goes on from its checkpoint's (older ones have none)
+    train_seconds = float(_t) if type(_t) in (int, float) and _t >= 0 else 0.0
 if fsdp:  # the whole model on rank 0's host only (the checkpoint's, the folder's or a new one); each rank its shard
     full = {} if not master else ckpt["model"] if ckpt is not None else \
         pretrained.state_dict() if pretrained is not None else Model(model_config).state_dict()
@@ -522,7 +526,7 @@ def save_checkpoint():
         model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
     ckpt = {"model": model_state, "optimizer": optimizer_state, "model_args": model_args,
             "config": settings, "iter_num": iter_num, "best_val_loss": best_val_loss, "run": run_id,
-            "data": data_identity}
+            "data": data_identity, "train_seconds": train_seconds}
     t_save = time.time()
     try:
         with atomic_write(ckpt_path) as f:
@@ -580,7 +584,7 @@ micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N 
 X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
-t_start = t0 = time.time()
+t_start = t0 = t_steps = time.time()  # t_steps: where the steps since the last evaluation began
 window_iters = 0
 eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
 while True:
@@ -589,13 +593,14 @@ while True:
         group["lr"] = lr
     last = iter_num >= max_iters
     if iter_num % eval_interval == 0 or last or eval_only:
-        stop_if_nonfinite()
+        stop_if_nonfinite()  # a sync: the steps before it are done
+        train_seconds += time.time() - t_steps
         if master or fsdp:  # FSDP: a forward pass is collective; every rank evaluates the same batches, 0 reports
             t_eval = time.time()
             losses, val_counts = evaluate()
             t_eval = time.time() - t_eval
             rec = {"kind": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
-                   "train_loss": losses["train"], "val_loss": losses["val"]}
+                   "train_seconds": train_seconds, "train_loss": losses["train"], "val_loss": losses["val"]}
             line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             if raw_model.mtp:  # V3 eq. 24 on val; the val loss above is the main head's alone
                 rec["val_mtp_loss"], rec["val_mtp_accuracy"] = losses["mtp_loss"], losses["mtp_accuracy"]
@@ -614,9 +619,10 @@ while True:
                 fail(f"val loss is {losses['val']} at iter {iter_num}: stopping without saving")
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not eval_only:
+                if iter_num > 0 and not eval_only and (last or not save_last_only):
                     save_checkpoint()
-        t0, window_iters = time.time(), 0  # evaluation time is not training time
+        t0 = t_steps = time.time()  # evaluation and checkpoint time is not training time
+        window_iters = 0
     if last or eval_only:
         break
 
