@@ -2847,7 +2847,7 @@ def fake_run(out_dir, val_losses, domains, seconds, ms=10.0):
 def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
     """study.py --runs=read on fake logs of every arm and seed: the mean and spread over seeds overall and per
     domain, the paired differences per seed at equal tokens and at equal seconds, and both pictures."""
-    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains())
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains())
     data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"])
     seeds, domains = (1, 2, 3), ["verse", "code", "prose"]
     final = {arm: {s: 5.0 - 0.01 * a + 0.006 * s * (a % 2) for s in seeds} for a, arm in enumerate(ARMS)}
@@ -2889,7 +2889,7 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
     (["--sections=arch", "--runs=maybe"], "one of train, reuse, read"),
 ])
 def test_bad_study_arguments_are_one_line(args, words, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "MIX_DOMAINS", tiny_mix_domains(40))
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains(40))
     data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"]) \
         if "--dataset=DATA" in args else ""
     args = [a.replace("DATA", data).replace("EMPTY", str(tmp_path / "empty")) for a in args]
