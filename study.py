@@ -47,7 +47,7 @@ from configurator import at_least, configure, one_of, read_config_file, settings
 from data import data_dir, load_data, val_domains
 from generate import generate, generate_stream
 from errors import atomic_write
-from logs import last_run, pyplot, read_log, run_sections, save_figure, table
+from logs import last_run, pyplot, read_log, run_sections, save_figure, table, tokens_axis
 from model import Model, ModelConfig, cast_weights
 from moe import mutual_information, recording_routes, routing_counts
 
@@ -406,8 +406,11 @@ def plot_arch(logs, arms, seconds, path, title):
         ys = np.array([y[1:n] for _, y in cs])
         ax.plot(xs, ys.mean(0), "o-", ms=3, color=f"C{i}", label=ARCH_LABELS[arm])
         ax.fill_between(xs, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2, lw=0)
-    ax.set(xlabel="training seconds (evaluations, checkpoints and the compile warm-up excluded)" if seconds else
-           "training tokens", ylabel=f"val loss (nats), mean and min-max over {len(arch_seeds)} seeds", title=title)
+    ax.set(ylabel=f"val loss (nats), mean and min-max over {len(arch_seeds)} seeds", title=title)
+    if seconds:
+        ax.set_xlabel("training seconds (evaluations, checkpoints and the compile warm-up excluded)")
+    else:
+        tokens_axis(ax)
     save_figure(fig, path, ax)
 
 
