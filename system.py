@@ -20,27 +20,28 @@ import torch
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
               "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
               "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12}
-
-
-def peak_flops(device):
-    """Dense bf16 peak of this CUDA device from PEAK_FLOPS, or None (CPU, or a GPU not in the table)."""
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-# HBM bytes/s (datasheets) per GPU, for the bandwidth a kernel reaches; the first name found wins
+# HBM bytes/s (datasheets) per GPU, for the bandwidth a kernel reaches
 PEAK_BW = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12,
            "GH200": 4.0e12, "B200": 8.0e12, "A100": 2.0e12}
 
 
-def peak_bandwidth(device):
-    """HBM bytes/s of this CUDA device from PEAK_BW, or None (CPU, or a GPU not in the table)."""
+def datasheet(table, device):
+    """The entry of table for this CUDA device (the first name found in the device's), or None: a CPU, or a GPU
+    not in the table."""
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BW.items() if k in name), None)
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of this CUDA device, or None."""
+    return datasheet(PEAK_FLOPS, device)
+
+
+def peak_bandwidth(device):
+    """HBM bytes/s of this CUDA device, or None."""
+    return datasheet(PEAK_BW, device)
 
 
 # -----------------------------------------------------------------------------
