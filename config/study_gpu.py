@@ -5,8 +5,9 @@
 # (1536), every MoE arm holds 64 segments of experts and runs 8 per token.
 #
 # Run length, an estimate to be measured (study.py prints every run's seconds and a projected total):
-#   600 steps x 32,768 = 19.7M tokens per run (the probe's first point; 0.2 passes over a 100M-token corpus,
-#   5.3 over data/mix's 3.7M, where the probe saw the MoE arms start to memorize by 8 passes).
+#   600 steps x 32,768 = 19.7M tokens per run (the probe's first point): on data/claims 0.2 passes over its math,
+#   0.2 over its code, ~1.2 over its language text (5.3 passes over data/mix's 3.7M, where the probe saw the MoE
+#   arms start to memorize by 8 passes).
 #   Steps, from the probe's tokens/s (compiled, H200): dense 1.6-2.4M tok/s -> 8-12 s; MoE 1.0-1.5M -> 13-20 s.
 #   Per run besides: start-up (imports, CUDA context, data, model) ~8 s; torch.compile ~30 s the first time an arm's
 #   shapes are seen, a few s for seeds 2-3 (inductor's on-disk cache), ~15 s on average; 7 evaluations of
@@ -17,7 +18,8 @@
 #   the 10 min. If the measured total is over, lower max_iters (the step share) or eval less (the rest).
 #   A device command limited to 10 minutes: run again with --runs=reuse, which reads the runs already finished.
 out_dir = "out-study"
-dataset = "mix"                      # study.py --dataset=NAME points every run at another corpus
+dataset = "claims"                   # python prepare.py --corpus=claims (100M train tokens: no run repeats code or
+                                     # math); study.py --dataset=mix runs it on the small corpus instead
 compile = True
 plot = False                         # the study draws its own pictures
 save_last_only = True                # the specialize section reads the final checkpoints only
