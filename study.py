@@ -622,7 +622,7 @@ def study_tradeoff():
                 ax.scatter(r["maxvio_global"], r["val_loss"], s=60, marker=marker, color=color,
                            label=f"{k}, seed {s}" if k != best else f"alpha {best[3:]}, seed {s}")
     ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
-           title=f"aux-loss alpha vs loss-free bias, {config} ({gpu})")
+           title=f"aux-loss alpha vs loss-free bias, {config}\n({gpu})")
     save_figure(fig, os.path.join(out, "tradeoff.png"), ax)
 
 
