@@ -49,10 +49,6 @@ def at_least(low):
     return f">= {low}", lambda v: v >= low
 
 
-def above(low):
-    return f"> {low}", lambda v: v > low
-
-
 def between(low, high, open_high=False):
     return f"in [{low}, {high}{')' if open_high else ']'}", lambda v: low <= v and (v < high if open_high else v <= high)
 

@@ -81,18 +81,21 @@ def read_file(path, limit, what="file"):
     with open(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file (a FIFO, device or folder): nanoseek reads {what}s "
-                             "only from plain files")
+            raise not_regular(path, what)
         if st.st_size > limit:
             raise ValueError(f"{path} is {st.st_size:,} bytes, over the {limit:,} a {what} may have")
         return f.read(limit + 1)[:limit]
 
 
+def not_regular(path, what):
+    return ValueError(f"{path} is not a regular file (a FIFO, device or folder): nanoseek reads {what}s only from "
+                      "plain files")
+
+
 def check_regular(path, what="file"):
     """ValueError unless path is a regular file (for files read by other libraries: safetensors, torch.load)."""
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"{path} is not a regular file (a FIFO, device or folder): nanoseek reads {what}s only "
-                         "from plain files")
+        raise not_regular(path, what)
 
 
 def parse_json(raw, path):
@@ -173,10 +176,8 @@ def quiet_exits():
             print(f"stopped: cannot write the output ({error_text(value)})", file=sys.stderr)
         else:
             return sys.__excepthook__(kind, value, tb)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for stream in (sys.stdout,):
-            try:
-                os.dup2(devnull, stream.fileno())
-            except (OSError, ValueError):
-                pass
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
     sys.excepthook = hook

@@ -20,7 +20,6 @@ import torch
 
 from data import data_dir, read_valid_meta, tokenizer_identity
 from errors import MiB, atomic_write, check_regular, error_text, fail, read_file, read_json
-from mla import precompute_rope
 from model import Model, ModelConfig
 
 # -----------------------------------------------------------------------------
@@ -297,10 +296,9 @@ def _from_pretrained(path, dtype, device, overrides):
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty makes new parameters: tie them again
         model.head.weight = model.embed.weight
-    model.rope_cos, model.rope_sin = (t.to(device) for t in precompute_rope(cfg, cfg.block_size))
+    model.fill_buffers()
     for m in model.moe_layers():
         m.expert_bias.zero_()  # V2 has none
-        m.tokens_per_expert.zero_()
     params = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in loadable}
     filled = {p: 0 for p in params}
     handles = {fn: safe_open(os.path.join(path, fn), "pt") for fn in set(file_of.values())}

@@ -213,6 +213,16 @@ class Model(nn.Module):
             m.expert_bias.zero_()
             m.tokens_per_expert.zero_()
 
+    @torch.no_grad()
+    def fill_buffers(self):
+        """The buffers no state dict holds, for a model built on the meta device and then allocated (to_empty, by
+        hf.from_pretrained and parallel.sharded_model): the RoPE tables, float32 whatever the weights' dtype, and
+        the MoE layers' token counts."""
+        cos, sin = precompute_rope(self.config, self.config.block_size)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+
     def moe_layers(self):
         blocks = list(self.layers) + [m.block for m in self.mtp]  # the MTP blocks balance like any other
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]

@@ -19,7 +19,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mla import precompute_rope
 from model import Model
 
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0 holds it, the rest get shards
@@ -43,12 +42,7 @@ def sharded_model(cfg, state, device, param_dtype=None):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
-    with torch.no_grad():  # the buffers no state dict holds: the RoPE tables and the token counts
-        cos, sin = precompute_rope(cfg, cfg.block_size)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
-        for m in model.moe_layers():
-            m.tokens_per_expert.zero_()
+    model.fill_buffers()  # the RoPE tables and token counts: no state dict holds them
     set_model_state_dict(model, state, options=FROM_RANK0)  # expert_bias included: a persistent buffer
     return model
 
