@@ -70,10 +70,13 @@ specialize_tokens = 1_000_000    # val tokens the specialize section routes per 
 tradeoff_alphas = (0.0001, 0.001, 0.003, 0.01, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
 runs = "train"                   # "train": every run anew; "reuse": a run whose out_dir holds a finished run of
                                  # the same arguments is read, not trained again; "read": train nothing, read all
+stop_after = 0.0                 # seconds from the study's start: no run is begun that would end past it (judged by
+                                 # the mean of the runs so far); the same command with --runs=reuse goes on. 0 = none
 seed = 0
 settings = settings_of(globals())
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
+T_START = time.time()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"no GPU ({os.cpu_count()} CPU cores)"
 results = dict(device=gpu, torch=torch.__version__)
@@ -119,6 +122,9 @@ def finished_run(out_dir, config, args):
     return recs if same and any(r["kind"] == "eval" for r in recs) else None
 
 
+WALLS = []  # the seconds of every run trained so far, all sections: --stop_after's estimate
+
+
 def train_runs(config, todo, out_root, extra):
     """One train.py run per entry of todo {name: [arguments]} on top of config, each in out_root/name, one after
     the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line.
@@ -140,6 +146,11 @@ def train_runs(config, todo, out_root, extra):
             logs[name] = recs
             print(f"{head}: finished before with the same arguments, read from {out_dir}", flush=True)
             continue
+        mean_wall = sum(WALLS) / len(WALLS) if WALLS else 0.0
+        if stop_after and time.time() - T_START + mean_wall > stop_after:
+            raise SystemExit(f"study.py: stopped before {head} ({time.time() - T_START:.0f} s in, runs take "
+                             f"~{mean_wall:.0f} s, --stop_after={stop_after:g}): the same command with --runs=reuse "
+                             "goes on from there")
         cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", "--overwrite"]
         print(f"{head} $ python " + " ".join(cmd[1:]), flush=True)  # a study run again replaces its own runs
         t0 = time.time()
@@ -152,6 +163,7 @@ def train_runs(config, todo, out_root, extra):
         with atomic_write(os.path.join(out_dir, "study_run.json")) as f:
             f.write(json.dumps(dict(config=config, args=args)).encode())
         walls.append(wall)
+        WALLS.append(wall)
         train_s = [r for r in logs[name] if r["kind"] == "eval"][-1].get("train_seconds", float("nan"))
         warm = warmup_seconds(logs[name])
         results.setdefault("run_seconds", {})[out_dir] = dict(wall=wall, train=train_s, warmup=warm)
@@ -313,10 +325,15 @@ def args_of(overrides):
     return [f"--{k}={v}" for k, v in overrides.items()]
 
 
+def arm_args(overrides, seed_, data_name, balance=("--balance=bias",)):
+    """train.py's arguments for one arm under one seed; the same list in the arch and tradeoff sections, so the
+    tradeoff's bias runs are the arch section's DeepSeekMoE runs."""
+    return [*balance, f"--seed={seed_}", f"--dataset={data_name}", *args_of(overrides)]
+
+
 def arch_runs(arms, data_name):
     """{run name: train.py arguments}, every arm under every seed, seed by seed: a study cut short has whole seeds."""
-    return {f"{arm}-s{s}": ["--balance=bias", f"--seed={s}", f"--dataset={data_name}", *args_of(o)]
-            for s in arch_seeds for arm, o in arms.items()}
+    return {f"{arm}-s{s}": arm_args(o, s, data_name) for s in arch_seeds for arm, o in arms.items()}
 
 
 def final_row(recs):
@@ -448,7 +465,7 @@ def study_arch():
     domains = list(next(iter(rows.values()))["domains"])
     seeds = ", ".join(map(str, arch_seeds))
     print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({gpu}), seeds {seeds}\n")
-    print(f"final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
+    print("final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
     print(table(["arm", "val loss", *[f"val {d}" for d in domains], "params", "active", "MFLOPs/token",
                  "tokens/s", "training s", "MaxVio_global", "val loss still falling (seeds)"],
                 [[r["label"], fmt_stats(r["val_loss"]),
@@ -465,7 +482,7 @@ def study_arch():
             diffs = paired(logs, arm, other, seconds=axis == "seconds")
             claims.append(dict(arm=arm, against=other, question=question, axis=axis, diffs=diffs,
                                mean=float(np.mean(diffs)), verdict=verdict(diffs)))
-    print(f"\nthe claims, paired by seed: val loss of the arm minus the other's (negative: the arm is better)\n")
+    print("\nthe claims, paired by seed: val loss of the arm minus the other's (negative: the arm is better)\n")
     print(table(["claim", "at equal", "mean difference", "per seed", "verdict"],
                 [[c["question"] + f" ({c['arm']} - {c['against']})", "training seconds" if c["axis"] == "seconds"
                   else "tokens", f"{c['mean']:+.4f}", " / ".join(f"{d:+.4f}" for d in c["diffs"]), c["verdict"]]
@@ -576,17 +593,31 @@ def study_specialize():
 
 def study_tradeoff():
     """Wang et al. Figure 1 at the study's scale: the DeepSeekMoE arm with --balance=aux at every alpha, bias and
-    none under the first seed; then the bias and the best alpha again under the second."""
+    none under the first seed; then the bias and the best alpha again under the second. A bias run is the arch
+    section's DeepSeekMoE run of that seed (the same arguments): where that one finished, it is read, not trained."""
     config, cfg, data_name = arch_config()
-    base = [f"--dataset={data_name}", *args_of(arch_arms(cfg)["deepseekmoe"])]
+    arm = arch_arms(cfg)["deepseekmoe"]
     kinds = {f"aux{a:g}": ["--balance=aux", f"--aux_alpha={a}"] for a in tradeoff_alphas}
     kinds.update({"bias": ["--balance=bias"], "none": ["--balance=none"]})
     s1, s2 = arch_seeds[:2]
     out = os.path.join(arch_dir, "tradeoff")
-    logs = train_runs(config, {f"{k}-s{s1}": [*base, f"--seed={s1}", *a] for k, a in kinds.items()}, out, arch_args)
+
+    def run(todo):  # {kind: seed} -> logs, the bias runs from the arch section where it has them
+        logs, train = {}, {}
+        for k, s in todo.items():
+            args = arm_args(arm, s, data_name, kinds[k])
+            arch_run = run_dir(arch_dir, f"deepseekmoe-s{s}")
+            if k == "bias" and runs != "read" and \
+                    (recs := finished_run(arch_run, config, [*args, *arch_args.split()])) is not None:
+                print(f"{k}-s{s}: the arch section's run of the same arguments, read from {arch_run}", flush=True)
+                logs[f"{k}-s{s}"] = recs
+            else:
+                train[f"{k}-s{s}"] = args
+        return {**logs, **train_runs(config, train, out, arch_args)}
+
+    logs = run({k: s1 for k in kinds})
     best = min((k for k in kinds if k.startswith("aux")), key=lambda k: final_row(logs[f"{k}-s{s1}"])["val_loss"])
-    logs.update(train_runs(config, {f"{k}-s{s2}": [*base, f"--seed={s2}", *kinds[k]] for k in ("bias", best)}, out,
-                           arch_args))
+    logs.update(run({k: s2 for k in ("bias", best)}))
     rows = {}
     for k in kinds:
         finals = {s: final_row(logs[f"{k}-s{s}"]) for s in (s1, s2) if f"{k}-s{s}" in logs}
@@ -657,7 +688,7 @@ DOMAINS = {"arch_seeds": ("a tuple of 3 or more distinct seeds (ints >= 0): ever
                                "which the section makes anyway)",
                                lambda v: len(v) >= 4 and all(type(a) in (int, float) and 0 < a <= 1 for a in v)),
            "runs": one_of("train", "reuse", "read"), "arch_scale": one_of(*ARCH_CONFIGS),
-           "specialize_tokens": at_least(0)}
+           "specialize_tokens": at_least(0), "stop_after": at_least(0)}
 
 
 def main(argv):

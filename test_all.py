@@ -2880,6 +2880,28 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
     assert (tmp_path / "arch" / "arch_tokens.png").exists() and (tmp_path / "arch" / "arch_seconds.png").exists()
 
 
+def test_tradeoff_reads_the_arch_bias_run_and_stop_after_stops_before_a_run(tmp_path, monkeypatch):
+    """The tradeoff's bias run is the arch section's DeepSeekMoE run (the same train.py arguments): a finished one is
+    read, not trained again; --stop_after then stops the study before the first run it would have to train, in one
+    line that says how to go on."""
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains(40))
+    data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"])
+    arch_run = tmp_path / "arch" / "deepseekmoe-s1"
+    fake_run(arch_run, [8.0, 6.0, 5.0], ["verse", "code", "prose"], [0, 2, 4])
+    # the arguments the arch section gives its DeepSeekMoE run at the CPU scale (2 shared + top-6 of 62 x 64)
+    args = ["--balance=bias", "--seed=1", f"--dataset={data}", "--n_experts=62", "--top_k=6", "--n_shared=2",
+            "--moe_inter_dim=64"]
+    (arch_run / "study_run.json").write_text(json.dumps(dict(config="config/study_cpu.py", args=args)))
+    r = subprocess.run([sys.executable, STUDY, "--sections=tradeoff", "--arch_scale=cpu", "--runs=reuse",
+                        f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
+                        "--stop_after=1e-9", f"--json_path={tmp_path / 's.json'}"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert f"bias-s1: the arch section's run of the same arguments, read from {arch_run}" in r.stdout, r.stdout
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "stopped before [1/6] aux0.0001-s1" in r.stderr and "--runs=reuse goes on" in r.stderr, r.stderr
+    assert not (tmp_path / "arch" / "tradeoff").exists()  # nothing trained
+
+
 @pytest.mark.parametrize("args, words", [
     (["--sections=arch", "--arch_seeds=(1,)"], "3 or more distinct seeds"),
     (["--sections=arch", "--arch_seeds=(1, 1, 2)"], "3 or more distinct seeds"),
