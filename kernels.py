@@ -246,13 +246,16 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
 @triton.jit
 def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
                       n_pairs, top_k, P, P1, Q, stride_l, stride_r, stride_oe, stride_op,
-                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
+                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SPLIT: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr):
     """G[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
-    (dy or x) instead of the sorted row. Rows p < P1 of G go to out[e], the rest to out2[e] at p - P1: dW1 and dW3
-    are the two halves of one GEMM dh^T x[tok] with dh = [dh1 ; dh3], so each program keeps one accumulator
-    (two, one per weight, spilled registers at 128 x 128 tiles). An expert with no tokens writes zeros."""
+    (dy or x) instead of the sorted row. SPLIT: rows p < P1 of G go to out[e], the rest to out2[e] at p - P1: dW1
+    and dW3 are the two halves of one GEMM dh^T x[tok] with dh = [dh1 ; dh3], so each program keeps one
+    accumulator (two, one per weight, spilled registers at 128 x 128 tiles). Without SPLIT (dW2) out2_ptr is None
+    and there is no second store in the code at all: torch.compile reads which arguments a kernel stores to from
+    its code and copies each separately, so one tensor passed as both out_ptr and out2_ptr came back as the copy
+    the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no tokens writes zeros."""
     expert = tl.program_id(0)
     pid = tl.program_id(1)
     n_tiles = tl.cdiv(Q, BLOCK_Q)
@@ -276,11 +279,15 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_star
         rt = tl.load(r_ptr + r_rows[:, None] * stride_r + offs_q[None, :], mask=valid[:, None] & q_ok[None, :],
                      other=0.0)
         acc = _dot(tl.trans(lt), rt, acc, PRECISION)
-    first = offs_p < P1
-    out_p = tl.where(first, offs_p, offs_p - P1)
-    out_off = expert.to(tl.int64) * stride_oe + out_p[:, None] * stride_op + offs_q[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=(first & p_ok)[:, None] & q_ok[None, :])
-    tl.store(out2_ptr + out_off, acc.to(out2_ptr.dtype.element_ty), mask=(~first & p_ok)[:, None] & q_ok[None, :])
+    if SPLIT:
+        first = offs_p < P1
+        out_p = tl.where(first, offs_p, offs_p - P1)
+        out_off = expert.to(tl.int64) * stride_oe + out_p[:, None] * stride_op + offs_q[None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=(first & p_ok)[:, None] & q_ok[None, :])
+        tl.store(out2_ptr + out_off, acc.to(out2_ptr.dtype.element_ty), mask=(~first & p_ok)[:, None] & q_ok[None, :])
+    else:
+        out_off = expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 # -------------------------------------------------------------------------
 # MLA decode kernels
@@ -416,7 +423,7 @@ def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_stri
     m_tiles = n_pairs if per_pair else sorted_pair.numel() // t["BLOCK_M"]
     grid = (m_tiles * triton.cdiv(N, t["BLOCK_N"]),)
     stride_we, stride_wk, stride_wn = w_strides
-    _moe_mm_kernel[grid](a, w, w if w2nd is None else w2nd, out, gate, sorted_pair, block_expert,
+    _moe_mm_kernel[grid](a, w, w2nd, out, gate, sorted_pair, block_expert,  # w2nd None: TWO is False
                          n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we, stride_wk=stride_wk,
                          stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None, MUL_GATE=mul_gate,
                          ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, PRECISION=prec, **t)
@@ -430,10 +437,10 @@ def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, to
     E, P1, Q = out.shape
     P = P1 + (out2.shape[1] if out2 is not None else 0)
     grid = (E, triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]))
-    _moe_wgrad_kernel[grid](left, right, out, out if out2 is None else out2, sorted_pair, pad_start, pad_end,
+    _moe_wgrad_kernel[grid](left, right, out, out2, sorted_pair, pad_start, pad_end,
                             n_pairs=n_pairs, top_k=top_k, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
                             stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
-                            GATHER_L=gather_l, GATHER_R=gather_r, PRECISION=prec, **t)
+                            GATHER_L=gather_l, GATHER_R=gather_r, SPLIT=out2 is not None, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):

@@ -731,12 +731,13 @@ def moe_inputs(N, K, E, d, I, dtype, device, empty_expert=None, seed=0, w_dtype=
             cast(w2, w_dtype), cast(w3, w_dtype), dy.to(device=device, dtype=dtype))
 
 
-def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtype=None):
+def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtype=None, fn=None):
     """fused_moe's output and all five gradients against autograd through experts_reference in float64.
-    w_dtype=float32 with bf16 x is the autocast case: fp32 parameters cast inside, fp32 gradients out."""
+    w_dtype=float32 with bf16 x is the autocast case: fp32 parameters cast inside, fp32 gradients out. fn: what
+    calls fused_moe (torch.compile of it, say)."""
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, device, empty_expert, w_dtype=w_dtype)
     args = [x, gates, w1, w2, w3]
-    y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    y = (fn or kernels.fused_moe)(x, ids, gates, w1, w2, w3)
     grads = torch.autograd.grad(y, args, dy)
     ref_args = [t.detach().double().requires_grad_() for t in args]  # float64 reference
     rx, rg, rw1, rw2, rw3 = ref_args
@@ -784,6 +785,49 @@ def test_fused_moe_interpreted(dtype, w_dtype, tol):
     tiles with a masked edge. bf16 x with fp32 weights is the autocast case; its tolerance is loose because the
     interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter)."""
     check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
+
+
+KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_wgrad_kernel",
+           "_mla_decode_kernel", "_mla_combine_kernel"]
+
+
+@needs_triton
+@interpreted
+def test_no_launch_passes_one_tensor_twice(monkeypatch):
+    """torch.compile copies each tensor a Triton kernel stores to and writes the copies back one by one: a tensor
+    passed in two argument slots (say out_ptr and an out2_ptr the kernel only stores to under a mask) comes back
+    as the copy the kernel never wrote. That was dW2 of every compiled MoE step. So no launch of kernels.py, in
+    fused_moe forward and backward and in mla_decode, gets two arguments that share memory (views of one buffer
+    side by side, like pad_start and pad_end, are two tensors); unused slots get None."""
+    launches = []
+
+    class Recorder:  # kernel[grid](...) as Triton's JITFunction takes it, noting each launch's tensor arguments
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tensors = [(k, v) for k, v in [*enumerate(args), *kwargs.items()] if isinstance(v, torch.Tensor)]
+                launches.append((self.name, tensors))
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for name in KERNELS:
+        monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
+    x, ids, gates, w1, w2, w3, dy = moe_inputs(37, 2, 5, 40, 40, torch.float32, "cpu", 3)
+    y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    torch.autograd.grad(y, [x, gates, w1, w2, w3], dy)
+    cache = torch.randn(2, 80, 48)
+    kernels.mla_decode(torch.randn(2, 1, 3, 48), cache[:, :70], 69, 0.1, 40, n_splits=2)
+    assert {name for name, _ in launches} == set(KERNELS), launches
+    def span(t):  # the bytes a tensor's elements lie in
+        end = t.data_ptr() + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        return t.data_ptr(), end
+
+    for name, tensors in launches:
+        spans = sorted((span(t), k) for k, t in tensors if t.numel())
+        for ((_, end), k), ((start, _), k2) in zip(spans, spans[1:]):
+            assert end <= start, f"{name}: arguments {k} and {k2} share memory"
 
 
 @needs_triton
@@ -862,6 +906,40 @@ def test_fused_moe_per_pair_gpu(N):
         got = kernels.fused_moe(x, ids, gates, w1, w2, w3)
         want = experts_reference(x.double(), ids, *(t.double() for t in (gates, w1, w2, w3)))
     assert rel_err(f"fused_moe per pair, N={N}", got, want) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("I", [384, 192])
+def test_fused_moe_compiled_gpu(I):
+    """fused_moe inside torch.compile, output and all five gradients, against the float64 reference: the kernels'
+    launches traced by Inductor (which copies every tensor a kernel stores to) give what they give eagerly.
+    I = 192 puts the [dW1 ; dW3] split inside a 128-row tile."""
+    check_fused_moe(N=4096, K=6, E=64, d=768, I=I, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=5,
+                    w_dtype=torch.float32, fn=torch.compile(kernels.fused_moe))
+
+
+@needs_cuda
+def test_compiled_training_step_matches_eager_gpu():
+    """One training step of a small MoE model (kernels on, bf16 autocast, fp32 weights): the compiled model's loss and
+    every parameter's gradient against the eager model's. What train.py --compile runs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=3, n_embd=256, n_head=4, kv_lora_rank=64, dense_inter_dim=512, n_experts=16, top_k=4,
+                      n_shared=1, moe_inter_dim=128, block_size=256, vocab_size=512)
+    model = Model(cfg).cuda()
+    idx = torch.randint(0, 512, (8, 256), device="cuda")
+    results = []
+    for step in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = step(idx, idx)
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+    (eager_loss, eager), (comp_loss, comp) = results
+    assert abs(comp_loss.item() - eager_loss.item()) < 1e-2, (comp_loss, eager_loss)
+    assert eager.keys() == comp.keys()
+    for n in eager:
+        assert rel_err(f"grad {n}, compiled vs eager", comp[n], eager[n]) < 5e-2, n
 
 
 @needs_cuda
