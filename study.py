@@ -33,6 +33,7 @@ Sections:
 Every run prints its seconds (training, and start-up + evaluations + save) and the study's projected total.
 Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CPU scale.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -110,6 +111,18 @@ def warmup_seconds(recs):
     return max(tr[0]["ms"] - ms, 0.0) * tr[0]["iter"] / 1000
 
 
+def run_parts(recs, wall):
+    """Where a run's wall seconds went, from its log: start-up (imports, data, model: train.py's start record),
+    training steps (the compile warm-up among them), evaluations, and the rest (checkpoint save, exit)."""
+    nan = float("nan")
+    start = next((r for r in recs if r["kind"] == "start"), {})
+    ev = [r for r in recs if r["kind"] == "eval"]
+    parts = dict(wall=wall, startup=start.get("startup_seconds", nan), train=ev[-1].get("train_seconds", nan),
+                 warmup=warmup_seconds(recs), evals=sum(r.get("eval_seconds", nan) for r in ev))
+    parts["rest"] = wall - parts["startup"] - parts["train"] - parts["evals"]
+    return parts
+
+
 def finished_run(out_dir, config, args):
     """out_dir's last run if it finished (its last evaluation at the end) under the same config and arguments
     (study_run.json, written when it did), else None."""
@@ -164,14 +177,14 @@ def train_runs(config, todo, out_root, extra):
             f.write(json.dumps(dict(config=config, args=args)).encode())
         walls.append(wall)
         WALLS.append(wall)
-        train_s = [r for r in logs[name] if r["kind"] == "eval"][-1].get("train_seconds", float("nan"))
-        warm = warmup_seconds(logs[name])
-        results.setdefault("run_seconds", {})[out_dir] = dict(wall=wall, train=train_s, warmup=warm)
+        parts = run_parts(logs[name], wall)
+        results.setdefault("run_seconds", {})[out_dir] = parts
         elapsed = time.time() - t_start
         eta = sum(walls) / len(walls) * (len(todo) - k - 1)
-        print(f"  {wall:.0f} s: training {train_s:.1f} s (of it first-steps warm-up {warm:.1f} s), start-up + "
-              f"evaluations + save {wall - train_s:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about "
-              f"{eta:.0f} s to go, projected total {elapsed + eta:.0f} s", flush=True)
+        print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s, training {parts['train']:.1f} s (of it first-steps "
+              f"warm-up {parts['warmup']:.1f} s), evaluations {parts['evals']:.1f} s, checkpoint save and exit "
+              f"{parts['rest']:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about {eta:.0f} s to go, "
+              f"projected total {elapsed + eta:.0f} s", flush=True)
     return logs
 
 
@@ -519,7 +532,7 @@ def record_routing(ckpt_path, n_tokens):
     evenly over val so every domain comes in its share) and record every MoE
     layer's routed expert choices per token -> (domain names, domain of each token, [(N, K) choices per layer],
     n_experts)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # the AdamW moments never read
     model = Model(ModelConfig(**ckpt["model_args"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
     data = load_data(ckpt["data"]["dir"])
@@ -529,8 +542,9 @@ def record_routing(ckpt_path, n_tokens):
     at_ = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
     choices = [[] for _ in model.moe_layers()]
     val = torch.from_numpy(np.asarray(data.val)[at_].astype(np.int64))
-    with recording_routes(model.moe_layers(), lambda i, ids, _: choices[i].append(ids.cpu())):
-        for rows in val.split(32):
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with recording_routes(model.moe_layers(), lambda i, ids, _: choices[i].append(ids.cpu())), amp:
+        for rows in val.split(32):  # on a GPU under bf16 autocast, as train.py trained and evaluated it
             model(rows.to(device))
     return names, domain[at_].reshape(-1), [torch.cat(c).numpy() for c in choices], model.config.n_experts
 
@@ -585,9 +599,10 @@ def study_specialize():
             axes[i, j].set_title(f"{ARCH_LABELS[arm]}, MoE layer {i}: MI {row['mi_bits']:.3f} bits (seeds: "
                                  f"{mi['mean']:.3f} ± {mi['std']:.3f}; shuffled {row['mi_shuffled_bits']:.4f})",
                                  fontsize=8)
-            fig.colorbar(im, ax=axes[i, j], shrink=0.9, label="share of the domain's tokens")
+            fig.colorbar(im, ax=axes[i, j], shrink=0.9, label="share")
         axes[-1, j].set_xlabel(f"routed experts, grouped by the domain they favour (seed {s})")
-    fig.suptitle(f"which experts each domain's tokens choose, data/{arch_config()[2]} val ({gpu})", fontsize=10)
+    fig.suptitle(f"which experts each domain's tokens choose (colour: the share of the domain's tokens that chose "
+                 f"the expert), data/{arch_config()[2]} val ({gpu})", fontsize=10)
     save_figure(fig, os.path.join(arch_dir, "specialize.png"), dpi=110, tight=False)
 
 

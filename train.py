@@ -36,6 +36,8 @@ import time
 import uuid
 from contextlib import nullcontext
 
+T_PROCESS = time.time()  # the start-up seconds (imports, data, model, optimizer) are counted from here
+
 from errors import quiet_exits
 
 quiet_exits()  # before the slow imports: a Ctrl-C during them, a closed pipe or a full stdout is one line or none
@@ -583,7 +585,8 @@ load_window = torch.zeros(n_moe, n_experts, device=device)  # tokens per expert 
 micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N ranks see what one rank would
 X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
-     "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance})
+     "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance,
+     "startup_seconds": time.time() - T_PROCESS})
 t_start = t0 = t_steps = time.time()  # t_steps: where the steps since the last evaluation began
 window_iters = 0
 eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
@@ -600,7 +603,8 @@ while True:
             losses, val_counts = evaluate()
             t_eval = time.time() - t_eval
             rec = {"kind": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
-                   "train_seconds": train_seconds, "train_loss": losses["train"], "val_loss": losses["val"]}
+                   "train_seconds": train_seconds, "eval_seconds": t_eval, "train_loss": losses["train"],
+                   "val_loss": losses["val"]}
             line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             if raw_model.mtp:  # V3 eq. 24 on val; the val loss above is the main head's alone
                 rec["val_mtp_loss"], rec["val_mtp_accuracy"] = losses["mtp_loss"], losses["mtp_accuracy"]

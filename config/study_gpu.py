@@ -4,7 +4,8 @@
 # tokens per step, compiled, lr 2e-3 (train.py's default). A segment is 192 wide: the dense FFN is 8 segments
 # (1536), every MoE arm holds 64 segments of experts and runs 8 per token.
 #
-# Run length, an estimate to be measured (study.py prints every run's seconds and a projected total):
+# Run length, the estimate it was sized by (the README's "The scales" has what an H200 measured; study.py prints
+# every run's seconds and a projected total):
 #   600 steps x 32,768 = 19.7M tokens per run (the probe's first point): on data/claims 0.2 passes over its math,
 #   0.2 over its code, ~1.2 over its language text (5.3 passes over data/mix's 3.7M, where the probe saw the MoE
 #   arms start to memorize by 8 passes).
