@@ -458,8 +458,8 @@ class _FusedMoE(torch.autograd.Function):
         tiles, prec = _tiles(x, n_pairs), _precision(dtype)
         xc = x.to(dtype).contiguous()
         w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
-        if per_pair:  # no sort: tile m is pair m (see _tile)
-            sorted_pair = block_expert = topk_ids.contiguous().view(-1)
+        if per_pair:  # no sort: tile m is pair m, its expert read from the flat topk_ids (see _tile)
+            sorted_pair, block_expert = None, topk_ids.contiguous().view(-1)
             rows = m_tiles = n_pairs
         else:
             sorted_pair, block_expert, pad_start, pad_end = moe_align(topk_ids, E, tiles["ALIGN_M"])

@@ -797,8 +797,8 @@ def test_no_launch_passes_one_tensor_twice(monkeypatch):
     """torch.compile copies each tensor a Triton kernel stores to and writes the copies back one by one: a tensor
     passed in two argument slots (say out_ptr and an out2_ptr the kernel only stores to under a mask) comes back
     as the copy the kernel never wrote. That was dW2 of every compiled MoE step. So no launch of kernels.py, in
-    fused_moe forward and backward and in mla_decode, gets two arguments that share memory (views of one buffer
-    side by side, like pad_start and pad_end, are two tensors); unused slots get None."""
+    fused_moe (forward, backward, per pair) and mla_decode, gets two arguments that share memory (views of one
+    buffer side by side, like pad_start and pad_end, are two tensors); unused slots get None."""
     launches = []
 
     class Recorder:  # kernel[grid](...) as Triton's JITFunction takes it, noting each launch's tensor arguments
@@ -817,6 +817,8 @@ def test_no_launch_passes_one_tensor_twice(monkeypatch):
     x, ids, gates, w1, w2, w3, dy = moe_inputs(37, 2, 5, 40, 40, torch.float32, "cpu", 3)
     y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
     torch.autograd.grad(y, [x, gates, w1, w2, w3], dy)
+    with torch.no_grad():  # decoding: the per-pair tiles
+        kernels.fused_moe(x[:2], ids[:2], gates[:2], w1, w2, w3)
     cache = torch.randn(2, 80, 48)
     kernels.mla_decode(torch.randn(2, 1, 3, 48), cache[:, :70], 69, 0.1, 40, n_splits=2)
     assert {name for name, _ in launches} == set(KERNELS), launches
