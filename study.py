@@ -30,7 +30,8 @@ Sections:
   tradeoff the balancing trade-off (Wang et al. arXiv 2408.15664, Figure 1): the DeepSeekMoE arm with
            --balance=aux at tradeoff_alphas, bias and none under the first seed, then bias and the best alpha
            under the second; val loss against MaxVio_global (arch_dir/tradeoff/tradeoff.png)
-Every run prints its seconds (training, and start-up + evaluations + save) and the study's projected total.
+Every run prints its seconds (start-up, training, evaluations, the save) and the study's projected total;
+--stop_after=SECONDS begins no run that would end past that many (a device's time limit), --runs=reuse goes on.
 Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CPU scale.
 """
 import contextlib
