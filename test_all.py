@@ -940,8 +940,9 @@ def test_compiled_training_step_matches_eager_gpu():
     (eager_loss, eager), (comp_loss, comp) = results
     assert abs(comp_loss.item() - eager_loss.item()) < 1e-2, (comp_loss, eager_loss)
     assert eager.keys() == comp.keys()
-    for n in eager:
-        assert rel_err(f"grad {n}, compiled vs eager", comp[n], eager[n]) < 5e-2, n
+    for n in eager:  # relative to the whole gradient's norm: bf16 rounds both runs, in other orders
+        err = ((comp[n].double() - eager[n].double()).norm() / eager[n].double().norm().clamp_min(1e-30)).item()
+        assert err < 3e-2, (n, err)
 
 
 @needs_cuda
