@@ -623,8 +623,7 @@ def study_tradeoff():
         for k, s in todo.items():
             args = arm_args(arm, s, data_name, kinds[k])
             arch_run = run_dir(arch_dir, f"deepseekmoe-s{s}")
-            if k == "bias" and runs != "read" and \
-                    (recs := finished_run(arch_run, config, [*args, *arch_args.split()])) is not None:
+            if k == "bias" and (recs := finished_run(arch_run, config, [*args, *arch_args.split()])) is not None:
                 print(f"{k}-s{s}: the arch section's run of the same arguments, read from {arch_run}", flush=True)
                 logs[f"{k}-s{s}"] = recs
             else:

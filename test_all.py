@@ -2981,6 +2981,12 @@ def test_tradeoff_reads_the_arch_bias_run_and_stop_after_stops_before_a_run(tmp_
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "stopped before [1/6] aux0.0001-s1" in r.stderr and "--runs=reuse goes on" in r.stderr, r.stderr
     assert not (tmp_path / "arch" / "tradeoff").exists()  # nothing trained
+    # --runs=read finds the bias run where reuse found it, and names the first run it lacks
+    r = subprocess.run([sys.executable, STUDY, "--sections=tradeoff", "--arch_scale=cpu", "--runs=read",
+                        f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
+                        f"--json_path={tmp_path / 's.json'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert f"bias-s1: the arch section's run of the same arguments, read from {arch_run}" in r.stdout, r.stdout
+    assert r.returncode != 0 and "aux0.0001-s1" in r.stderr and "train it first" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, words", [
