@@ -922,27 +922,32 @@ def test_fused_moe_compiled_gpu(I):
 
 @needs_cuda
 def test_compiled_training_step_matches_eager_gpu():
-    """One training step of a small MoE model (kernels on, bf16 autocast, fp32 weights): the compiled model's loss and
-    every parameter's gradient against the eager model's. What train.py --compile runs."""
+    """One training step of a small MoE model (kernels on, fp32 weights), what train.py --compile runs: the compiled
+    step under bf16 autocast is no further from the fp32 eager step than the eager step under bf16 autocast is, in
+    the loss and in every parameter's gradient. A gradient the compiled step leaves unwritten (as dW2 once was, an
+    aliased kernel argument) is ~100% off; bf16's own rounding moves a small one by a few percent either way."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=3, n_embd=256, n_head=4, kv_lora_rank=64, dense_inter_dim=512, n_experts=16, top_k=4,
                       n_shared=1, moe_inter_dim=128, block_size=256, vocab_size=512)
     model = Model(cfg).cuda()
     idx = torch.randint(0, 512, (8, 256), device="cuda")
     results = []
-    for step in (model, torch.compile(model)):
+    for step, amp in ((model, False), (model, True), (torch.compile(model), True)):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             _, loss = step(idx, idx)
         loss.backward()
-        results.append((loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                                if p.grad is not None}))
-    (eager_loss, eager), (comp_loss, comp) = results
-    assert abs(comp_loss.item() - eager_loss.item()) < 1e-2, (comp_loss, eager_loss)
-    assert eager.keys() == comp.keys()
-    for n in eager:  # relative to the whole gradient's norm: bf16 rounds both runs, in other orders
-        err = ((comp[n].double() - eager[n].double()).norm() / eager[n].double().norm().clamp_min(1e-30)).item()
-        assert err < 3e-2, (n, err)
+        results.append((loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()
+                                                 if p.grad is not None}))
+    (ref_loss, ref), (eager_loss, eager), (comp_loss, comp) = results
+    assert abs(comp_loss - ref_loss) <= 2 * abs(eager_loss - ref_loss) + 1e-2, (ref_loss, eager_loss, comp_loss)
+    assert ref.keys() == eager.keys() == comp.keys()
+
+    def rel(a, b):  # relative to the whole gradient's norm
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    for n in ref:
+        assert rel(comp[n], ref[n]) <= 3 * rel(eager[n], ref[n]) + 1e-2, (n, rel(comp[n], ref[n]), rel(eager[n], ref[n]))
 
 
 @needs_cuda
