@@ -37,6 +37,7 @@ Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CP
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,13 @@ BALANCE_RUNS = {"bias": ["--balance=bias"], "aux 0.01": ["--balance=aux", "--aux
                 "aux 0.001": ["--balance=aux", "--aux_alpha=0.001"], "none": ["--balance=none"]}
 
 
+def ran_on(logs):
+    """Where a section's runs trained, as their logs' start records say (train.py writes it), so --runs=read on
+    another machine still names it; this machine for logs written before train.py recorded it."""
+    names = {next((r.get("device") for r in recs if r["kind"] == "start"), None) for recs in logs.values()}
+    return ", ".join(sorted(names)) if names and None not in names else gpu
+
+
 def run_dir(out_root, name):
     return os.path.join(out_root, name.replace(" ", ""))
 
@@ -119,7 +127,8 @@ def run_parts(recs, wall):
     start = next((r for r in recs if r["kind"] == "start"), {})
     ev = [r for r in recs if r["kind"] == "eval"]
     parts = dict(wall=wall, startup=start.get("startup_seconds", nan), train=ev[-1].get("train_seconds", nan),
-                 warmup=warmup_seconds(recs), evals=sum(r.get("eval_seconds", nan) for r in ev))
+                 warmup=warmup_seconds(recs), evals=sum(r.get("eval_seconds", nan) for r in ev),
+                 startup_parts=start.get("startup_parts", {}))
     parts["rest"] = wall - parts["startup"] - parts["train"] - parts["evals"]
     return parts
 
@@ -182,7 +191,9 @@ def train_runs(config, todo, out_root, extra):
         results.setdefault("run_seconds", {})[out_dir] = parts
         elapsed = time.time() - t_start
         eta = sum(walls) / len(walls) * (len(todo) - k - 1)
-        print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s, training {parts['train']:.1f} s (of it first-steps "
+        of_it = ", ".join(f"{k} {v:.1f}" for k, v in parts["startup_parts"].items())
+        print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s{f' ({of_it})' if of_it else ''}, training "
+              f"{parts['train']:.1f} s (of it first-steps "
               f"warm-up {parts['warmup']:.1f} s), evaluations {parts['evals']:.1f} s, checkpoint save and exit "
               f"{parts['rest']:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about {eta:.0f} s to go, "
               f"projected total {elapsed + eta:.0f} s", flush=True)
@@ -219,7 +230,7 @@ def study_balance():
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(title="--balance")
-    fig.suptitle(f"config/train_balance.py, same data, tokens and seed ({gpu})", fontsize=10)
+    fig.suptitle(f"config/train_balance.py, same data, tokens and seed ({ran_on(logs)})", fontsize=10)
     save_figure(fig, os.path.join(balance_dir, "balance.png"))
 
 
@@ -286,7 +297,7 @@ def study_mtp():
         if "val_mtp_loss" in ev[-1]:
             ax.plot([r["tokens"] for r in ev], [r["val_mtp_loss"][0] for r in ev], "s--", ms=3,
                     label=f"{name}: MTP head (token t+2)")
-    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"config/train_balance.py, mtp_depth 0 vs 1 ({gpu})")
+    ax.set(xlabel="training tokens", ylabel="val loss (nats)", title=f"config/train_balance.py, mtp_depth 0 vs 1 ({ran_on(logs)})")
     save_figure(fig, os.path.join(mtp_dir, "mtp.png"), ax)
 
 
@@ -400,6 +411,16 @@ def paired(logs, arm, other, seconds=False):
     return diffs
 
 
+def tokens_to_reach(recs, target):
+    """The training tokens at which a run's val loss first reaches target, linear between its evaluations; nan if
+    it never does."""
+    xs, ys = curve(recs)
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if y1 <= target:
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0) if y0 > target else x0
+    return float("nan")
+
+
 def verdict(diffs):
     n = len(diffs)
     if all(d < 0 for d in diffs):
@@ -478,7 +499,7 @@ def study_arch():
                          seed_stats([r["maxvio_global"] for r in finals]))
     domains = list(next(iter(rows.values()))["domains"])
     seeds = ", ".join(map(str, arch_seeds))
-    print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({gpu}), seeds {seeds}\n")
+    print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({ran_on(logs)}), seeds {seeds}\n")
     print("final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
     print(table(["arm", "val loss", *[f"val {d}" for d in domains], "params", "active", "MFLOPs/token",
                  "tokens/s", "training s", "MaxVio_global", "val loss still falling (seeds)"],
@@ -508,12 +529,22 @@ def study_arch():
           f"{by['deepseekmoe', 'dense', 'seconds']['mean']:+.4f} ({by['deepseekmoe', 'dense', 'seconds']['verdict']}), "
           f"its step costing {dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x the dense model's "
           f"({ds['tok_s']['mean']:,.0f} vs {dense['tok_s']['mean']:,.0f} tokens/s)")
+    # the step ratio at which the two would tie at equal seconds: dense's tokens over those DeepSeekMoE needs to
+    # reach dense's final val loss (a step cheaper than that and DeepSeekMoE wins on wall-clock, at this run length)
+    reach = [tokens_to_reach(logs[f"deepseekmoe-s{s}"], dense["seeds"][s]["val_loss"]) for s in arch_seeds]
+    tie = [dense["seeds"][s]["tokens"] / r for s, r in zip(arch_seeds, reach)]
+    print(f"DeepSeekMoE reaches the dense run's final val loss after "
+          f"{' / '.join(f'{r / 1e6:.2f}M' for r in reach)} tokens (per seed, linear between evaluations) of the "
+          f"dense run's {dense['seeds'][arch_seeds[0]]['tokens'] / 1e6:.2f}M: at equal seconds the two tie where its "
+          f"step costs {' / '.join(f'{t:.2f}x' for t in tie)} the dense one's (measured: "
+          f"{dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x)")
     tokens = next(iter(ds["seeds"].values()))["tokens"]
     n_train = data.meta["tokens"]["train"]
     print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train split)")
     results["arch"] = dict(config=config, dataset=data_name, seeds=list(arch_seeds), rows=rows, claims=claims,
-                           tokens=tokens, train_tokens=n_train)
-    title = f"{config} on data/{data_name}, --balance=bias ({gpu})"
+                           tokens=tokens, train_tokens=n_train, deepseekmoe_tokens_to_dense_loss=reach,
+                           tie_step_ratio=tie)
+    title = f"{config} on data/{data_name}, --balance=bias ({ran_on(logs)})"
     plot_arch(logs, arms, False, os.path.join(arch_dir, "arch_tokens.png"), title)
     plot_arch(logs, arms, True, os.path.join(arch_dir, "arch_seconds.png"), title)
 
@@ -607,6 +638,18 @@ def study_specialize():
     save_figure(fig, os.path.join(arch_dir, "specialize.png"), dpi=110, tight=False)
 
 
+def bias_against_curve(rows, aux, s):
+    """Seed s's bias run against the aux-loss runs of seed s at the bias's own MaxVio_global: (bias val loss minus
+    the curve's, the curve's val loss there), linear between the alphas in log MaxVio; None outside the curve."""
+    pts = sorted((math.log(rows[k]["seeds"][s]["maxvio_global"]), rows[k]["seeds"][s]["val_loss"]) for k in aux)
+    b = rows["bias"]["seeds"][s]
+    x = math.log(b["maxvio_global"])
+    if not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    y = float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
+    return b["val_loss"] - y, y
+
+
 def study_tradeoff():
     """Wang et al. Figure 1 at the study's scale: the DeepSeekMoE arm with --balance=aux at every alpha, bias and
     none under the first seed; then the bias and the best alpha again under the second. A bias run is the arch
@@ -639,7 +682,8 @@ def study_tradeoff():
         rows[k] = dict(seeds=finals, val_loss=seed_stats([r["val_loss"] for r in finals.values()]),
                        maxvio_global=seed_stats([r["maxvio_global"] for r in finals.values()]),
                        tok_s=seed_stats([r["tok_s"] for r in finals.values()]))
-    print(f"\n## Balancing trade-off, {config} (DeepSeekMoE arm) on data/{data_name} ({gpu}); seed {s2} again for "
+    print(f"\n## Balancing trade-off, {config} (DeepSeekMoE arm) on data/{data_name} ({ran_on(logs)}); seed {s2} "
+          f"again for "
           f"bias and the best alpha ({best[3:]})\n")
     print(table(["--balance", f"val loss (seed {s1})", f"seed {s2}", f"MaxVio_global (seed {s1})", f"seed {s2}",
                  "tokens/s"],
@@ -652,11 +696,20 @@ def study_tradeoff():
     print(f"\nbias against the best alpha ({best[3:]}), paired by seed: val loss "
           f"{' / '.join(f'{d:+.4f}' for d in diffs)} ({verdict(diffs)}); MaxVio_global "
           f"{rows['bias']['maxvio_global']['mean']:.3f} vs {rows[best]['maxvio_global']['mean']:.3f} (mean of both seeds)")
+    aux = [k for k in kinds if k.startswith("aux")]
+    vs_curve = bias_against_curve(rows, aux, s1)
+    if vs_curve is None:
+        print(f"the bias's MaxVio_global (seed {s1}) lies outside the aux-loss curve's range: not compared at equal "
+              "balance")
+    else:
+        print(f"at the bias's MaxVio_global ({rows['bias']['seeds'][s1]['maxvio_global']:.3f}, seed {s1}) the "
+              f"aux-loss curve's val loss is {vs_curve[1]:.4f} (between its alphas, linear in log MaxVio): the bias "
+              f"is {vs_curve[0]:+.4f} against it")
     results["tradeoff"] = dict(config=config, dataset=data_name, best_alpha=float(best[3:]), rows=rows,
-                               bias_minus_best_alpha=diffs)
+                               bias_minus_best_alpha=diffs,
+                               bias_minus_aux_curve=None if vs_curve is None else vs_curve[0])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    aux = [k for k in kinds if k.startswith("aux")]
     ax.plot([rows[k]["seeds"][s1]["maxvio_global"] for k in aux], [rows[k]["seeds"][s1]["val_loss"] for k in aux],
             "o-", color="C0", label=f"aux loss, alpha {', '.join(k[3:] for k in aux)}")
     for k in aux:
@@ -665,10 +718,11 @@ def study_tradeoff():
     for k, marker, color in ((best, "o", "C0"), ("bias", "*", "C1"), ("none", "x", "C2")):
         for s, r in rows[k]["seeds"].items():
             if k != best or s != s1:
-                ax.scatter(r["maxvio_global"], r["val_loss"], s=60, marker=marker, color=color,
+                fill = dict(color=color) if s == s1 else dict(facecolors="none", edgecolors=color)  # seed 2 hollow
+                ax.scatter(r["maxvio_global"], r["val_loss"], s=60, marker=marker, **fill,
                            label=f"{k}, seed {s}" if k != best else f"alpha {best[3:]}, seed {s}")
     ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
-           title=f"aux-loss alpha vs loss-free bias, {config}\n({gpu})")
+           title=f"aux-loss alpha vs loss-free bias, {config}\n({ran_on(logs)})")
     save_figure(fig, os.path.join(out, "tradeoff.png"), ax)
 
 

@@ -2905,7 +2905,8 @@ def test_arch_variants_same_active_flops_and_expert_params(scale, tmp_path):
 
 def test_eval_records_carry_the_training_seconds(data_root, tmp_path, capsys):
     """train_seconds: the time of the steps so far, evaluations and saves excluded: at each evaluation it is the sum
-    of the log lines' step times since the start (log_interval divides eval_interval); --save_last_only saves once."""
+    of the log lines' step times since the start (log_interval divides eval_interval); --save_last_only saves once.
+    The start record splits the start-up's seconds into parts and names the machine."""
     run_train(data_root, tmp_path, "--max_iters=12", "--eval_interval=4", "--log_interval=2", "--save_last_only")
     assert capsys.readouterr().out.count("saved ") == 1
     ev, tr = read_log(tmp_path, "eval"), read_log(tmp_path, "train")
@@ -2914,18 +2915,21 @@ def test_eval_records_carry_the_training_seconds(data_root, tmp_path, capsys):
         steps = sum(t["ms"] * 2 / 1000 for t in tr if t["iter"] <= r["iter"])
         assert steps <= r["train_seconds"] <= steps + 0.05 + 0.1 * steps, (r, steps)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_seconds"] == ev[-1]["train_seconds"]
+    start, = read_log(tmp_path, "start")  # the start-up's parts add up to it; the machine is named
+    assert abs(sum(start["startup_parts"].values()) - start["startup_seconds"]) < 0.01, start
+    assert min(start["startup_parts"].values()) >= 0 and start["device"].startswith("no GPU (")
 
 
-def fake_run(out_dir, val_losses, domains, seconds, ms=10.0):
+def fake_run(out_dir, val_losses, domains, seconds, ms=10.0, maxvio=0.5, device=None):
     """A log.jsonl as train.py writes it, with the given val loss at each evaluation (every 10 iters)."""
     os.makedirs(out_dir)
-    recs = [dict(kind="start", iter=0, run="r")]
+    recs = [dict(kind="start", iter=0, run="r", **({"device": device} if device else {}))]
     for k, (v, t) in enumerate(zip(val_losses, seconds)):
         it = 10 * k
         if k:
             recs += [dict(kind="train", iter=it - 5, ms=ms * (3 if k == 1 else 1), tok_s=1000.0, loss=v, run="r"),
                      dict(kind="train", iter=it, ms=ms, tok_s=1000.0, loss=v, run="r")]
-        recs.append(dict(kind="eval", iter=it, tokens=it * 100, train_seconds=t, val_loss=v, maxvio_global=0.5,
+        recs.append(dict(kind="eval", iter=it, tokens=it * 100, train_seconds=t, val_loss=v, maxvio_global=maxvio,
                          val_loss_domain={d: v + j for j, d in enumerate(domains)}, run="r"))
     (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
@@ -2940,7 +2944,8 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
     for arm in ARMS:
         for s in seeds:  # dense runs twice as fast: at equal seconds it is read where the MoE run ends
             secs = [0, 1, 2] if arm == "dense" else [0, 2, 4]
-            fake_run(tmp_path / "arch" / f"{arm}-s{s}", [8.0, final[arm][s] + 1, final[arm][s]], domains, secs)
+            fake_run(tmp_path / "arch" / f"{arm}-s{s}", [8.0, final[arm][s] + 1, final[arm][s]], domains, secs,
+                     device="NVIDIA H200")  # where they ran, not this machine, names the tables and pictures
     path = tmp_path / "study.json"
     r = subprocess.run([sys.executable, STUDY, "--sections=arch", "--arch_scale=cpu", "--runs=read",
                         f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
@@ -2963,6 +2968,12 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
         assert abs(d - (final["deepseekmoe"][s] + 1 - final["dense"][s])) < 1e-9, d
     assert claims["deepseekmoe", "fine_shared1", "tokens"]["verdict"] == \
         "signs differ across seeds (1 of 3 lower): not decided"
+    # dense ends at 5.0 after 2,000 tokens; DeepSeekMoE falls from final + 1 at 1,000 tokens to final at 2,000, so
+    # it reaches 5.0 at 1,000 + 1,000 x (final + 1 - 5.0): the step ratio of a tie at equal seconds is 2,000 over it
+    reach = [1000 + 1000 * (final["deepseekmoe"][s] + 1 - 5.0) for s in seeds]
+    assert np.allclose(out["deepseekmoe_tokens_to_dense_loss"], reach)
+    assert np.allclose(out["tie_step_ratio"], [2000 / r for r in reach])
+    assert "(NVIDIA H200), seeds 1, 2, 3" in r.stdout, r.stdout
     assert (tmp_path / "arch" / "arch_tokens.png").exists() and (tmp_path / "arch" / "arch_seconds.png").exists()
 
 
@@ -2992,6 +3003,29 @@ def test_tradeoff_reads_the_arch_bias_run_and_stop_after_stops_before_a_run(tmp_
                         f"--json_path={tmp_path / 's.json'}"], capture_output=True, text=True, cwd=tmp_path)
     assert f"bias-s1: the arch section's run of the same arguments, read from {arch_run}" in r.stdout, r.stdout
     assert r.returncode != 0 and "aux0.0001-s1" in r.stderr and "train it first" in r.stderr, r.stderr
+
+
+def test_tradeoff_compares_the_bias_with_the_aux_curve_at_its_own_maxvio(tmp_path, monkeypatch):
+    """--runs=read on fake trade-off logs: the best alpha is the lowest val loss of the first seed, and the bias is
+    judged against the aux-loss curve read at the bias's own MaxVio_global (linear in log MaxVio between alphas)."""
+    monkeypatch.setattr(corpus, "MIX_DOMAINS", tiny_mix_domains(40))
+    data = prepare.main([f"--data_root={tmp_path / 'data'}", "--corpus=mix", "--tokenizer=char"])
+    out = tmp_path / "arch" / "tradeoff"
+    curve = {"aux0.0001": (3.0, 2.32), "aux0.001": (1.5, 2.33), "aux0.003": (0.9, 2.335), "aux0.01": (0.7, 2.34),
+             "aux0.1": (0.4, 2.345)}
+    runs = {f"{k}-s1": v for k, v in curve.items()}
+    runs.update({"bias-s1": (0.8, 2.30), "none-s1": (4.0, 2.35), "bias-s2": (0.75, 2.31), "aux0.0001-s2": (3.1, 2.33)})
+    for name, (mv, v) in runs.items():
+        fake_run(out / name, [8.0, v + 1, v], ["verse", "code", "prose"], [0, 2, 4], maxvio=mv)
+    r = subprocess.run([sys.executable, STUDY, "--sections=tradeoff", "--arch_scale=cpu", "--runs=read",
+                        f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
+                        f"--json_path={tmp_path / 's.json'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "s.json").read_text())["tradeoff"]
+    assert res["best_alpha"] == 0.0001 and np.allclose(res["bias_minus_best_alpha"], [2.30 - 2.32, 2.31 - 2.33])
+    w = (math.log(0.8) - math.log(0.7)) / (math.log(0.9) - math.log(0.7))  # 0.8 lies between alpha 0.01 and 0.003
+    assert abs(res["bias_minus_aux_curve"] - (2.30 - (2.34 + w * (2.335 - 2.34)))) < 1e-9, res
+    assert (out / "tradeoff.png").exists()
 
 
 @pytest.mark.parametrize("args, words", [

@@ -58,6 +58,8 @@ from model import DTYPES, Model, ModelConfig
 from moe import max_vio, recording_routes
 from system import ThreadFollower, memory_problem, peak_flops, pick_threads
 
+T_IMPORTED = time.time()  # the start-up's parts (the start record's startup_parts) end at T_IMPORTED, T_DATA, ...
+
 # -----------------------------------------------------------------------------
 # settings; the defaults train ModelConfig's default model on data/shakespeare in a few minutes on a 2-core CPU
 # I/O
@@ -256,6 +258,7 @@ elif init_from != "scratch":  # fine-tune a DeepSeek-format folder: its architec
         dist.broadcast_object_list(folder_config)
     take_model_settings(init_from, {k: getattr(folder_config[0], k) for k in model_fields})
 data = load_data(dataset, data_root=data_root)  # exits with "run python prepare.py first"
+T_DATA = time.time()
 data_identity = {"dir": os.path.abspath(data.dir), "tokenizer": tokenizer_identity(data.dir, data.meta)}
 if ckpt is not None:
     try:
@@ -379,6 +382,7 @@ else:
         del pretrained
     model.to(device)
 raw_model = model  # the uncompiled, un-DDP'd module: saved, evaluated, its MoE layers read
+T_MODEL = time.time()
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 run_id = uuid.uuid4().hex[:12]  # tags this run's records in log.jsonl and its checkpoints
 if ckpt is not None:
@@ -411,6 +415,7 @@ if ddp and not fsdp:
     # broadcast_buffers=False: each rank counts its own tokens_per_expert (summed by all_reduce below), and the
     # expert biases stay identical because every rank applies the same update to the same summed counts
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+T_READY = time.time()
 moe_layers = raw_model.moe_layers()
 n_moe = len(moe_layers)
 flops_per_token = raw_model.flops_per_token(block_size)
@@ -586,7 +591,10 @@ micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N 
 X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance,
-     "startup_seconds": time.time() - T_PROCESS})
+     "device": gpu_name or f"no GPU ({os.cpu_count()} CPU cores)", "startup_seconds": time.time() - T_PROCESS,
+     "startup_parts": {"imports": T_IMPORTED - T_PROCESS, "settings and data": T_DATA - T_IMPORTED,
+                       "model": T_MODEL - T_DATA, "optimizer and compile": T_READY - T_MODEL,
+                       "log and first batch": time.time() - T_READY}})
 t_start = t0 = t_steps = time.time()  # t_steps: where the steps since the last evaluation began
 window_iters = 0
 eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
