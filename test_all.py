@@ -1357,6 +1357,35 @@ def test_resume_is_exact(data_root, tmp_path):
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
 
 
+def test_compile_blocks_trains_as_eager_does(data_root, tmp_path):
+    """--compile --compile_blocks (each transformer block compiled in place) against the eager run: the same losses
+    and weights to float32 rounding and the same checkpoint keys; identical blocks compile once, and evaluations run
+    eagerly (nothing compiled in eval mode). Dense blocks only: the CPU's MoE path is the reference loop, which
+    breaks graphs where the GPU's kernels do not."""
+    common = ["--max_iters=4", "--eval_interval=2", "--n_dense_layers=3"]
+    eager = run_train(data_root, tmp_path / "eager", *common)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    blocks = run_train(data_root, tmp_path / "blocks", *common, "--compile", "--compile_blocks")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # three blocks, one compilation
+    ea, eb = read_log(tmp_path / "eager", "eval"), read_log(tmp_path / "blocks", "eval")
+    assert [r["iter"] for r in ea] == [r["iter"] for r in eb] == [0, 2, 4]
+    for a, b in zip(ea, eb):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 and abs(a["train_loss"] - b["train_loss"]) < 1e-4, (a, b)
+    want, got = eager["raw_model"].state_dict(), blocks["raw_model"].state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-4, rtol=1e-3), name
+    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("eager", "blocks"))
+    assert ca["model"].keys() == cb["model"].keys()
+    torch._dynamo.reset()
+    counters.clear()
+    run_train(data_root, tmp_path / "blocks", *common, "--compile", "--compile_blocks", "--init_from=resume",
+              "--eval_only")
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+
+
 def test_resume_with_more_iters_keeps_the_lr_on_its_curve(data_root, tmp_path, capsys):
     """A run of 8 iters (lr_decay_iters = max_iters = 8) resumed with --max_iters=12 goes on along the saved run's
     schedule: the lr at the resumed step is the one the saved run computed there, and the 4 new iters run at
@@ -1531,6 +1560,7 @@ def test_overrides_and_config_files(data_root, tmp_path):
     (["--learning_rat=1e-3"], "did you mean --learning_rate"),
     (["--n_experts=2.5"], "--n_experts expects an int"),
     (["--compile=maybe"], "--compile expects true or false"),
+    (["--compile_blocks"], "--compile_blocks says how --compile compiles: add --compile"),
     (["--balance=loss"], "--balance='loss' must be one of bias, aux, none"),
     (["--top_k=9"], "invalid config: top_k (9) must be in 1..n_experts (8)"),
     (["--n_group=3"], "n_experts (8) must be divisible by n_group (3)"),

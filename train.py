@@ -106,6 +106,9 @@ min_lr = None                    # None: learning_rate / 10
 device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
+compile_blocks = False           # with compile: compile each transformer block on its own (torchtitan's way) instead
+                                 # of the whole model; identical blocks share one compilation, so a short run waits
+                                 # a fraction of the time; the embedding, the head and the loss run eagerly
 fsdp = False                     # under torchrun: shard weights, gradients and AdamW's moments over the ranks (FSDP2,
                                  # parallel.py) instead of replicating them (DDP); the same ckpt.pt either way
 threads = 0                      # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per free physical core
@@ -136,6 +139,8 @@ if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f"--out_dir={out_dir} is a file, not a folder: pick another --out_dir")
 if not out_dir:
     fail("--out_dir is empty: name a folder, e.g. --out_dir=out")
+if compile_blocks and not compile:
+    fail("--compile_blocks says how --compile compiles: add --compile (or drop --compile_blocks)")
 
 # one run per out_dir: the lock is held until this process ends; a second run names the holder and exits here,
 # before it reads or writes anything of the folder (README, "Failure behaviour")
@@ -408,7 +413,11 @@ if ckpt is not None:
 saved_iter = iter_num if ckpt is not None else None  # the iter ckpt.pt holds, for the messages of a stop
 ckpt = None  # free the memory
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-if compile:
+if compile and compile_blocks:
+    say("compiling the transformer blocks...")
+    for block in [*raw_model.layers, *(m.block for m in raw_model.mtp)]:
+        block.compile()  # in place: the module, its state_dict and its checkpoint stay as they are
+elif compile:
     say("compiling the model...")
     model = torch.compile(model)
 if ddp and not fsdp:
@@ -481,6 +490,7 @@ domains = val_domains(data.meta)  # data/mix: (names, the domain of every val to
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compile_blocks compiled raw_model's blocks in place: evaluate them eagerly
 def evaluate():
     """Mean loss over the same eval_iters batches of each split, and the tokens each expert gets over all of val's
     (for MaxVio_global); with domains, val's loss per domain too (each target token counted in its own domain).
