@@ -133,16 +133,40 @@ def run_parts(recs, wall):
     return parts
 
 
-def finished_run(out_dir, config, args):
-    """out_dir's last run if it finished (its last evaluation at the end) under the same config and arguments
-    (study_run.json, written when it did), else None."""
+def study_run(out_dir):
+    """out_dir's study_run.json: the config and arguments of the run that finished there and its wall seconds
+    (written when it did), or {} where there is none."""
     try:
         with open(os.path.join(out_dir, "study_run.json")) as f:
-            same = json.load(f) == dict(config=config, args=args)
+            saved = json.load(f)
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_run(out_dir, config, args):
+    """out_dir's last run if it finished (its last evaluation at the end) under the same config and arguments
+    (study_run.json), else None."""
+    saved = study_run(out_dir)
+    try:
         recs = last_run(read_log(os.path.join(out_dir, "log.jsonl")))
     except (OSError, ValueError):
         return None
+    same = (saved.get("config"), saved.get("args")) == (config, args)
     return recs if same and any(r["kind"] == "eval" for r in recs) else None
+
+
+def print_run_seconds(parts, n_runs):
+    """One line: where the seconds of a section's runs went, summed over those whose wall time is known."""
+    if not parts:
+        return
+    total = {k: sum(p[k] for p in parts) for k in ("wall", "startup", "warmup", "train", "evals", "rest")}
+    first = sum(p["warmup"] for p in parts if p["first"])
+    unknown = f" ({n_runs - len(parts)} runs of an older study.py without theirs)" if len(parts) < n_runs else ""
+    print(f"the {len(parts)} runs' {total['wall']:.0f} s{unknown}: start-up {total['startup']:.0f} s, compile "
+          f"warm-up {total['warmup']:.0f} s ({first:.0f} s of it in the first run of each arm), training steps "
+          f"{total['train'] - total['warmup']:.0f} s, evaluations {total['evals']:.0f} s, checkpoint saves and "
+          f"exits {total['rest']:.0f} s", flush=True)
 
 
 WALLS = []  # the seconds of every run trained so far, all sections: --stop_after's estimate
@@ -152,7 +176,20 @@ def train_runs(config, todo, out_root, extra):
     """One train.py run per entry of todo {name: [arguments]} on top of config, each in out_root/name, one after
     the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line.
     --runs=reuse reads a run that finished before with the same arguments; --runs=read trains nothing."""
-    logs, t_start, walls = {}, time.time(), []
+    logs, t_start, walls, all_parts, seen = {}, time.time(), [], [], set()
+
+    def known_parts(name, out_dir):  # the run's seconds by part, where its wall time is on record
+        wall = study_run(out_dir).get("wall_seconds")
+        if not isinstance(wall, (int, float)):
+            return None
+        parts = run_parts(logs[name], wall)
+        arm = name.rsplit("-s", 1)[0]
+        parts["first"] = arm not in seen  # the first run of an arm in this section compiles its shapes cold
+        seen.add(arm)
+        all_parts.append(parts)
+        results.setdefault("run_seconds", {})[out_dir] = parts
+        return parts
+
     for k, (name, args) in enumerate(todo.items()):
         out_dir = run_dir(out_root, name)
         args = [*args, *extra.split()]
@@ -164,10 +201,12 @@ def train_runs(config, todo, out_root, extra):
                                  "is missing)")
             logs[name] = last_run(read_log(path))
             print(f"{head}: read {path}", flush=True)
+            known_parts(name, out_dir)
             continue
         if runs == "reuse" and (recs := finished_run(out_dir, config, args)) is not None:
             logs[name] = recs
             print(f"{head}: finished before with the same arguments, read from {out_dir}", flush=True)
+            known_parts(name, out_dir)
             continue
         mean_wall = sum(WALLS) / len(WALLS) if WALLS else 0.0
         if stop_after and time.time() - T_START + mean_wall > stop_after:
@@ -184,19 +223,19 @@ def train_runs(config, todo, out_root, extra):
         wall = time.time() - t0
         logs[name] = last_run(read_log(os.path.join(out_dir, "log.jsonl")))  # log.jsonl keeps earlier runs too
         with atomic_write(os.path.join(out_dir, "study_run.json")) as f:
-            f.write(json.dumps(dict(config=config, args=args)).encode())
+            f.write(json.dumps(dict(config=config, args=args, wall_seconds=wall)).encode())
         walls.append(wall)
         WALLS.append(wall)
-        parts = run_parts(logs[name], wall)
-        results.setdefault("run_seconds", {})[out_dir] = parts
+        parts = known_parts(name, out_dir)
         elapsed = time.time() - t_start
         eta = sum(walls) / len(walls) * (len(todo) - k - 1)
-        of_it = ", ".join(f"{k} {v:.1f}" for k, v in parts["startup_parts"].items())
+        of_it = ", ".join(f"{part} {sec:.1f}" for part, sec in parts["startup_parts"].items())
         print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s{f' ({of_it})' if of_it else ''}, training "
               f"{parts['train']:.1f} s (of it first-steps "
               f"warm-up {parts['warmup']:.1f} s), evaluations {parts['evals']:.1f} s, checkpoint save and exit "
               f"{parts['rest']:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about {eta:.0f} s to go, "
               f"projected total {elapsed + eta:.0f} s", flush=True)
+    print_run_seconds(all_parts, len(todo))
     return logs
 
 

@@ -2953,13 +2953,14 @@ def test_eval_records_carry_the_training_seconds(data_root, tmp_path, capsys):
 def fake_run(out_dir, val_losses, domains, seconds, ms=10.0, maxvio=0.5, device=None):
     """A log.jsonl as train.py writes it, with the given val loss at each evaluation (every 10 iters)."""
     os.makedirs(out_dir)
-    recs = [dict(kind="start", iter=0, run="r", **({"device": device} if device else {}))]
+    recs = [dict(kind="start", iter=0, run="r", startup_seconds=1.0, **({"device": device} if device else {}))]
     for k, (v, t) in enumerate(zip(val_losses, seconds)):
         it = 10 * k
         if k:
             recs += [dict(kind="train", iter=it - 5, ms=ms * (3 if k == 1 else 1), tok_s=1000.0, loss=v, run="r"),
                      dict(kind="train", iter=it, ms=ms, tok_s=1000.0, loss=v, run="r")]
-        recs.append(dict(kind="eval", iter=it, tokens=it * 100, train_seconds=t, val_loss=v, maxvio_global=maxvio,
+        recs.append(dict(kind="eval", iter=it, tokens=it * 100, train_seconds=t, eval_seconds=0.5, val_loss=v,
+                         maxvio_global=maxvio,
                          val_loss_domain={d: v + j for j, d in enumerate(domains)}, run="r"))
     (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
@@ -2976,6 +2977,7 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
             secs = [0, 1, 2] if arm == "dense" else [0, 2, 4]
             fake_run(tmp_path / "arch" / f"{arm}-s{s}", [8.0, final[arm][s] + 1, final[arm][s]], domains, secs,
                      device="NVIDIA H200")  # where they ran, not this machine, names the tables and pictures
+            (tmp_path / "arch" / f"{arm}-s{s}" / "study_run.json").write_text(json.dumps(dict(wall_seconds=10.0)))
     path = tmp_path / "study.json"
     r = subprocess.run([sys.executable, STUDY, "--sections=arch", "--arch_scale=cpu", "--runs=read",
                         f"--dataset={data}", f"--arch_dir={tmp_path / 'arch'}", "--arch_seeds=(1, 2, 3)",
@@ -3004,6 +3006,10 @@ def test_arch_study_mean_spread_and_claims_from_logs(tmp_path, monkeypatch):
     assert np.allclose(out["deepseekmoe_tokens_to_dense_loss"], reach)
     assert np.allclose(out["tie_step_ratio"], [2000 / r for r in reach])
     assert "(NVIDIA H200), seeds 1, 2, 3" in r.stdout, r.stdout
+    # the section's seconds by part, summed over its runs: 18 x 10 s of wall, 1 s of start-up each, training
+    # seconds 2 (dense) or 4, 0.1 s of warm-up each (0.6 s in the first seed's six), three evaluations of 0.5 s
+    assert ("the 18 runs' 180 s: start-up 18 s, compile warm-up 2 s (1 s of it in the first run of each arm), "
+            "training steps 64 s, evaluations 27 s, checkpoint saves and exits 69 s") in r.stdout, r.stdout
     assert (tmp_path / "arch" / "arch_tokens.png").exists() and (tmp_path / "arch" / "arch_seconds.png").exists()
 
 
