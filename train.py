@@ -604,7 +604,7 @@ log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "uni
      "device": gpu_name or f"no GPU ({os.cpu_count()} CPU cores)", "startup_seconds": time.time() - T_PROCESS,
      "startup_parts": {"imports": T_IMPORTED - T_PROCESS, "settings and data": T_DATA - T_IMPORTED,
                        "model": T_MODEL - T_DATA, "optimizer and compile": T_READY - T_MODEL,
-                       "log and first batch": time.time() - T_READY}})
+                       "rest": time.time() - T_READY}})  # the unigram baseline, the log, the first batch
 t_start = t0 = t_steps = time.time()  # t_steps: where the steps since the last evaluation began
 window_iters = 0
 eta_points = collections.deque([(t_start, iter_num)], maxlen=11)  # (time, iter) at the last log lines, for the ETA
