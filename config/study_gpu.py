@@ -16,8 +16,7 @@
 #   12 bytes = ~1 GB for an MoE arm, ~1 s). About 25 s a run.
 #   arch: 18 runs = 3 dense x (8-12 + 25) + 15 MoE x (13-20 + 25) = 680-790 s; specialize: 6 checkpoints over
 #   1M val tokens, ~30 s. Total ~12-14 min of the 15. tradeoff: 9 DeepSeekMoE runs x (13-20 + 25) = 340-400 s of
-#   the 10 min. Measured on an H200 (README, "The scales"): arch + specialize 16.1 min, the steps a quarter of it
-#   and start-up and compile warm-up three fifths, so the time to cut is outside the steps; tradeoff 7.5 min.
+#   the 10 min. What an H200 measured, and where the time went, is in the README ("The scales").
 #   A device command limited to 10 minutes: run again with --runs=reuse, which reads the runs already finished.
 out_dir = "out-study"
 dataset = "claims"                   # python prepare.py --corpus=claims (100M train tokens: no run repeats code or
