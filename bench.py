@@ -59,7 +59,7 @@ from logs import read_log, run_sections, table
 from mla import MLA, MHACache, cache_values_per_token, latent_attention
 from model import Model, ModelConfig, cast_weights
 from moe import experts_reference
-from system import peak_bandwidth, peak_flops
+from system import machine_name, peak_bandwidth, peak_flops
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
@@ -90,7 +90,7 @@ settings = settings_of(globals())
 SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_small.py")
 cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
-gpu = torch.cuda.get_device_name(device) if cuda else f"no GPU ({os.cpu_count()} CPU cores)"
+gpu = machine_name(device)
 peak = peak_flops(device)
 peak_bw = peak_bandwidth(device)
 results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None), peak_flops=peak,

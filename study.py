@@ -53,6 +53,7 @@ from errors import atomic_write
 from logs import last_run, pyplot, read_log, run_sections, save_figure, table, tokens_axis
 from model import Model, ModelConfig, cast_weights
 from moe import mutual_information, recording_routes, routing_counts
+from system import machine_name
 
 # -----------------------------------------------------------------------------
 # settings (configurator.py: --key=value)
@@ -81,7 +82,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
 T_START = time.time()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"no GPU ({os.cpu_count()} CPU cores)"
+gpu = machine_name(device)
 results = dict(device=gpu, torch=torch.__version__)
 
 
@@ -537,8 +538,8 @@ def study_arch():
                          maxvio_global=None if finals[0]["maxvio_global"] is None else
                          seed_stats([r["maxvio_global"] for r in finals]))
     domains = list(next(iter(rows.values()))["domains"])
-    seeds = ", ".join(map(str, arch_seeds))
-    print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({ran_on(logs)}), seeds {seeds}\n")
+    seeds, where = ", ".join(map(str, arch_seeds)), ran_on(logs)
+    print(f"\n## DeepSeekMoE architecture study, {config} on data/{data_name} ({where}), seeds {seeds}\n")
     print("final val loss, mean ± std over seeds (min-max); per domain: mean (max - min)\n")
     print(table(["arm", "val loss", *[f"val {d}" for d in domains], "params", "active", "MFLOPs/token",
                  "tokens/s", "training s", "MaxVio_global", "val loss still falling (seeds)"],
@@ -583,7 +584,7 @@ def study_arch():
     results["arch"] = dict(config=config, dataset=data_name, seeds=list(arch_seeds), rows=rows, claims=claims,
                            tokens=tokens, train_tokens=n_train, deepseekmoe_tokens_to_dense_loss=reach,
                            tie_step_ratio=tie)
-    title = f"{config} on data/{data_name}, --balance=bias ({ran_on(logs)})"
+    title = f"{config} on data/{data_name}, --balance=bias ({where})"
     plot_arch(logs, arms, False, os.path.join(arch_dir, "arch_tokens.png"), title)
     plot_arch(logs, arms, True, os.path.join(arch_dir, "arch_seconds.png"), title)
 
@@ -721,9 +722,9 @@ def study_tradeoff():
         rows[k] = dict(seeds=finals, val_loss=seed_stats([r["val_loss"] for r in finals.values()]),
                        maxvio_global=seed_stats([r["maxvio_global"] for r in finals.values()]),
                        tok_s=seed_stats([r["tok_s"] for r in finals.values()]))
-    print(f"\n## Balancing trade-off, {config} (DeepSeekMoE arm) on data/{data_name} ({ran_on(logs)}); seed {s2} "
-          f"again for "
-          f"bias and the best alpha ({best[3:]})\n")
+    where = ran_on(logs)
+    print(f"\n## Balancing trade-off, {config} (DeepSeekMoE arm) on data/{data_name} ({where}); seed {s2} again "
+          f"for bias and the best alpha ({best[3:]})\n")
     print(table(["--balance", f"val loss (seed {s1})", f"seed {s2}", f"MaxVio_global (seed {s1})", f"seed {s2}",
                  "tokens/s"],
                 [[k, f"{r['seeds'][s1]['val_loss']:.4f}",
@@ -761,7 +762,7 @@ def study_tradeoff():
                 ax.scatter(r["maxvio_global"], r["val_loss"], s=60, marker=marker, **fill,
                            label=f"{k}, seed {s}" if k != best else f"alpha {best[3:]}, seed {s}")
     ax.set(xscale="log", xlabel="MaxVio_global (val)", ylabel="val loss (nats)",
-           title=f"aux-loss alpha vs loss-free bias, {config}\n({ran_on(logs)})")
+           title=f"aux-loss alpha vs loss-free bias, {config}\n({where})")
     save_figure(fig, os.path.join(out, "tradeoff.png"), ax)
 
 

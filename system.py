@@ -1,7 +1,8 @@
 """
-The machine: what nanoseek needs to know about the hardware it runs on, one table or probe per fact. The GPUs'
-datasheet peaks (for MFU and bandwidth), the memory a device has (for the estimate that refuses a run that cannot
-fit), and the CPU threads worth using when other processes share the cores (README, "Threads").
+The machine: what nanoseek needs to know about the hardware it runs on, one table or probe per fact. Its name (as
+every table and log gives it), the GPUs' datasheet peaks (for MFU and bandwidth), the memory a device has (for the
+estimate that refuses a run that cannot fit), and the CPU threads worth using when other processes share the cores
+(README, "Threads").
 
     from system import peak_flops, pick_threads
     n, why, adapt = pick_threads()     # torch.set_num_threads(n); why says how it was chosen
@@ -32,6 +33,14 @@ def datasheet(table, device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in table.items() if k in name), None)
+
+
+def machine_name(device):
+    """What the numbers of a run on device were measured on, as every table and log names it: the GPU's name, or
+    "no GPU (N CPU cores)"."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"no GPU ({os.cpu_count()} CPU cores)"
 
 
 def peak_flops(device):

@@ -56,7 +56,7 @@ from errors import atomic_write, debugging, error_text, fail, hold_lock, release
 from logs import draw_plots, open_log
 from model import DTYPES, Model, ModelConfig
 from moe import max_vio, recording_routes
-from system import ThreadFollower, memory_problem, peak_flops, pick_threads
+from system import ThreadFollower, machine_name, memory_problem, peak_flops, pick_threads
 
 T_IMPORTED = time.time()  # the start-up's parts (the start record's startup_parts) end at T_IMPORTED, T_DATA, ...
 
@@ -601,7 +601,7 @@ micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N 
 X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance,
-     "device": gpu_name or f"no GPU ({os.cpu_count()} CPU cores)", "startup_seconds": time.time() - T_PROCESS,
+     "device": machine_name(device), "startup_seconds": time.time() - T_PROCESS,
      "startup_parts": {"imports": T_IMPORTED - T_PROCESS, "settings and data": T_DATA - T_IMPORTED,
                        "model": T_MODEL - T_DATA, "optimizer and compile": T_READY - T_MODEL,
                        "rest": time.time() - T_READY}})  # the unigram baseline, the log, the first batch
