@@ -249,10 +249,8 @@ class Model(nn.Module):
         returns (logits (B, T, vocab), loss or None). loss = cross-entropy (targets == -1 ignored) + the enabled
         balance losses of the MoE layers + in training, with mtp_depth > 0, the MTP loss (V3 eq. 25)."""
         h = self.hidden(idx, cache, start_pos)
-        logits = self.head(self.norm(h))
-        loss = None
+        logits, loss = self.head_and_loss(h, targets)
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             if self.mtp:
                 self.mtp_loss, self.mtp_accuracy = self.mtp_losses(h, targets)
                 if self.training:  # eval reports the main head's loss alone, comparable with mtp_depth = 0
@@ -261,6 +259,15 @@ class Model(nn.Module):
                 if m.aux_loss is not None:
                     loss = loss + m.aux_loss
         return logits, loss
+
+    def head_and_loss(self, h, targets=None):
+        """The final norm, the head and the main cross-entropy (targets == -1 ignored): (logits, loss or None).
+        One method, so train.py --compile_blocks compiles it as one region: the head's output, its float32 upcast
+        and the log-softmax fused, instead of the float32 logits written and read again by each eager op."""
+        logits = self.head(self.norm(h))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     def mtp_losses(self, h, targets):
         """Cross-entropy and top-1 accuracy of each MTP depth, (D,) each (V3 eqs. 21-24). targets[:, i] is token

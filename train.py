@@ -106,9 +106,9 @@ min_lr = None                    # None: learning_rate / 10
 device = "auto"                  # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                   # "auto": bfloat16 autocast on CUDA, float32 on CPU; or float32/bfloat16/float16
 compile = False                  # torch.compile the model (the uncompiled module is what gets saved)
-compile_blocks = False           # with compile: compile each transformer block on its own (torchtitan's way) instead
-                                 # of the whole model; identical blocks share one compilation, so a short run waits
-                                 # a fraction of the time; the embedding, the head and the loss run eagerly
+compile_blocks = False           # with compile: compile each transformer block on its own (torchtitan's way), and
+                                 # the head with its loss (Model.head_and_loss), instead of the whole model;
+                                 # identical blocks share one compilation, so a run waits a fraction of the time
 fsdp = False                     # under torchrun: shard weights, gradients and AdamW's moments over the ranks (FSDP2,
                                  # parallel.py) instead of replicating them (DDP); the same ckpt.pt either way
 threads = 0                      # CPU: torch threads; 0 = OMP_NUM_THREADS if set, else one per free physical core
@@ -417,6 +417,7 @@ if compile and compile_blocks:
     say("compiling the transformer blocks...")
     for block in [*raw_model.layers, *(m.block for m in raw_model.mtp)]:
         block.compile()  # in place: the module, its state_dict and its checkpoint stay as they are
+    raw_model.head_and_loss = torch.compile(raw_model.head_and_loss)  # an instance attribute: nothing saved changes
 elif compile:
     say("compiling the model...")
     model = torch.compile(model)
