@@ -39,8 +39,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -76,6 +78,8 @@ runs = "train"                   # "train": every run anew; "reuse": a run whose
                                  # the same arguments is read, not trained again; "read": train nothing, read all
 stop_after = 0.0                 # seconds from the study's start: no run is begun that would end past it (judged by
                                  # the mean of the runs so far); the same command with --runs=reuse goes on. 0 = none
+overlap = "auto"                 # "on": each run's process starts (imports) while the run before it trains; "auto":
+                                 # on a GPU only (a CPU run has no core to spare); "off"
 seed = 0
 settings = settings_of(globals())
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -171,12 +175,24 @@ def print_run_seconds(parts, n_runs):
 
 
 WALLS = []  # the seconds of every run trained so far, all sections: --stop_after's estimate
+START_AFTER = "NANOSEEK_START_AFTER"  # train.py waits for this file before it reads its data or touches the GPU
+
+
+def launch(cmd, gate):
+    """A train.py process with its stderr in a temp file (two run at once: a pipe could fill); with a gate path,
+    the process does its imports, then waits until that file exists."""
+    err = tempfile.TemporaryFile(mode="w+")
+    env = {**os.environ, START_AFTER: gate} if gate else None
+    return dict(proc=subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env), err=err,
+                launched=time.time(), gate=gate)
 
 
 def train_runs(config, todo, out_root, extra):
     """One train.py run per entry of todo {name: [arguments]} on top of config, each in out_root/name, one after
     the other; returns {name: that run's log.jsonl records}. A run that fails stops the study with its last line.
-    --runs=reuse reads a run that finished before with the same arguments; --runs=read trains nothing."""
+    --runs=reuse reads a run that finished before with the same arguments; --runs=read trains nothing.
+    With overlap, the next run's process starts as soon as one begins, and waits after its imports for that one to
+    end: its imports cost the study nothing, and no two runs ever train at once."""
     logs, t_start, walls, all_parts, seen = {}, time.time(), [], [], set()
 
     def known_parts(name, out_dir):  # the run's seconds by part, where its wall time is on record
@@ -191,52 +207,84 @@ def train_runs(config, todo, out_root, extra):
         results.setdefault("run_seconds", {})[out_dir] = parts
         return parts
 
-    for k, (name, args) in enumerate(todo.items()):
-        out_dir = run_dir(out_root, name)
-        args = [*args, *extra.split()]
-        head = f"[{k + 1}/{len(todo)}] {name}"
-        if runs == "read":
-            path = os.path.join(out_dir, "log.jsonl")
-            if not os.path.isfile(path):
-                raise SystemExit(f"study.py --runs=read: no {path}: train it first (--runs=reuse trains only what "
-                                 "is missing)")
-            logs[name] = last_run(read_log(path))
-            print(f"{head}: read {path}", flush=True)
-            known_parts(name, out_dir)
-            continue
-        if runs == "reuse" and (recs := finished_run(out_dir, config, args)) is not None:
-            logs[name] = recs
-            print(f"{head}: finished before with the same arguments, read from {out_dir}", flush=True)
-            known_parts(name, out_dir)
-            continue
-        mean_wall = sum(WALLS) / len(WALLS) if WALLS else 0.0
-        if stop_after and time.time() - T_START + mean_wall > stop_after:
-            raise SystemExit(f"study.py: stopped before {head} ({time.time() - T_START:.0f} s in, runs take "
-                             f"~{mean_wall:.0f} s, --stop_after={stop_after:g}): the same command with --runs=reuse "
-                             "goes on from there")
-        cmd = [sys.executable, TRAIN, os.path.join(HERE, config), *args, f"--out_dir={out_dir}", "--overwrite"]
-        print(f"{head} $ python " + " ".join(cmd[1:]), flush=True)  # a study run again replaces its own runs
-        t0 = time.time()
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise SystemExit(f"study.py: the {name!r} run failed: {last}")
-        wall = time.time() - t0
-        logs[name] = last_run(read_log(os.path.join(out_dir, "log.jsonl")))  # log.jsonl keeps earlier runs too
-        with atomic_write(os.path.join(out_dir, "study_run.json")) as f:
-            f.write(json.dumps(dict(config=config, args=args, wall_seconds=wall)).encode())
-        walls.append(wall)
-        WALLS.append(wall)
-        parts = known_parts(name, out_dir)
-        elapsed = time.time() - t_start
-        eta = sum(walls) / len(walls) * (len(todo) - k - 1)
-        of_it = ", ".join(f"{part} {sec:.1f}" for part, sec in parts["startup_parts"].items())
-        print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s{f' ({of_it})' if of_it else ''}, training "
-              f"{parts['train']:.1f} s (of it first-steps "
-              f"warm-up {parts['warmup']:.1f} s), evaluations {parts['evals']:.1f} s, checkpoint save and exit "
-              f"{parts['rest']:.1f} s | these {len(todo)} runs: {elapsed:.0f} s so far, about {eta:.0f} s to go, "
-              f"projected total {elapsed + eta:.0f} s", flush=True)
+    entries = {name: [*args, *extra.split()] for name, args in todo.items()}
+    reusable = {name: finished_run(run_dir(out_root, name), config, args) if runs == "reuse" else None
+                for name, args in entries.items()}
+    to_train = [name for name in entries if runs == "train" or runs == "reuse" and reusable[name] is None]
+    cmds = {name: [sys.executable, TRAIN, os.path.join(HERE, config), *entries[name],
+                   f"--out_dir={run_dir(out_root, name)}", "--overwrite"] for name in to_train}
+    gates = tempfile.mkdtemp(prefix="study-gates-")
+    waiting = {}  # name: the started process of the next run to train, waiting at its gate
+    trained_wall, t_first = 0.0, None
+    try:
+        for k, (name, args) in enumerate(entries.items()):
+            out_dir = run_dir(out_root, name)
+            head = f"[{k + 1}/{len(todo)}] {name}"
+            if runs == "read":
+                path = os.path.join(out_dir, "log.jsonl")
+                if not os.path.isfile(path):
+                    raise SystemExit(f"study.py --runs=read: no {path}: train it first (--runs=reuse trains only "
+                                     "what is missing)")
+                logs[name] = last_run(read_log(path))
+                print(f"{head}: read {path}", flush=True)
+                known_parts(name, out_dir)
+                continue
+            if name not in cmds:
+                logs[name] = reusable[name]
+                print(f"{head}: finished before with the same arguments, read from {out_dir}", flush=True)
+                known_parts(name, out_dir)
+                continue
+            mean_wall = sum(WALLS) / len(WALLS) if WALLS else 0.0
+            if stop_after and time.time() - T_START + mean_wall > stop_after:
+                raise SystemExit(f"study.py: stopped before {head} ({time.time() - T_START:.0f} s in, runs take "
+                                 f"~{mean_wall:.0f} s, --stop_after={stop_after:g}): the same command with "
+                                 "--runs=reuse goes on from there")
+            print(f"{head} $ python " + " ".join(cmds[name][1:]), flush=True)  # a study run again replaces its own
+            run = waiting.pop(name, None) or launch(cmds[name], "")
+            opened = time.time()
+            t_first = t_first or opened
+            if run["gate"]:
+                open(run["gate"], "w").close()
+            later = to_train[to_train.index(name) + 1:]
+            if overlap and later:
+                waiting[later[0]] = launch(cmds[later[0]], os.path.join(gates, later[0].replace(" ", "")))
+            returncode = run["proc"].wait()
+            ended = time.time()
+            run["err"].seek(0)
+            stderr = run["err"].read()
+            run["err"].close()
+            if returncode:
+                last = (stderr.strip().splitlines() or ["(no message)"])[-1]
+                raise SystemExit(f"study.py: the {name!r} run failed: {last}")
+            logs[name] = last_run(read_log(os.path.join(out_dir, "log.jsonl")))  # log.jsonl keeps earlier runs too
+            start = next((r for r in logs[name] if r["kind"] == "start"), {})
+            wall = ended - run["launched"] - start.get("waited_seconds", 0.0)  # its own seconds: the wait left out
+            with atomic_write(os.path.join(out_dir, "study_run.json")) as f:
+                f.write(json.dumps(dict(config=config, args=args, wall_seconds=wall, launched=run["launched"],
+                                        opened=opened, ended=ended)).encode())
+            walls.append(wall)
+            WALLS.append(wall)
+            trained_wall += wall
+            parts = known_parts(name, out_dir)
+            elapsed = time.time() - t_start
+            eta = sum(walls) / len(walls) * (len(to_train) - len(walls))
+            of_it = ", ".join(f"{part} {sec:.1f}" for part, sec in parts["startup_parts"].items())
+            print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s{f' ({of_it})' if of_it else ''}, training "
+                  f"{parts['train']:.1f} s (of it first-steps warm-up {parts['warmup']:.1f} s), evaluations "
+                  f"{parts['evals']:.1f} s, checkpoint save and exit {parts['rest']:.1f} s | these {len(todo)} "
+                  f"runs: {elapsed:.0f} s so far, about {eta:.0f} s to go, projected total {elapsed + eta:.0f} s",
+                  flush=True)
+    finally:  # a failed run, --stop_after or Ctrl-C: the started next run goes too
+        for run in waiting.values():
+            run["proc"].kill()
+            run["proc"].wait()
+            run["err"].close()
+        shutil.rmtree(gates, ignore_errors=True)
     print_run_seconds(all_parts, len(todo))
+    if walls:
+        took = time.time() - t_first
+        print(f"the {len(walls)} runs trained in this call took {took:.0f} s, against the {trained_wall:.0f} s of "
+              f"their own: {max(trained_wall - took, 0):.0f} s of start-ups overlapped the run before", flush=True)
     return logs
 
 
@@ -797,14 +845,15 @@ DOMAINS = {"arch_seeds": ("a tuple of 3 or more distinct seeds (ints >= 0): ever
                                "which the section makes anyway)",
                                lambda v: len(v) >= 4 and all(type(a) in (int, float) and 0 < a <= 1 for a in v)),
            "runs": one_of("train", "reuse", "read"), "arch_scale": one_of(*ARCH_CONFIGS),
-           "specialize_tokens": at_least(0), "stop_after": at_least(0)}
+           "specialize_tokens": at_least(0), "stop_after": at_least(0), "overlap": one_of("auto", "on", "off")}
 
 
 def main(argv):
-    global arch_dir
+    global arch_dir, overlap
     configure(settings, argv, domains=DOMAINS)
     globals().update(settings)
     arch_dir = arch_dir or f"out/arch-{arch_scale}"
+    overlap = overlap == "on" or overlap == "auto" and device.type == "cuda"  # now whether it does
     names = [s.strip() for s in sections.split(",")]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:

@@ -3043,6 +3043,29 @@ def test_tradeoff_reads_the_arch_bias_run_and_stop_after_stops_before_a_run(tmp_
     assert r.returncode != 0 and "aux0.0001-s1" in r.stderr and "train it first" in r.stderr, r.stderr
 
 
+def test_study_overlaps_start_ups_but_never_trains_two_runs_at_once(data_root, tmp_path):
+    """--overlap=on: each run's process starts while the run before it trains and waits after its imports until
+    that run has ended. The four balance runs all finish; every run after the first was started during the run
+    before it and began after it ended; each run's own wall seconds leave its wait out."""
+    args = " ".join(["--dataset=tiny", f"--data_root={data_root}", *TRAIN_TINY, "--max_iters=4", "--eval_interval=4"])
+    (tmp_path / "tmp").mkdir()  # the gates' folder goes here, and must be gone at the end
+    r = subprocess.run([sys.executable, STUDY, "--sections=balance", "--overlap=on", f"--balance_dir={tmp_path / 'b'}",
+                        f"--balance_args={args}", f"--json_path={tmp_path / 's.json'}"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert r.returncode == 0, r.stderr
+    names = ["bias", "aux0.01", "aux0.001", "none"]
+    runs = [json.loads((tmp_path / "b" / n / "study_run.json").read_text()) for n in names]
+    assert runs[0]["launched"] <= runs[0]["opened"] < runs[0]["ended"]
+    for before, run in zip(runs, runs[1:]):
+        assert run["launched"] < before["ended"] <= run["opened"] < run["ended"], (before, run)
+    for name, run in zip(names, runs):
+        start = read_log(tmp_path / "b" / name, "start")[-1]
+        assert start["waited_seconds"] >= 0
+        assert abs(run["wall_seconds"] - (run["ended"] - run["launched"] - start["waited_seconds"])) < 1e-6
+    assert "the 4 runs trained in this call took" in r.stdout, r.stdout
+    assert not any((tmp_path / "tmp").iterdir())
+
+
 def test_tradeoff_compares_the_bias_with_the_aux_curve_at_its_own_maxvio(tmp_path, monkeypatch):
     """--runs=read on fake trade-off logs: the best alpha is the lowest val loss of the first seed, and the bias is
     judged against the aux-loss curve read at the bias's own MaxVio_global (linear in log MaxVio between alphas)."""

@@ -163,6 +163,18 @@ if plot_only:
         fail(problem)
     sys.exit()
 
+# study.py starts each run's process while the run before it trains, so the imports above overlap that run instead
+# of adding to the study's time: with NANOSEEK_START_AFTER=PATH the run waits here, before it reads its data or
+# touches the GPU, until the file PATH exists (or its parent is gone). The wait is not start-up (start record).
+T_WAIT = time.time()
+if os.environ.get("NANOSEEK_START_AFTER"):
+    _parent = os.getppid()
+    while not os.path.exists(os.environ["NANOSEEK_START_AFTER"]):
+        if os.getppid() != _parent:
+            fail("the study that started this run is gone: not training")
+        time.sleep(0.02)
+waited_seconds = time.time() - T_WAIT
+
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; each process owns one GPU (or a share of the CPU with gloo)
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -602,8 +614,9 @@ micro = rank * grad_accum  # micro-batch ids: rank r takes r*grad_accum.., so N 
 X, Y = get_batch("train", 0, iter_num, micro)
 log({"kind": "start", "iter": iter_num, "tokens_per_iter": tokens_per_iter, "unigram_entropy": unigram_entropy,
      "n_moe_layers": n_moe, "n_experts": n_experts, "balance": balance,
-     "device": machine_name(device), "startup_seconds": time.time() - T_PROCESS,
-     "startup_parts": {"imports": T_IMPORTED - T_PROCESS, "settings and data": T_DATA - T_IMPORTED,
+     "device": machine_name(device), "startup_seconds": time.time() - T_PROCESS - waited_seconds,
+     "waited_seconds": waited_seconds,  # NANOSEEK_START_AFTER: for the run before this one to end
+     "startup_parts": {"imports": T_IMPORTED - T_PROCESS, "settings and data": T_DATA - T_IMPORTED - waited_seconds,
                        "model": T_MODEL - T_DATA, "optimizer and compile": T_READY - T_MODEL,
                        "rest": time.time() - T_READY}})  # the unigram baseline, the log, the first batch
 t_start = t0 = t_steps = time.time()  # t_steps: where the steps since the last evaluation began
