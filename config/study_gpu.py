@@ -22,6 +22,8 @@ out_dir = "out-study"
 dataset = "claims"                   # python prepare.py --corpus=claims (100M train tokens: no run repeats code or
                                      # math); study.py --dataset=mix runs it on the small corpus instead
 compile = True
+compile_blocks = True                # each block compiled on its own, and the head with its loss: identical blocks
+                                     # compile once, so the first steps wait a fraction of the whole model's compile
 plot = False                         # the study draws its own pictures
 save_last_only = True                # the specialize section reads the final checkpoints only
 eval_interval = 100                  # 7 evaluations per run: the curves of arch_tokens.png and arch_seconds.png
