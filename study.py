@@ -32,6 +32,8 @@ Sections:
            under the second; val loss against MaxVio_global (arch_dir/tradeoff/tradeoff.png)
 Every run prints its seconds (start-up, training, evaluations, the save) and the study's projected total;
 --stop_after=SECONDS begins no run that would end past that many (a device's time limit), --runs=reuse goes on.
+On a GPU (--overlap) each run's process starts while the run before it trains and waits after its imports until
+that run has ended: the imports cost the study nothing, and no two runs train at once.
 Every study but mtp (its decoding half needs a CUDA GPU) runs on a CPU at its CPU scale.
 """
 import contextlib
@@ -267,7 +269,9 @@ def train_runs(config, todo, out_root, extra):
             trained_wall += wall
             parts = known_parts(name, out_dir)
             elapsed = time.time() - t_start
-            eta = sum(walls) / len(walls) * (len(to_train) - len(walls))
+            # by the section's own seconds per run so far (overlapped start-ups left out), the first seed's cold
+            # compiles among them: a projection on the high side
+            eta = (ended - t_first) / len(walls) * (len(to_train) - len(walls))
             of_it = ", ".join(f"{part} {sec:.1f}" for part, sec in parts["startup_parts"].items())
             print(f"  {wall:.0f} s: start-up {parts['startup']:.1f} s{f' ({of_it})' if of_it else ''}, training "
                   f"{parts['train']:.1f} s (of it first-steps warm-up {parts['warmup']:.1f} s), evaluations "
