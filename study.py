@@ -217,7 +217,7 @@ def train_runs(config, todo, out_root, extra):
                    f"--out_dir={run_dir(out_root, name)}", "--overwrite"] for name in to_train}
     gates = tempfile.mkdtemp(prefix="study-gates-")
     waiting = {}  # name: the started process of the next run to train, waiting at its gate
-    trained_wall, t_first = 0.0, None
+    t_first = None
     try:
         for k, (name, args) in enumerate(entries.items()):
             out_dir = run_dir(out_root, name)
@@ -266,7 +266,6 @@ def train_runs(config, todo, out_root, extra):
                                         opened=opened, ended=ended)).encode())
             walls.append(wall)
             WALLS.append(wall)
-            trained_wall += wall
             parts = known_parts(name, out_dir)
             elapsed = time.time() - t_start
             # by the section's own seconds per run so far (overlapped start-ups left out), the first seed's cold
@@ -286,9 +285,9 @@ def train_runs(config, todo, out_root, extra):
         shutil.rmtree(gates, ignore_errors=True)
     print_run_seconds(all_parts, len(todo))
     if walls:
-        took = time.time() - t_first
-        print(f"the {len(walls)} runs trained in this call took {took:.0f} s, against the {trained_wall:.0f} s of "
-              f"their own: {max(trained_wall - took, 0):.0f} s of start-ups overlapped the run before", flush=True)
+        took, own = time.time() - t_first, sum(walls)
+        print(f"the {len(walls)} runs trained in this call took {took:.0f} s, against the {own:.0f} s of "
+              f"their own: {max(own - took, 0):.0f} s of start-ups overlapped the run before", flush=True)
     return logs
 
 

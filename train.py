@@ -167,9 +167,10 @@ if plot_only:
 # of adding to the study's time: with NANOSEEK_START_AFTER=PATH the run waits here, before it reads its data or
 # touches the GPU, until the file PATH exists (or its parent is gone). The wait is not start-up (start record).
 T_WAIT = time.time()
-if os.environ.get("NANOSEEK_START_AFTER"):
+_gate = os.environ.get("NANOSEEK_START_AFTER")
+if _gate:
     _parent = os.getppid()
-    while not os.path.exists(os.environ["NANOSEEK_START_AFTER"]):
+    while not os.path.exists(_gate):
         if os.getppid() != _parent:
             fail("the study that started this run is gone: not training")
         time.sleep(0.02)
