@@ -74,7 +74,8 @@ arch_dir = ""                    # their runs (one train.py out_dir each) and pi
 arch_args = ""                   # extra train.py arguments for every arch and tradeoff run
 arch_seeds = (1337, 1338, 1339)  # every arm trains under each; the tradeoff section uses the first two
 arch_dry_run = False             # arch: print each arm's parameters and FLOPs per token, train nothing
-specialize_tokens = 1_000_000    # val tokens the specialize section routes per checkpoint; 0 = all of val
+specialize_tokens = 0            # val tokens the specialize section routes per checkpoint; 0 = the scale's
+                                 # (SPECIALIZE_TOKENS); more than val holds = all of val
 tradeoff_alphas = (0.0001, 0.001, 0.003, 0.01, 0.1)  # aux_alpha of the tradeoff section's --balance=aux runs
 runs = "train"                   # "train": every run anew; "reuse": a run whose out_dir holds a finished run of
                                  # the same arguments is read, not trained again; "read": train nothing, read all
@@ -396,6 +397,7 @@ def study_mtp():
 # the DeepSeekMoE claims: the architecture ablation over seeds, expert specialization, the balancing trade-off
 
 ARCH_CONFIGS = {"gpu": "config/study_gpu.py", "cpu": "config/study_cpu.py"}
+SPECIALIZE_TOKENS = {"gpu": 1_000_000, "cpu": 131_072}  # val tokens routed per checkpoint: ~2 s on an H200, ~10 s on 2 cores
 
 
 def arch_arms(cfg):
@@ -624,17 +626,19 @@ def study_arch():
     # reach dense's final val loss (a step cheaper than that and DeepSeekMoE wins on wall-clock, at this run length)
     reach = [tokens_to_reach(logs[f"deepseekmoe-s{s}"], dense["seeds"][s]["val_loss"]) for s in arch_seeds]
     tie = [dense["seeds"][s]["tokens"] / r for s, r in zip(arch_seeds, reach)]
+    never = "never, in its run"  # nan: it ends above the dense run's final loss, so no step ratio ties
     print(f"DeepSeekMoE reaches the dense run's final val loss after "
-          f"{' / '.join(f'{r / 1e6:.2f}M' for r in reach)} tokens (per seed, linear between evaluations) of the "
-          f"dense run's {dense['seeds'][arch_seeds[0]]['tokens'] / 1e6:.2f}M: at equal seconds the two tie where its "
-          f"step costs {' / '.join(f'{t:.2f}x' for t in tie)} the dense one's (measured: "
-          f"{dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x)")
+          f"{' / '.join(never if math.isnan(r) else f'{r / 1e6:.2f}M' for r in reach)} tokens (per seed, linear "
+          f"between evaluations) of the dense run's {dense['seeds'][arch_seeds[0]]['tokens'] / 1e6:.2f}M: at equal "
+          f"seconds the two tie where its step costs {' / '.join('-' if math.isnan(t) else f'{t:.2f}x' for t in tie)} "
+          f"the dense one's (measured: {dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x)")
     tokens = next(iter(ds["seeds"].values()))["tokens"]
     n_train = data.meta["tokens"]["train"]
     print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train split)")
     results["arch"] = dict(config=config, dataset=data_name, seeds=list(arch_seeds), rows=rows, claims=claims,
-                           tokens=tokens, train_tokens=n_train, deepseekmoe_tokens_to_dense_loss=reach,
-                           tie_step_ratio=tie)
+                           tokens=tokens, train_tokens=n_train,  # None: never reached (JSON has no nan)
+                           deepseekmoe_tokens_to_dense_loss=[None if math.isnan(r) else r for r in reach],
+                           tie_step_ratio=[None if math.isnan(t) else t for t in tie])
     title = f"{config} on data/{data_name}, --balance=bias ({where})"
     plot_arch(logs, arms, False, os.path.join(arch_dir, "arch_tokens.png"), title)
     plot_arch(logs, arms, True, os.path.join(arch_dir, "arch_seconds.png"), title)
@@ -677,7 +681,7 @@ def study_specialize():
     per_run, panels = [], {}
     for (arm, s), path in specialize_checkpoints().items():
         t0 = time.time()
-        names, domain, choices, E = record_routing(path, specialize_tokens)
+        names, domain, choices, E = record_routing(path, specialize_tokens or SPECIALIZE_TOKENS[arch_scale])
         shuffled = rng.permutation(domain)  # a router that ignores the domain, with the same counts
         for layer, ch in enumerate(choices):
             counts = routing_counts(ch, domain, len(names), E)
