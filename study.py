@@ -397,7 +397,9 @@ def study_mtp():
 # the DeepSeekMoE claims: the architecture ablation over seeds, expert specialization, the balancing trade-off
 
 ARCH_CONFIGS = {"gpu": "config/study_gpu.py", "cpu": "config/study_cpu.py"}
-SPECIALIZE_TOKENS = {"gpu": 1_000_000, "cpu": 131_072}  # val tokens routed per checkpoint: ~2 s on an H200, ~10 s on 2 cores
+# val tokens the specialize section routes per checkpoint (--specialize_tokens=0): 1.6-5.1 s each on an H200,
+# 5.4-6.9 s on 2 cores
+SPECIALIZE_TOKENS = {"gpu": 1_000_000, "cpu": 131_072}
 
 
 def arch_arms(cfg):
@@ -505,13 +507,13 @@ def paired(logs, arm, other, seconds=False):
 
 
 def tokens_to_reach(recs, target):
-    """The training tokens at which a run's val loss first reaches target, linear between its evaluations; nan if
+    """The training tokens at which a run's val loss first reaches target, linear between its evaluations; None if
     it never does."""
     xs, ys = curve(recs)
     for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
         if y1 <= target:
             return x0 + (y0 - target) / (y0 - y1) * (x1 - x0) if y0 > target else x0
-    return float("nan")
+    return None
 
 
 def verdict(diffs):
@@ -625,20 +627,19 @@ def study_arch():
     # the step ratio at which the two would tie at equal seconds: dense's tokens over those DeepSeekMoE needs to
     # reach dense's final val loss (a step cheaper than that and DeepSeekMoE wins on wall-clock, at this run length)
     reach = [tokens_to_reach(logs[f"deepseekmoe-s{s}"], dense["seeds"][s]["val_loss"]) for s in arch_seeds]
-    tie = [dense["seeds"][s]["tokens"] / r for s, r in zip(arch_seeds, reach)]
-    never = "never, in its run"  # nan: it ends above the dense run's final loss, so no step ratio ties
+    # None where it ends above the dense run's final loss: no step ratio ties there
+    tie = [None if r is None else dense["seeds"][s]["tokens"] / r for s, r in zip(arch_seeds, reach)]
     print(f"DeepSeekMoE reaches the dense run's final val loss after "
-          f"{' / '.join(never if math.isnan(r) else f'{r / 1e6:.2f}M' for r in reach)} tokens (per seed, linear "
-          f"between evaluations) of the dense run's {dense['seeds'][arch_seeds[0]]['tokens'] / 1e6:.2f}M: at equal "
-          f"seconds the two tie where its step costs {' / '.join('-' if math.isnan(t) else f'{t:.2f}x' for t in tie)} "
-          f"the dense one's (measured: {dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x)")
+          f"{' / '.join('never, in its run' if r is None else f'{r / 1e6:.2f}M' for r in reach)} tokens (per seed, "
+          f"linear between evaluations) of the dense run's {dense['seeds'][arch_seeds[0]]['tokens'] / 1e6:.2f}M: at "
+          f"equal seconds the two tie where its step costs {' / '.join('-' if t is None else f'{t:.2f}x' for t in tie)}"
+          f" the dense one's (measured: {dense['tok_s']['mean'] / ds['tok_s']['mean']:.2f}x)")
     tokens = next(iter(ds["seeds"].values()))["tokens"]
     n_train = data.meta["tokens"]["train"]
     print(f"{tokens:,} training tokens per run ({tokens / n_train:.2f} passes over the {n_train:,} of the train split)")
     results["arch"] = dict(config=config, dataset=data_name, seeds=list(arch_seeds), rows=rows, claims=claims,
-                           tokens=tokens, train_tokens=n_train,  # None: never reached (JSON has no nan)
-                           deepseekmoe_tokens_to_dense_loss=[None if math.isnan(r) else r for r in reach],
-                           tie_step_ratio=[None if math.isnan(t) else t for t in tie])
+                           tokens=tokens, train_tokens=n_train, deepseekmoe_tokens_to_dense_loss=reach,
+                           tie_step_ratio=tie)
     title = f"{config} on data/{data_name}, --balance=bias ({where})"
     plot_arch(logs, arms, False, os.path.join(arch_dir, "arch_tokens.png"), title)
     plot_arch(logs, arms, True, os.path.join(arch_dir, "arch_seconds.png"), title)
@@ -655,17 +656,16 @@ def specialize_checkpoints():
 
 @torch.no_grad()
 def record_routing(ckpt_path, n_tokens):
-    """Run a train.py checkpoint over its data's val (n_tokens of it, 0 = all, in windows of block_size spread
-    evenly over val so every domain comes in its share) and record every MoE
-    layer's routed expert choices per token -> (domain names, domain of each token, [(N, K) choices per layer],
-    n_experts)."""
+    """Run a train.py checkpoint over its data's val (n_tokens of it, or all where val is shorter, in windows of
+    block_size spread evenly over val so every domain comes in its share) and record every MoE layer's routed expert
+    choices per token -> (domain names, domain of each token, [(N, K) choices per layer], n_experts)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # the AdamW moments never read
     model = Model(ModelConfig(**ckpt["model_args"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
     data = load_data(ckpt["data"]["dir"])
     names, domain = val_domains(data.meta)
     T = model.config.block_size
-    starts = np.linspace(0, len(data.val) - T, min(n_tokens or len(data.val), len(data.val)) // T).round()
+    starts = np.linspace(0, len(data.val) - T, min(n_tokens, len(data.val)) // T).round()
     at_ = starts.astype(np.int64)[:, None] + np.arange(T)  # (windows, T) positions in val
     choices = [[] for _ in model.moe_layers()]
     val = torch.from_numpy(np.asarray(data.val)[at_].astype(np.int64))
