@@ -199,33 +199,11 @@ def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, b
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 @triton.jit
-def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, sorted_pair_ptr,
-                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
-                         stride_h, stride_dh, stride_ga,
-                         ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """Backward through the down projection and the SwiGLU, one tile of I:
-    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
-    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
-    h is loaded after the main loop, not before it: held across the loop, its two tiles took the registers that
-    a 128-wide tile needs. Padding rows write zeros (their h is never read), so every row of dh and ga is defined."""
-    expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
-                                                   BLOCK_M, BLOCK_N, False)
-    if expert < 0:
-        return
-    offs_k = tl.arange(0, BLOCK_K)
+def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh, stride_ga):
+    """The down-projection backward's epilogue on one accumulator (da_raw = dy[tok] W2_e over columns offs_n of I):
+    stores ga = g a, dh1 = g da_raw h3 silu'(h1), dh3 = g da_raw silu(h1); returns its part of dg = da_raw . a.
+    Padding rows write zeros (their h is never read), so every row of dh and ga is defined."""
     n_ok = offs_n < I
-    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
-    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k
-        dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(dyt, wt, acc, PRECISION)
-        dy_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wd
-    g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
     h_ok = valid[:, None] & n_ok[None, :]
     h1 = tl.load(h_ptrs, mask=h_ok, other=0.0).to(tl.float32)
@@ -233,8 +211,6 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     sig = tl.sigmoid(h1)
     silu = h1 * sig
     a = silu * h3
-    pid_n = tl.program_id(0) % tl.cdiv(I, BLOCK_N)  # this tile's slice of I: its partial of dg
-    tl.store(dg_ptr + pid_n * n_pairs + pair, tl.sum(acc * a, axis=1), mask=valid)  # dL/dg = dy . (a W2^T)
     tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], (a * g[:, None]).to(ga_ptr.dtype.element_ty),
              mask=n_ok[None, :])
     da = acc * g[:, None]
@@ -242,6 +218,46 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])  # dh3 = da silu(h1)
     dh1 = da * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
     tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
+    return tl.sum(acc * a, axis=1)
+
+@triton.jit
+def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, sorted_pair_ptr,
+                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
+                         stride_h, stride_dh, stride_ga,
+                         ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Backward through the down projection and the SwiGLU, one tile of BLOCK_N columns of I:
+    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
+    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
+    The tile is two accumulators of BLOCK_N / 2 columns that share each dy tile (as _moe_up_kernel's W1 and W3
+    do), and the epilogue runs on one half at a time, so only half the tile's h1, h3 and temporaries are live at
+    once beside the accumulators: with one accumulator the epilogue spilled registers at all but small tiles."""
+    expert, rows, pair, valid, tok, _ = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
+                                              BLOCK_M, BLOCK_N, False)
+    if expert < 0:
+        return
+    pid_n = tl.program_id(0) % tl.cdiv(I, BLOCK_N)  # this tile's slice of I: its partial of dg
+    offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    offs_hi = offs_lo + BLOCK_N // 2
+    offs_k = tl.arange(0, BLOCK_K)
+    lo_ok, hi_ok = offs_lo < I, offs_hi < I
+    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_lo[None, :]
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k
+        dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        acc_lo = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0), acc_lo, PRECISION)
+        acc_hi = _dot(dyt, tl.load(w_ptrs + BLOCK_N // 2, mask=k_ok[:, None] & hi_ok[None, :], other=0.0), acc_hi,
+                      PRECISION)
+        dy_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+    g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
+    dg = _swiglu_bwd_half(acc_lo, g, rows, valid, offs_lo, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh, stride_ga)
+    dg += _swiglu_bwd_half(acc_hi, g, rows, valid, offs_hi, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh,
+                           stride_ga)
+    tl.store(dg_ptr + pid_n * n_pairs + pair, dg, mask=valid)  # dL/dg = dy . (a W2^T)
 
 @triton.jit
 def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
@@ -255,9 +271,11 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_star
     accumulator (two, one per weight, spilled registers at 128 x 128 tiles). Without SPLIT (dW2) out2_ptr is None
     and there is no second store in the code at all: torch.compile reads which arguments a kernel stores to from
     its code and copies each separately, so one tensor passed as both out_ptr and out2_ptr came back as the copy
-    the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no tokens writes zeros."""
-    expert = tl.program_id(0)
-    pid = tl.program_id(1)
+    the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no tokens writes zeros.
+    The grid is (tiles, experts), tiles first, so the programs of one expert run side by side and its rows are read
+    from memory once and from L2 after: experts first spread every wave over all of them."""
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
     n_tiles = tl.cdiv(Q, BLOCK_Q)
     pid_p, pid_q = pid // n_tiles, pid % n_tiles
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -380,8 +398,8 @@ def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_
 # The interpreter gets small ones so the CPU tests cross several tiles, experts and splits.
 MOE_TILES = dict(ALIGN_M=128,
                  up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                 down=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-                 down_bwd=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+                 down=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                 down_bwd=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
                  dx=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                  wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3))
 _SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
@@ -436,7 +454,7 @@ def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, to
     t = tiles["wgrad"]
     E, P1, Q = out.shape
     P = P1 + (out2.shape[1] if out2 is not None else 0)
-    grid = (E, triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]))
+    grid = (triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]), E)
     _moe_wgrad_kernel[grid](left, right, out, out2, sorted_pair, pad_start, pad_end,
                             n_pairs=n_pairs, top_k=top_k, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
                             stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
