@@ -332,6 +332,31 @@ class Model(nn.Module):
         return torch.stack(used) if used else torch.zeros(0)
 
 
+@torch.no_grad()
+def clipped_step(optimizer, params, max_norm):
+    """optimizer.step() with the gradients' global L2 norm clipped to max_norm (0: not clipped), as
+    torch.nn.utils.clip_grad_norm_ and then the step. A fused AdamW on plain tensors takes the clip as its
+    grad_scale, the divisor GradScaler hands fused optimizers: the kernel divides each gradient as it reads it (and
+    writes it back divided), so the separate pass that rescaled every gradient, a read and a write of 4 bytes per
+    parameter, is gone; the MoE model has 4x the dense model's parameters (README, "Training step"). Elsewhere
+    (foreach, DTensor gradients under FSDP2) it is clip_grad_norm_ then step. No host sync."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm <= 0:
+        optimizer.step()
+        return
+    fused = optimizer.defaults.get("fused") and all(type(p.grad) is torch.Tensor for p in params)
+    if not fused:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the step divides by its inverse
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = None
+
 def cast_weights(model, dtype):
     """Parameters to dtype for inference (no per-step casts, half the bytes read per token in bf16). The router,
     the expert biases and the RoPE tables stay float32: routing compares s + b at full precision, as in training."""

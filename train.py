@@ -54,7 +54,7 @@ from configurator import a_device, at_least, between, configure, one_of, setting
 from data import data_dir, load_data, tokenizer_identity, val_domains
 from errors import atomic_write, debugging, error_text, fail, hold_lock, release_locks
 from logs import draw_plots, open_log
-from model import DTYPES, Model, ModelConfig
+from model import DTYPES, Model, ModelConfig, clipped_step
 from moe import max_vio, recording_routes
 from system import ThreadFollower, machine_name, memory_problem, peak_flops, pick_threads
 
@@ -681,11 +681,14 @@ while True:
         step_loss += loss.detach()
         if raw_model.mtp:
             step_mtp += raw_model.mtp_loss.detach().mean() / grad_accum
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    if scaler.is_enabled():  # float16: unscale, clip, and a step the scaler skips on inf or NaN gradients
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        clipped_step(optimizer, model.parameters(), grad_clip)
     optimizer.zero_grad(set_to_none=True)
     first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(step_loss), iter_num, first_bad_iter)
 
