@@ -11,6 +11,8 @@ which measure loss rather than speed (load balancing, multi-token prediction, th
     python bench.py --sections=load                  # from_pretrained time and memory (CPU is fine)
     python bench.py --sections=threads               # CPU training tokens/s on a busy machine: our threads vs torch's
     python bench.py --sections=train,profile --compile=True   # the MoE training step vs dense, and its kernels
+    python bench.py --sections=train --compile=True --train_config=config/study_gpu.py --train_vocab=8192 \
+        --train_batch=64 --train_seq=512            # the same at the claims study's size
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
 Sections:
@@ -28,8 +30,10 @@ Sections:
          that decodes at decode_context in decode_budget_gib GiB, for each cache, with its tokens/s
   decode_profile  the torch profiler over replays of the compiled, captured batch-1 decoding step: kernels per
          step, GPU busy time and the kernels that take it
-  train  a whole training step (forward, backward, clip, AdamW, bias update) of the small MoE model vs its dense
-         baseline of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s and MFU
+  train  a whole training step (forward, backward, clip, AdamW, bias update) of train_config's MoE model (the
+         small config) vs its dense twin of equal active FLOPs (every FFN a SwiGLU of hidden 3072), as tokens/s
+         and MFU; --train_config=config/study_gpu.py --train_vocab=8192 --train_batch=64 --train_seq=512 times
+         the claims study's DeepSeekMoE arm against its dense arm
   load     hf.from_pretrained of a DeepSeek-V2-Lite-shaped checkpoint cut to load_layers layers (bf16, written
            by save_pretrained into load_dir first): seconds, and peak anonymous memory next to the model's bytes
            (Linux; runs without a GPU)
@@ -57,7 +61,7 @@ from configurator import configure, read_config_file, settings_of
 from generate import CapturedStep, decode_step, generate_stream, new_cache
 from logs import read_log, run_sections, table
 from mla import MLA, MHACache, cache_values_per_token, latent_attention
-from model import Model, ModelConfig, cast_weights
+from model import Model, ModelConfig, cast_weights, clipped_step
 from moe import experts_reference
 from system import machine_name, peak_bandwidth, peak_flops
 
@@ -71,6 +75,9 @@ moe_layouts = ()                 # more (experts, top_k, expert width) for the m
                                  # SwiGLU of the same FLOPs, at each moe_tokens, e.g. "((16, 2, 1536),)"
 mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 512, 64))  # (batch, context,
                                  # heads, kv_lora_rank, qk_rope_head_dim): the small config, then V2-Lite's layout
+train_config = "config/train_small.py"  # the train and profile sections' MoE model; its dense twin is the same
+                                 # config with every block dense (n_dense_layers = n_layer), dense_inter_dim wide
+train_vocab = 50304              # the models' vocabulary (GPT-2's; config/study_gpu.py's data/claims has 8192)
 train_batch = 16                 # sequences per training step
 train_seq = 1024                 # tokens per sequence (the small config's block_size)
 train_steps = 10                 # timed steps (after train_warmup)
@@ -98,11 +105,20 @@ results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, 
 copy_bw = float("nan")  # measured in main()
 
 
-def small_config(**overrides):
-    """The model of config/train_small.py (the GPU "small" reference) with GPT-2's vocabulary, and overrides."""
+def small_config(path=SMALL, vocab_size=50304, **overrides):
+    """The model of config/train_small.py (the GPU "small" reference; or of the config file at path) with GPT-2's
+    vocabulary (or vocab_size), and overrides."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = {k: v for k, v in read_config_file(SMALL).items() if k in names}
-    return ModelConfig(**{"vocab_size": 50304, **cfg, **overrides})
+    cfg = {k: v for k, v in read_config_file(path).items() if k in names}
+    return ModelConfig(**{"vocab_size": vocab_size, **cfg, **overrides})
+
+
+def train_models():
+    """{label: ModelConfig}: train_config's MoE model and its dense twin, at train_seq tokens per sequence."""
+    moe = small_config(train_config, train_vocab, block_size=train_seq)
+    dense = dataclasses.replace(moe, n_dense_layers=moe.n_layer)
+    shape = f"{moe.n_shared} shared + top-{moe.top_k} of {moe.n_experts} x {moe.moe_inter_dim}"
+    return {f"MoE ({shape})": moe, f"dense twin (SwiGLU {moe.dense_inter_dim})": dense}
 
 
 def timeit(fn, reps=reps, warmup=3, inner=1):
@@ -526,8 +542,7 @@ def make_train_step(cfg):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, raw.parameters(), 1.0)
         opt.zero_grad(set_to_none=True)
         raw.update_biases(1e-3)
 
@@ -535,15 +550,13 @@ def make_train_step(cfg):
 
 
 def bench_train():
-    print(f"\n## Training step: batch {train_batch} x {train_seq} tokens, bf16 autocast, fused AdamW"
+    print(f"\n## Training step, {train_config}: batch {train_batch} x {train_seq} tokens, bf16 autocast, fused AdamW"
           f"{', torch.compile' if compile else ''}\n")
-    variants = {
-        "MoE small (Triton kernels)": small_config(block_size=train_seq),
-        "MoE small (PyTorch reference)": small_config(block_size=train_seq, use_kernels=False),
-        "dense baseline (SwiGLU 3072)": small_config(block_size=train_seq, n_dense_layers=12),
-    }
-    if compile:  # the reference syncs with the host at every layer (.tolist()): compiling it takes minutes, gains nothing
-        del variants["MoE small (PyTorch reference)"]
+    (moe_name, moe), (dense_name, dense) = train_models().items()
+    variants = {f"{moe_name}, Triton kernels": moe}
+    if not compile:  # the reference syncs with the host at every layer (.tolist()): compiling it gains nothing
+        variants[f"{moe_name}, PyTorch reference"] = dataclasses.replace(moe, use_kernels=False)
+    variants[dense_name] = dense
     rows, out = [], []
     for name, cfg in variants.items():
         step, raw = make_train_step(cfg)
@@ -563,7 +576,7 @@ def bench_train():
         torch.cuda.reset_peak_memory_stats()
     print(table(["model", "params / active", "ms / step", "tokens/s", "MFU"], rows))
     t = {r["model"]: r["ms"] for r in out}
-    print(f"MoE (Triton) step / dense step: {t['MoE small (Triton kernels)'] / t['dense baseline (SwiGLU 3072)']:.2f}x")
+    print(f"MoE (Triton) step / dense step: {t[f'{moe_name}, Triton kernels'] / t[dense_name]:.2f}x")
     results["train"] = out
 
 
@@ -595,10 +608,11 @@ def bench_tune(N=16384):
     cands = {  # kernel key: (profiler name, pass, candidates); the first of each is the current default
         "up": ("_moe_up_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 8, 4), mm(64, 128, 64, 4, 3),
                                          mm(128, 128, 32, 8, 4), mm(128, 64, 128, 8, 3), mm(128, 128, 64, 8, 4)]),
-        "down": ("_moe_mm_kernel", "fwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
-                                           mm(64, 256, 64, 8, 3), mm(128, 128, 64, 8, 3), mm(64, 128, 64, 4, 4)]),
-        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(64, 64, 128, 8, 3), mm(128, 128, 64, 8, 3), mm(128, 64, 64, 8, 3),
-                                                     mm(64, 128, 64, 4, 3), mm(128, 128, 64, 8, 4), mm(128, 64, 128, 8, 3)]),
+        "down": ("_moe_mm_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
+                                           mm(64, 256, 64, 8, 3), mm(128, 256, 64, 8, 3), mm(128, 256, 128, 8, 2)]),
+        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(64, 128, 64, 4, 3), mm(128, 128, 64, 8, 3),
+                                                     mm(64, 128, 64, 4, 4), mm(128, 128, 64, 8, 4),
+                                                     mm(64, 64, 128, 8, 3), mm(64, 128, 32, 4, 4)]),
         "dx": ("_moe_mm_kernel", "bwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 8, 4), mm(128, 256, 32, 8, 4),
                                          mm(64, 256, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 128, 128, 8, 3)]),
         "wgrad": ("_moe_wgrad_kernel", "bwd", [wg(128, 128, 64, 8, 3), wg(128, 128, 64, 8, 4), wg(128, 256, 64, 8, 3),
@@ -683,8 +697,7 @@ def bench_profile(N=16384):
          flops=dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
                     _moe_wgrad_kernel=3 * gemm))  # mm: the down projection and dx; wgrad: dW2 and [dW1 ; dW3]
     del x, ids, gates, w1, w2, w3, dy, params
-    for name, cfg in [("MoE small", small_config(block_size=train_seq)),
-                      ("dense baseline", small_config(block_size=train_seq, n_dense_layers=12))]:
+    for name, cfg in train_models().items():
         step, _ = make_train_step(cfg)
         show(f"training step, {name}", step, rows=25)
         del step
