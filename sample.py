@@ -295,6 +295,7 @@ def main(argv=None):
                             use_cache=not no_cache, cuda_graph=graph, compile=compile and graph, cache=cache,
                             speculative=speculate, stats=stats)
     shown_layer = [model.layers[layer_id].ffn] if show_routing else []
+    slowest, t_last = (0.0, 0), t0  # the longest wait for a token after the first (a refill, a kernel compiled late)
     with recording_routes(shown_layer, first_sample_routes(routes, num_samples)):
         for nxt in steps:
             if not new:
@@ -302,6 +303,10 @@ def main(argv=None):
                 t_first = time.perf_counter()
             new.append(nxt)
             first.append(int(nxt[0, 0]))  # the one sync per step that streaming needs
+            now = time.perf_counter()
+            if len(new) > 1:
+                slowest = max(slowest, (now - t_last, len(new)))
+            t_last = now
             text = decode(first)
             if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its next token
                 print(text[len(shown):], end="", flush=True)
@@ -323,7 +328,9 @@ def main(argv=None):
     decode_rate = num_samples * (len(new) - 1) / max(seconds - (t_first - t0), 1e-9) if len(new) > 1 else 0.0
     print(f"prompt {len(prompt)} tokens x {num_samples} samples, generated {len(new)} x {num_samples} = {n_new} tokens "
           f"in {seconds:.2f} s: {n_new / seconds:,.1f} tokens/s ({decode_rate:,.1f} tokens/s after the first, "
-          f"which took {1000 * (t_first - t0):.0f} ms){', no cache' if no_cache else ''}"
+          f"which took {1000 * (t_first - t0):.0f} ms"
+          f"{f'; the slowest after it, token {slowest[1]}, {1000 * slowest[0]:.1f} ms' if len(new) > 1 else ''})"
+          f"{', no cache' if no_cache else ''}"
           f"{', CUDA graph' if graph else ''}{' of the compiled step' if graph and compile else ''}", file=sys.stderr)
     if speculate:
         print(f"speculative decoding with the MTP module: {stats['accepted']:,} of {stats['drafts']:,} drafts accepted "

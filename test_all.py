@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import errno
 import functools
@@ -46,7 +47,7 @@ import prepare
 import sample
 from generate import generate, generate_stream, new_cache, sample_probs
 from mla import MLA, LatentCache, MHACache, cache_values_per_token, latent_attention, precompute_rope
-from model import Model, ModelConfig, cast_weights
+from model import Model, ModelConfig, cast_weights, clipped_step
 from moe import (FFN, MoE, balance_loss, experts_reference, max_vio, mutual_information, recording_routes,
                  routing_counts)
 
@@ -1043,6 +1044,40 @@ def test_tiny_model_learns_a_batch():
     print(f"loss {first:.3f} -> {loss.item():.3f}")
     assert loss.item() < 0.3 * first
 
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
+def test_clipped_step_matches_clip_then_step(max_norm):
+    """model.clipped_step with a fused AdamW (the clip as the kernel's grad_scale) takes the step that
+    clip_grad_norm_ then a plain step takes: clipping (0.05), a norm under the limit (1e6: no change), clipping off.
+    eps = 1 makes Adam's step follow the gradient's size (eps >> sqrt(v)), so an ignored clip would show."""
+    torch.manual_seed(0)
+    model = Model(tiny_config())
+    idx = torch.randint(0, 101, (2, 16))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.nn.utils.get_total_norm(list(grads.values())).item()
+    assert 0.05 < norm < 1e6
+
+    def step(fused, clip):
+        m = copy.deepcopy(model)
+        for n, p in m.named_parameters():
+            p.grad = grads[n].clone()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1.0, weight_decay=0.1, fused=fused)
+        if fused:
+            clipped_step(opt, m.parameters(), clip)
+            assert getattr(opt, "grad_scale", None) is None  # nothing left over for a later step
+        else:
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    got, want, unclipped = step(True, max_norm), step(False, max_norm), step(False, 0.0)
+    for n in grads:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-8), n
+    differs = any(not torch.allclose(want[n], unclipped[n], rtol=1e-3, atol=1e-7) for n in grads)
+    assert differs == (max_norm == 0.05)  # the clip changed the step exactly where it should
 
 def test_optimizer_groups():
     model = Model(tiny_config())
@@ -2090,6 +2125,8 @@ def test_main_streams_and_reports_cache(checkpoint, capsys):
     mha = cfg.n_layer * 2 * cfg.n_head * cfg.v_head_dim * 26 * 2 * 4
     assert f"cache: {latent:,} bytes" in stderr and f"would need {mha:,} bytes" in stderr
     assert "prompt 6 tokens x 2 samples, generated 20 x 2 = 40 tokens" in stderr
+    slowest = re.search(r"the slowest after it, token (\d+), ([\d.]+) ms\)", stderr)
+    assert slowest and 2 <= int(slowest[1]) <= 20, stderr  # a token after the first, by its place
     out_no_cache, _, stderr = run_main(capsys, *common, "--no_cache")
     assert out_no_cache == out
     assert "cache: none" in stderr
