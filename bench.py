@@ -41,7 +41,8 @@ Sections:
            at the thread count train.py picks against torch's default of one per core (runs without a GPU)
   tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
-           alone: the profiler slows later launches in the same process)
+           alone: the profiler slows later launches in the same process), the fused_moe kernels with their
+           TFLOP/s, then the two steps' kernels by family (KERNEL_GROUPS) side by side
 decode_profile, load, threads, tune and profile are not in the default `sections`. Timing: warm-up calls, then CUDA
 events around each repeat (or around CUDA-graph replays where a column says so), the median reported.
 """
@@ -665,9 +666,30 @@ def bench_tune(N=16384):
                            mla_best={str(k): v for k, v in mla_best.items()})
 
 
+# A training step's GPU kernels by family, matched by name (lower case; the first group that matches takes it)
+KERNEL_GROUPS = [
+    ("routed experts: fused_moe's GEMMs", ("_moe_up", "_moe_mm", "_moe_down_bwd", "_moe_wgrad")),
+    ("routing: sort, alignment, top-k", ("_moe_align", "radixsort", "radix_sort", "topk")),
+    ("cuBLAS GEMMs: projections, dense FFNs, shared experts, head", ("nvjet", "gemm", "cutlass", "splitkreduce")),
+    ("attention: cuDNN SDPA", ("sdpa", "flash", "cudnn", "fmha")),
+    ("AdamW and the clip's norm", ("multi_tensor_apply",)),
+]
+OTHER_KERNELS = "the rest: Inductor's fused elementwise, norms, casts, loss"
+
+
+def kernel_groups(gpu):
+    """{group: ms} from {kernel name: ms}, in KERNEL_GROUPS' order, OTHER_KERNELS last."""
+    out = dict.fromkeys([g for g, _ in KERNEL_GROUPS] + [OTHER_KERNELS], 0.0)
+    for name, ms in gpu.items():
+        low = name.lower()
+        out[next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), OTHER_KERNELS)] += ms
+    return out
+
+
 def bench_profile(N=16384):
     """Where the time goes: the top GPU kernels of fused_moe forward + backward, and of one training step of the
-    MoE model and of the dense baseline (torch profiler, 3 iterations each)."""
+    MoE model and of its dense twin (torch profiler, 3 iterations each), then the two steps' kernels by family,
+    side by side."""
     from torch.profiler import ProfilerActivity, profile
 
     def show(title, fn, n=3, rows=18, flops=None):
@@ -687,6 +709,7 @@ def bench_profile(N=16384):
         flops = flops or {}
         print(table(["kernel / op (self GPU time)", "ms per iteration", "TFLOP/s"],
                     [(k[:90], f"{v:.3f}", f"{flops[k] / v / 1e9:.0f}" if k in flops else "") for k, v in gpu[:rows]]))
+        return dict(gpu)
 
     cfg = small_config()
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
@@ -697,11 +720,22 @@ def bench_profile(N=16384):
          flops=dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
                     _moe_wgrad_kernel=3 * gemm))  # mm: the down projection and dx; wgrad: dW2 and [dW1 ; dW3]
     del x, ids, gates, w1, w2, w3, dy, params
+    steps = {}
     for name, cfg in train_models().items():
         step, _ = make_train_step(cfg)
-        show(f"training step, {name}", step, rows=25)
+        n_moe = cfg.n_layer - cfg.n_dense_layers
+        gemm = 2 * train_batch * train_seq * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim * n_moe
+        steps[name] = kernel_groups(show(f"training step, {name}", step, rows=25, flops=dict(
+            _moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm, _moe_wgrad_kernel=3 * gemm)))
         del step
         torch.cuda.empty_cache()
+    (moe_name, moe), (dense_name, dense) = steps.items()
+    print("\n### The two steps' GPU kernels by family, ms per step\n")
+    print(table(["kernels", moe_name, dense_name, "difference"],
+                [(g, f"{moe[g]:.2f}", f"{dense[g]:.2f}", f"{moe[g] - dense[g]:+.2f}") for g in moe]
+                + [("all", f"{sum(moe.values()):.2f}", f"{sum(dense.values()):.2f}",
+                    f"{sum(moe.values()) - sum(dense.values()):+.2f}")]))
+    results["profile"] = dict(step_kernel_groups_ms=steps)
 
 
 # -----------------------------------------------------------------------------
