@@ -714,19 +714,21 @@ def bench_profile(N=16384):
     cfg = small_config()
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
     params = [x, gates, w1, w2, w3]
-    gemm = 2 * N * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim  # one (pairs x d x I) matmul
+    def moe_flops(gemm):  # per kernel, from one (pairs x d x I) matmul's FLOPs: up holds W1 and W3; mm the down
+        # projection and dx (two matmuls); wgrad dW2 and [dW1 ; dW3]
+        return dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
+                    _moe_wgrad_kernel=3 * gemm)
+
     show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3),
                                                                       params, dy),
-         flops=dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
-                    _moe_wgrad_kernel=3 * gemm))  # mm: the down projection and dx; wgrad: dW2 and [dW1 ; dW3]
+         flops=moe_flops(2 * N * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim))
     del x, ids, gates, w1, w2, w3, dy, params
     steps = {}
     for name, cfg in train_models().items():
         step, _ = make_train_step(cfg)
         n_moe = cfg.n_layer - cfg.n_dense_layers
         gemm = 2 * train_batch * train_seq * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim * n_moe
-        steps[name] = kernel_groups(show(f"training step, {name}", step, rows=25, flops=dict(
-            _moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm, _moe_wgrad_kernel=3 * gemm)))
+        steps[name] = kernel_groups(show(f"training step, {name}", step, rows=25, flops=moe_flops(gemm)))
         del step
         torch.cuda.empty_cache()
     (moe_name, moe), (dense_name, dense) = steps.items()

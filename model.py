@@ -357,6 +357,7 @@ def clipped_step(optimizer, params, max_norm):
     finally:
         optimizer.grad_scale = None
 
+
 def cast_weights(model, dtype):
     """Parameters to dtype for inference (no per-step casts, half the bytes read per token in bf16). The router,
     the expert biases and the RoPE tables stay float32: routing compares s + b at full precision, as in training."""

@@ -1079,6 +1079,7 @@ def test_clipped_step_matches_clip_then_step(max_norm):
     differs = any(not torch.allclose(want[n], unclipped[n], rtol=1e-3, atol=1e-7) for n in grads)
     assert differs == (max_norm == 0.05)  # the clip changed the step exactly where it should
 
+
 def test_optimizer_groups():
     model = Model(tiny_config())
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
