@@ -9,15 +9,20 @@ the model calls in only through usable(x), and everything here is skipped where 
 
 Fused MoE (the scheme of vLLM's fused_moe and ScatterMoE): sort the N*K (token, expert) pairs by expert, pad each
 expert's run of rows to a multiple of the tile height BLOCK_M (padding rows point past the last pair and are
-masked), so every tile of rows belongs to one expert. Each GEMM then gathers its input rows by index in the
-prologue instead of materializing a permuted copy, and the last one multiplies by the gate weight and writes
-each pair's row in token order, so the K rows of a token are summed by one .sum(1). No host syncs: the padded
+masked), so every tile of rows belongs to one expert. The GEMMs that read x or dy gather their rows by index in
+the prologue instead of running a separate permutation pass, and the last one multiplies by the gate weight and
+writes each pair's row in token order, so the K rows of a token are summed by one .sum(1). The two gathering
+kernels of a training step also write the rows they gathered in the sorted layout (xs, dys), so the weight
+gradients are plain GEMMs over each expert's contiguous rows: gathering inside the weight-gradient kernel cost
+it more than the copies cost the kernels that write them (README, "Training step"). No host syncs: the padded
 length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at once.
 
-    forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU in the epilogue; saves h1, h3)
+    forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU in the epilogue; saves h1, h3
+                                                            and the gathered rows xs = x[tok])
               out[pair] = g * (silu(h1) h3) W2_e^T          _moe_mm_kernel
-    backward  da = dy[tok] W2_e ; dg = da . a                _moe_down_bwd_kernel (SwiGLU backward in the epilogue)
-              dW2_e = sum dy[tok]^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T x[tok]   _moe_wgrad_kernel
+    backward  da = dy[tok] W2_e ; dg = da . a                _moe_down_bwd_kernel (SwiGLU backward in the epilogue;
+                                                            saves dys = dy[tok])
+              dW2_e = sum dys^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T xs   _moe_wgrad_kernel
               dx[pair] = dh1 W1_e + dh3 W3_e                 _moe_mm_kernel
 
 MLA decode (flash-decoding): each program takes one sequence, a tile of its (query token, head) rows and one
@@ -107,6 +112,16 @@ def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
 
 @triton.jit
+def _save_rows(src_ptrs, dst_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K: tl.constexpr):
+    """Copy the gathered rows' chunk at column k into the sorted layout (zeros in padding rows), if this program
+    is the one of its row tile's n_tiles that owns the chunk: chunk c goes to program c % n_tiles, so the copy is
+    spread over all of them. It loads the chunk a second time: storing the very tile that feeds tl.dot made Triton
+    3.6 miscompile the dot on an H200 (the stored rows right, the products wrong). The ownership test is a vector,
+    as the interpreter takes no scalar in a mask."""
+    ok = k_ok & ((offs_k * 0 + k // BLOCK_K) % n_tiles == pid_n)
+    tl.store(dst_ptrs, tl.load(src_ptrs, mask=valid[:, None] & ok[None, :], other=0.0), mask=ok[None, :])
+
+@triton.jit
 def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, PER_PAIR: tl.constexpr):
     """This program's tile (BLOCK_M rows x BLOCK_N of n_cols output columns): its expert (-1: past the end), the
@@ -132,11 +147,13 @@ def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_expert_ptr,
+def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, xs_ptr, sorted_pair_ptr, block_expert_ptr,
                    n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_a,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
-    """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3]."""
+                   PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, PRECISION: tl.constexpr):
+    """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3].
+    SAVE_X: the row tile's programs also store the rows they gather, xs = x[tok] in the sorted layout (zeros in
+    padding rows), for the weight gradients, which then read both sides in order, without a gather."""
     expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
                                                    BLOCK_M, BLOCK_N, PER_PAIR)
     if expert < 0:
@@ -146,8 +163,14 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, sorted_pair_ptr, block_e
     w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SAVE_X:
+        xs_ptrs = xs_ptr + rows[:, None] * D + offs_k[None, :]
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
+        if SAVE_X:
+            n_tiles = tl.cdiv(I, BLOCK_N)
+            _save_rows(x_ptrs, xs_ptrs, valid, k, offs_k, k_ok, tl.program_id(0) % n_tiles, n_tiles, BLOCK_K)
+            xs_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & (offs_n[None, :] < I)
         acc1 = _dot(xt, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, PRECISION)
@@ -221,7 +244,7 @@ def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, ga_ptr, stri
     return tl.sum(acc * a, axis=1)
 
 @triton.jit
-def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, sorted_pair_ptr,
+def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, dys_ptr, sorted_pair_ptr,
                          block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
                          stride_h, stride_dh, stride_ga,
                          ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -229,6 +252,8 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     """Backward through the down projection and the SwiGLU, one tile of BLOCK_N columns of I:
     da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
     da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
+    The row tile's programs also store the dy rows they gather, dys = dy[tok] in the sorted layout (zeros in
+    padding rows), for dW2.
     The tile is two accumulators of BLOCK_N / 2 columns that share each dy tile (as _moe_up_kernel's W1 and W3
     do), and the epilogue runs on one half at a time, so only half the tile's h1, h3 and temporaries are live at
     once beside the accumulators: with one accumulator the epilogue spilled registers at all but small tiles."""
@@ -245,8 +270,11 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_lo[None, :]
     acc_lo = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+    dys_ptrs = dys_ptr + rows[:, None] * D + offs_k[None, :]
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
+        _save_rows(dy_ptrs, dys_ptrs, valid, k, offs_k, k_ok, pid_n, tl.cdiv(I, BLOCK_N), BLOCK_K)
+        dys_ptrs += BLOCK_K
         dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc_lo = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0), acc_lo, PRECISION)
         acc_hi = _dot(dyt, tl.load(w_ptrs + BLOCK_N // 2, mask=k_ok[:, None] & hi_ok[None, :], other=0.0), acc_hi,
@@ -260,43 +288,38 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     tl.store(dg_ptr + pid_n * n_pairs + pair, dg, mask=valid)  # dL/dg = dy . (a W2^T)
 
 @triton.jit
-def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, sorted_pair_ptr, pad_start_ptr, pad_end_ptr,
-                      n_pairs, top_k, P, P1, Q, stride_l, stride_r, stride_oe, stride_op,
-                      GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SPLIT: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """G[e] (P, Q) = sum over expert e's rows of L[row]^T R[row]; a GATHER_ side is read at the row's token
-    (dy or x) instead of the sorted row. SPLIT: rows p < P1 of G go to out[e], the rest to out2[e] at p - P1: dW1
-    and dW3 are the two halves of one GEMM dh^T x[tok] with dh = [dh1 ; dh3], so each program keeps one
-    accumulator (two, one per weight, spilled registers at 128 x 128 tiles). Without SPLIT (dW2) out2_ptr is None
-    and there is no second store in the code at all: torch.compile reads which arguments a kernel stores to from
-    its code and copies each separately, so one tensor passed as both out_ptr and out2_ptr came back as the copy
-    the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no tokens writes zeros.
-    The grid is (tiles, experts), tiles first, so the programs of one expert run side by side and its rows are read
-    from memory once and from L2 after: experts first spread every wave over all of them."""
+def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_ptr, P, P1, Q, stride_l, stride_r,
+                      stride_oe, stride_op, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """G[e] (P, Q) = sum over expert e's rows of L[row]^T R[row], both sides in the sorted layout (x and dy were
+    stored there by the kernels that gathered them), padding rows zero on both: a plain grouped GEMM over each
+    expert's run of rows, which starts and ends on a multiple of BLOCK_K. SPLIT: rows p < P1 of G go to out[e],
+    the rest to out2[e] at p - P1: dW1 and dW3 are the two halves of one GEMM dh^T xs with dh = [dh1 ; dh3], so
+    each program keeps one accumulator (two, one per weight, spilled registers at 128 x 128 tiles). Without SPLIT
+    (dW2) out2_ptr is None and there is no second store in the code at all: torch.compile reads which arguments a
+    kernel stores to from its code and copies each separately, so one tensor passed as both out_ptr and out2_ptr
+    came back as the copy the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no
+    tokens writes zeros. The grid is (tiles, experts), tiles first, so the programs of one expert run side by side
+    and its rows are read from memory once and from L2 after: experts first spread every wave over all of them."""
     pid = tl.program_id(0)
     expert = tl.program_id(1)
     n_tiles = tl.cdiv(Q, BLOCK_Q)
     pid_p, pid_q = pid // n_tiles, pid % n_tiles
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_k = tl.arange(0, BLOCK_K)
     p_ok, q_ok = offs_p < P, offs_q < Q
     lo = tl.load(pad_start_ptr + expert)
     hi = tl.load(pad_end_ptr + expert)
+    rows = (lo + tl.arange(0, BLOCK_K)).to(tl.int64)
+    l_ptrs = l_ptr + rows[:, None] * stride_l + offs_p[None, :]
+    r_ptrs = r_ptr + rows[:, None] * stride_r + offs_q[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_K):
-        rows = (start + offs_k).to(tl.int64)
-        pair = tl.load(sorted_pair_ptr + rows)
-        valid = pair < n_pairs
-        tok = (pair // top_k).to(tl.int64)
-        l_rows = tok if GATHER_L else rows
-        r_rows = tok if GATHER_R else rows
-        lt = tl.load(l_ptr + l_rows[:, None] * stride_l + offs_p[None, :], mask=valid[:, None] & p_ok[None, :],
-                     other=0.0)
-        rt = tl.load(r_ptr + r_rows[:, None] * stride_r + offs_q[None, :], mask=valid[:, None] & q_ok[None, :],
-                     other=0.0)
+    for _ in range(lo, hi, BLOCK_K):
+        lt = tl.load(l_ptrs, mask=p_ok[None, :], other=0.0)
+        rt = tl.load(r_ptrs, mask=q_ok[None, :], other=0.0)
         acc = _dot(tl.trans(lt), rt, acc, PRECISION)
+        l_ptrs += BLOCK_K * stride_l
+        r_ptrs += BLOCK_K * stride_r
     if SPLIT:
         first = offs_p < P1
         out_p = tl.where(first, offs_p, offs_p - P1)
@@ -447,18 +470,17 @@ def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_stri
                          ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, PRECISION=prec, **t)
 
 
-def _launch_wgrad(left, right, out, sorted_pair, pad_start, pad_end, n_pairs, top_k, tiles, prec, gather_l, gather_r,
-                  out2=None):
-    """out[e] = sum over expert e's rows of left^T right (gather_*: that side is read at the row's token); with
-    out2, left holds the rows of both: the first out.shape[1] columns of left go to out, the rest to out2."""
+def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
+    """out[e] = sum over expert e's rows of left^T right, both in the sorted layout; with out2, left holds the rows
+    of both: the first out.shape[1] columns of left go to out, the rest to out2."""
     t = tiles["wgrad"]
+    assert tiles["ALIGN_M"] % t["BLOCK_K"] == 0, "each expert's rows must be whole BLOCK_K steps"
     E, P1, Q = out.shape
     P = P1 + (out2.shape[1] if out2 is not None else 0)
     grid = (triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]), E)
-    _moe_wgrad_kernel[grid](left, right, out, out2, sorted_pair, pad_start, pad_end,
-                            n_pairs=n_pairs, top_k=top_k, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
+    _moe_wgrad_kernel[grid](left, right, out, out2, pad_start, pad_end, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
                             stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
-                            GATHER_L=gather_l, GATHER_R=gather_r, SPLIT=out2 is not None, PRECISION=prec, **t)
+                            SPLIT=out2 is not None, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -468,7 +490,7 @@ class _FusedMoE(torch.autograd.Function):
     kernels' fp32 accumulators, with no bf16 round trip)."""
 
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair):
+    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair, save_x):
         N, D = x.shape
         K = topk_ids.shape[1]
         E, I, _ = w1.shape
@@ -486,58 +508,61 @@ class _FusedMoE(torch.autograd.Function):
         gate = topk_weights.detach().float().contiguous().view(-1)  # (N*K,), pair order
         h = torch.empty(rows, 2 * I, device=x.device, dtype=dtype)  # [h1 ; h3] per sorted row, saved
         a = torch.empty(rows, I, device=x.device, dtype=dtype)  # silu(h1) * h3
+        save_x = save_x and not per_pair
+        xs = torch.empty(rows, D, device=x.device, dtype=dtype) if save_x else None  # x[tok], sorted: for dW1, dW3
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
-        _moe_up_kernel[grid](xc, w1c, w3c, h, a, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
+        _moe_up_kernel[grid](xc, w1c, w3c, h, a, xs, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
                              w1c.stride(0), w1c.stride(1), h.stride(0), a.stride(0), ALIGN_M=tiles["ALIGN_M"],
-                             PER_PAIR=per_pair, PRECISION=prec, **t)
+                             PER_PAIR=per_pair, SAVE_X=save_x, PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
         _launch_mm(a, w2c, out, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
                    w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, mul_gate=True,
                    per_pair=per_pair)
-        if not per_pair:
-            ctx.save_for_backward(xc, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
+        if save_x:
+            ctx.save_for_backward(xs, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
+        ctx.n_tokens = N
         ctx.top_k, ctx.dtypes = K, (x.dtype, topk_weights.dtype, w1.dtype, w2.dtype, w3.dtype)
         return out.view(N, K, D).sum(dim=1, dtype=x.dtype)  # the K experts of each token; fp32 sum
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w2, w3, gate, h, sorted_pair, block_expert, pad_start, pad_end = ctx.saved_tensors
+        xs, w1, w2, w3, gate, h, sorted_pair, block_expert, pad_start, pad_end = ctx.saved_tensors
         K, (x_dtype, g_dtype, w1_dtype, w2_dtype, w3_dtype) = ctx.top_k, ctx.dtypes
-        N, D = x.shape
+        N, D = ctx.n_tokens, xs.shape[1]
         E, I, _ = w1.shape
         n_pairs = N * K
-        tiles, prec = _tiles(x, n_pairs), _precision(x.dtype)
-        dy = dy.to(x.dtype).contiguous()
+        tiles, prec = _tiles(xs, n_pairs), _precision(xs.dtype)
+        dy = dy.to(xs.dtype).contiguous()
         rows = sorted_pair.numel()
         t = tiles["down_bwd"]
         n_tiles_i = triton.cdiv(I, t["BLOCK_N"])
-        dh = torch.empty(rows, 2 * I, device=x.device, dtype=x.dtype)
-        ga = torch.empty(rows, I, device=x.device, dtype=x.dtype)
-        dg_part = torch.empty(n_tiles_i, n_pairs, device=x.device, dtype=torch.float32)
+        dh = torch.empty(rows, 2 * I, device=xs.device, dtype=xs.dtype)
+        ga = torch.empty(rows, I, device=xs.device, dtype=xs.dtype)
+        dys = torch.empty(rows, D, device=xs.device, dtype=xs.dtype)  # dy[tok], sorted: for dW2
+        dg_part = torch.empty(n_tiles_i, n_pairs, device=xs.device, dtype=torch.float32)
         _moe_down_bwd_kernel[(rows // t["BLOCK_M"] * n_tiles_i,)](
-            dy, w2, h, gate, dh, ga, dg_part, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0),
+            dy, w2, h, gate, dh, ga, dg_part, dys, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0),
             w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0), ga.stride(0), ALIGN_M=tiles["ALIGN_M"],
             PRECISION=prec, **t)
         dx = dw1 = dw2 = dw3 = dg = None
         if ctx.needs_input_grad[0]:
-            dx_pair = torch.empty(n_pairs, D, device=x.device, dtype=x.dtype)
+            dx_pair = torch.empty(n_pairs, D, device=xs.device, dtype=xs.dtype)
             # W1_e is (I, d): element [k over I, n over d] at k * d + n
             _launch_mm(dh, w1, dx_pair, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
                        w_strides=(w1.stride(0), w1.stride(1), 1), tiles=tiles, prec=prec, mul_gate=False, w2nd=w3)
             dx = dx_pair.view(N, K, D).sum(dim=1, dtype=x_dtype)
         if ctx.needs_input_grad[2]:
             dg = dg_part.sum(dim=0).view(N, K).to(g_dtype)
-        args = (sorted_pair, pad_start, pad_end, n_pairs, K)
         if ctx.needs_input_grad[4]:  # dW2_e = sum dy[tok]^T (g a)
-            dw2 = torch.empty(w2.shape, device=x.device, dtype=w2_dtype)
-            _launch_wgrad(dy, ga, dw2, *args, tiles, prec, gather_l=True, gather_r=False)
+            dw2 = torch.empty(w2.shape, device=xs.device, dtype=w2_dtype)
+            _launch_wgrad(dys, ga, dw2, pad_start, pad_end, tiles, prec)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:  # dW1_e, dW3_e = sum dh1^T x[tok], sum dh3^T x[tok]
-            dw1 = torch.empty(w1.shape, device=x.device, dtype=w1_dtype)
-            dw3 = torch.empty(w3.shape, device=x.device, dtype=w3_dtype)
-            _launch_wgrad(dh, x, dw1, *args, tiles, prec, gather_l=False, gather_r=True, out2=dw3)
-        return dx, None, dg, dw1, dw2, dw3, None, None
+            dw1 = torch.empty(w1.shape, device=xs.device, dtype=w1_dtype)
+            dw3 = torch.empty(w3.shape, device=xs.device, dtype=w3_dtype)
+            _launch_wgrad(dh, xs, dw1, pad_start, pad_end, tiles, prec, out2=dw3)
+        return dx, None, dg, dw1, dw2, dw3, None, None, None
 
 
 def _tiles(x, n_pairs):
@@ -558,7 +583,7 @@ def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2, w3))
     per_pair = not needs_grad and topk_ids.numel() <= w1.shape[0]  # at most one pair per expert on average
-    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair)
+    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair, needs_grad)
 
 
 # -----------------------------------------------------------------------------
