@@ -165,11 +165,12 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, xs_ptr, sorted_pair_ptr,
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SAVE_X:
         xs_ptrs = xs_ptr + rows[:, None] * D + offs_k[None, :]
+        n_tiles = tl.cdiv(I, BLOCK_N)
+        pid_n = tl.program_id(0) % n_tiles
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
         if SAVE_X:
-            n_tiles = tl.cdiv(I, BLOCK_N)
-            _save_rows(x_ptrs, xs_ptrs, valid, k, offs_k, k_ok, tl.program_id(0) % n_tiles, n_tiles, BLOCK_K)
+            _save_rows(x_ptrs, xs_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K)
             xs_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & (offs_n[None, :] < I)
@@ -261,7 +262,8 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
                                               BLOCK_M, BLOCK_N, False)
     if expert < 0:
         return
-    pid_n = tl.program_id(0) % tl.cdiv(I, BLOCK_N)  # this tile's slice of I: its partial of dg
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pid_n = tl.program_id(0) % n_tiles  # this tile's slice of I: its partial of dg
     offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
     offs_hi = offs_lo + BLOCK_N // 2
     offs_k = tl.arange(0, BLOCK_K)
@@ -273,7 +275,7 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
     dys_ptrs = dys_ptr + rows[:, None] * D + offs_k[None, :]
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
-        _save_rows(dy_ptrs, dys_ptrs, valid, k, offs_k, k_ok, pid_n, tl.cdiv(I, BLOCK_N), BLOCK_K)
+        _save_rows(dy_ptrs, dys_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K)
         dys_ptrs += BLOCK_K
         dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc_lo = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0), acc_lo, PRECISION)
@@ -508,7 +510,6 @@ class _FusedMoE(torch.autograd.Function):
         gate = topk_weights.detach().float().contiguous().view(-1)  # (N*K,), pair order
         h = torch.empty(rows, 2 * I, device=x.device, dtype=dtype)  # [h1 ; h3] per sorted row, saved
         a = torch.empty(rows, I, device=x.device, dtype=dtype)  # silu(h1) * h3
-        save_x = save_x and not per_pair
         xs = torch.empty(rows, D, device=x.device, dtype=dtype) if save_x else None  # x[tok], sorted: for dW1, dW3
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
