@@ -530,7 +530,7 @@ def bench_decode_profile(context=64, reps=10):
 
 
 def make_train_step(cfg):
-    """One optimizer step as train.py takes it: forward and backward under bf16 autocast, clip, fused AdamW, the
+    """One optimizer step as train.py takes it: forward and backward under bf16 autocast, clip, kernels.AdamW, the
     aux-loss-free bias update. Random tokens. Returns (step, the model)."""
     torch.manual_seed(seed)
     raw = Model(cfg).to(device)
@@ -551,7 +551,7 @@ def make_train_step(cfg):
 
 
 def bench_train():
-    print(f"\n## Training step, {train_config}: batch {train_batch} x {train_seq} tokens, bf16 autocast, fused AdamW"
+    print(f"\n## Training step, {train_config}: batch {train_batch} x {train_seq} tokens, bf16 autocast, kernels.AdamW"
           f"{', torch.compile' if compile else ''}\n")
     (moe_name, moe), (dense_name, dense) = train_models().items()
     variants = {f"{moe_name}, Triton kernels": moe}
@@ -672,7 +672,7 @@ KERNEL_GROUPS = [
     ("routing: sort, alignment, top-k", ("_moe_align", "radixsort", "radix_sort", "topk")),
     ("cuBLAS GEMMs: projections, dense FFNs, shared experts, head", ("nvjet", "gemm", "cutlass", "splitkreduce")),
     ("attention: cuDNN SDPA", ("sdpa", "flash", "cudnn", "fmha")),
-    ("AdamW and the clip's norm", ("multi_tensor_apply",)),
+    ("AdamW and the clip's norm", ("multi_tensor_apply", "_adamw")),
 ]
 OTHER_KERNELS = "the rest: Inductor's fused elementwise, norms, casts, loss"
 

@@ -6,6 +6,8 @@ the model calls in only through usable(x), and everything here is skipped where 
                                                         (spec: moe.experts_reference; DeepSeekMoE, V3 eq. 12)
     mla_decode(q, kv, start_pos, softmax_scale, C)     absorbed MLA attention over the latent cache
                                                         (spec: mla.latent_attention; DeepSeek-V2 section 2.1)
+    AdamW(params, ...)                                 torch.optim.AdamW whose CUDA step is one Triton kernel
+                                                        per parameter (spec: torch.optim.AdamW itself)
 
 Fused MoE (the scheme of vLLM's fused_moe and ScatterMoE): sort the N*K (token, expert) pairs by expert, pad each
 expert's run of rows to a multiple of the tile height BLOCK_M (padding rows point past the last pair and are
@@ -25,10 +27,16 @@ length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at on
               dW2_e = sum dys^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T xs   _moe_wgrad_kernel
               dx[pair] = dh1 W1_e + dh3 W3_e                 _moe_mm_kernel
 
+AdamW: the step streams each parameter, its gradient and its two moments once, in fp32 (Loshchilov & Hutter's
+decoupled weight decay, Adam's bias corrections from the step count on the device, the clip as a divisor of the
+gradient): 28 bytes per parameter. torch's fused AdamW also writes every gradient back after dividing it by the
+clip (32 bytes), and the MoE model has 4x the dense model's parameters (README, "Training step").
+
 MLA decode (flash-decoding): each program takes one sequence, a tile of its (query token, head) rows and one
 split of the keys; it reads every latent row [c_kv ; k_pe] once for all heads (MQA), keeps an online softmax in
 fp32, and writes a partial output and its log-sum-exp. A second kernel combines the splits.
 """
+import itertools
 import math
 import os
 import types
@@ -331,6 +339,59 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_pt
     else:
         out_off = expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :]
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+# -------------------------------------------------------------------------
+# AdamW kernel
+
+@triton.jit
+def _address(at, ALIGNED: tl.constexpr):
+    """The fp32 pointer stored at `at`; ALIGNED: said to be 16-byte aligned (AdamW.step checks), as a pointer read
+    from memory is otherwise taken as aligned to 4 bytes only."""
+    p = tl.load(at).to(tl.pointer_type(tl.float32))
+    return tl.multiple_of(p, 16) if ALIGNED else p
+
+@triton.jit
+def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
+                  weight_decay, SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One AdamW step over BLOCK elements of one of a param group's fp32 tensors, as torch.optim.AdamW (fused)
+    takes it: the gradient divided by *scale_ptr (SCALE: the clip, model.clipped_step), decoupled weight decay, the
+    two moments, the bias corrections 1 - beta^t from the tensor's step t already counted on the device
+    (beta^t = 2^(t log2 beta)). The gradient is read, never written.
+    All the group's tensors in one launch (a launch per tensor cost ~40 us of Python each, 167 of them in the small
+    MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the addresses of the
+    parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary search over the
+    first programs. ALIGNED: every address a multiple of 16 bytes and every size a multiple of 16 (all the models'
+    tensors are), said so, so that the loads and stores are 16-byte vectors: without it they went one element at
+    a time, as the compiler cannot see the alignment of an address or a mask bound read from memory."""
+    pid = tl.program_id(0)
+    lo = pid * 0
+    hi = lo + n_tensors - 1
+    for _ in range(n_search):  # the last tensor whose first program is at or before this one
+        mid = (lo + hi + 1) // 2
+        here = tl.load(table_ptr + mid) <= pid
+        lo, hi = tl.where(here, mid, lo), tl.where(here, hi, mid - 1)
+    column = table_ptr + lo
+    offs = (pid - tl.load(column)) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(column + n_tensors)
+    ok = offs < (tl.multiple_of(n, 16) if ALIGNED else n)
+    p_ptr = _address(column + 2 * n_tensors, ALIGNED)
+    g_ptr = _address(column + 3 * n_tensors, ALIGNED)
+    m_ptr = _address(column + 4 * n_tensors, ALIGNED)
+    v_ptr = _address(column + 5 * n_tensors, ALIGNED)
+    step_ptr = _address(column + 6 * n_tensors, ALIGNED)
+    t = tl.load(step_ptr)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    if SCALE:
+        g = g / tl.load(scale_ptr)
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0)
+    m = beta1 * tl.load(m_ptr + offs, mask=ok, other=0.0) + (1.0 - beta1) * g
+    v = beta2 * tl.load(v_ptr + offs, mask=ok, other=0.0) + (1.0 - beta2) * g * g
+    p = p - lr * weight_decay * p
+    step_size = lr / (1.0 - tl.exp2(t * log2_beta1))
+    p = p - step_size * m / (tl.sqrt(v) / tl.sqrt(1.0 - tl.exp2(t * log2_beta2)) + eps)
+    tl.store(p_ptr + offs, p, mask=ok)
+    tl.store(m_ptr + offs, m, mask=ok)
+    tl.store(v_ptr + offs, v, mask=ok)
 
 # -------------------------------------------------------------------------
 # MLA decode kernels
@@ -656,3 +717,90 @@ def mla_decode(q, kv, start_pos, softmax_scale, kv_lora_rank, n_splits=None):
                                 stride_ls=lse.stride(1), stride_outb=out.stride(0), stride_outm=out.stride(1), C=C,
                                 BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_C=BLOCK_C)
     return out.view(B, T, H, C)
+
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+ADAMW_TILES = dict(BLOCK=2048, num_warps=8)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW, with its arguments, state and state_dict, whose step is one _adamw_kernel launch per
+    param group where every parameter with a gradient is a plain fp32 CUDA tensor (on the CPU too with
+    kernel=True: Triton's interpreter, for the tests); anywhere else, and for amsgrad, maximize, capturable,
+    differentiable or a tensor lr, it is torch's own step. grad_scale, when set to a one-element tensor
+    (model.clipped_step sets it to the clip's divisor), divides every gradient first, on either path."""
+
+    def __init__(self, params, kernel=None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.kernel = kernel  # None: wherever usable(); True: always
+        self.grad_scale = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        tensors = [t for _, params in groups for p in params for t in (p, p.grad)]
+        plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.is_contiguous()
+                    for t in tensors)
+        options = any(g[k] for g, _ in groups for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+        tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g, _ in groups)
+        here = all(usable(t) for t in tensors) if self.kernel is None else self.kernel
+        if not (HAS_TRITON and plain and here) or options or tensor_lr:
+            return self._torch_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        steps = []
+        for _, params in groups:
+            for p in params:
+                state = self.state[p]
+                if not state:  # as torch's fused AdamW lays it out: the step count on the parameter's device
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device or state["step"].dtype != torch.float32:  # loaded from a
+                    state["step"] = state["step"].to(p.device, torch.float32)  # step that kept it on the host
+                steps.append(state["step"])
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        for group, params in groups:
+            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] for p in params]  # size, 5 addresses
+            aligned = [all(c % 16 == 0 for c in column) for column in columns]
+            for flag in (True, False):
+                if flag in aligned:
+                    self._launch(group, [c for c, a in zip(columns, aligned) if a == flag], flag, params[0].device)
+        return loss
+
+    def _tensors(self, p):
+        s = self.state[p]
+        return p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"]
+
+    def _launch(self, group, columns, aligned, device):
+        """One _adamw_kernel launch over the tensors of columns (each: size, then the parameter's, gradient's,
+        moments' and step's addresses), with their table."""
+        BLOCK = ADAMW_TILES["BLOCK"]
+        blocks = [(c[0] + BLOCK - 1) // BLOCK for c in columns]
+        first = list(itertools.accumulate(blocks, initial=0))
+        table = torch.tensor([first[:-1]] + [list(row) for row in zip(*columns)], dtype=torch.int64)
+        cuda = device.type == "cuda"
+        if cuda:  # pinned: the copy waits for nothing queued before it
+            table = table.pin_memory().to(device, non_blocking=True)
+        beta1, beta2 = group["betas"]
+        _adamw_kernel[(first[-1],)](
+            table, len(columns), len(columns).bit_length(), self.grad_scale, lr=group["lr"], beta1=beta1,
+            beta2=beta2, log2_beta1=math.log2(beta1), log2_beta2=math.log2(beta2), eps=group["eps"],
+            weight_decay=group["weight_decay"], SCALE=self.grad_scale is not None, ALIGNED=aligned, BLOCK=BLOCK,
+            **({"num_warps": ADAMW_TILES["num_warps"]} if cuda else {}))
+
+    def _torch_step(self, closure):
+        if self.grad_scale is not None and not self.defaults.get("fused"):  # only the fused step takes a divisor
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_div_(grads, self.grad_scale)
+            scale, self.grad_scale = self.grad_scale, None
+            try:
+                return super().step(closure)
+            finally:
+                self.grad_scale = scale
+        return super().step(closure)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from mla import MLA, precompute_rope, yarn_mscale
 from moe import FFN, MoE
 
@@ -320,8 +321,8 @@ class Model(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        fused = device_type == "cuda"  # on CUDA with Triton, the step is kernels.AdamW's; without, torch's fused one
+        return kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
     def update_biases(self, gamma, counts=None):
@@ -335,17 +336,17 @@ class Model(nn.Module):
 @torch.no_grad()
 def clipped_step(optimizer, params, max_norm):
     """optimizer.step() with the gradients' global L2 norm clipped to max_norm (0: not clipped), as
-    torch.nn.utils.clip_grad_norm_ and then the step. A fused AdamW on plain tensors takes the clip as its
-    grad_scale, the divisor GradScaler hands fused optimizers: the kernel divides each gradient as it reads it (and
-    writes it back divided), so the separate pass that rescaled every gradient, a read and a write of 4 bytes per
-    parameter, is gone; the MoE model has 4x the dense model's parameters (README, "Training step"). Elsewhere
-    (foreach, DTensor gradients under FSDP2) it is clip_grad_norm_ then step. No host sync."""
+    torch.nn.utils.clip_grad_norm_ and then the step. kernels.AdamW, or torch's fused AdamW, on plain tensors takes
+    the clip as its grad_scale, the divisor GradScaler hands fused optimizers: the kernel divides each gradient as it
+    reads it (torch's also writes it back divided), so the separate pass that rescaled every gradient, a read and a
+    write of 4 bytes per parameter, is gone; the MoE model has 4x the dense model's parameters (README, "Training
+    step"). Elsewhere (foreach, DTensor gradients under FSDP2) it is clip_grad_norm_ then step. No host sync."""
     params = [p for p in params if p.grad is not None]
     if max_norm <= 0:
         optimizer.step()
         return
-    fused = optimizer.defaults.get("fused") and all(type(p.grad) is torch.Tensor for p in params)
-    if not fused:
+    takes_scale = isinstance(optimizer, kernels.AdamW) or optimizer.defaults.get("fused")
+    if not (takes_scale and all(type(p.grad) is torch.Tensor for p in params)):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         return

@@ -882,6 +882,49 @@ def test_mla_decode_interpreted(T, start_pos, n_splits, dtype, tol):
                      tol=tol, n_splits=n_splits)
 
 
+def check_adamw(shapes, device, kernel):
+    """kernels.AdamW against torch.optim.AdamW (the non-fused, per-tensor step: the plainest reference) over three
+    steps: two groups (weight decay on, off), odd sizes (masked tails, several programs), new gradients each step,
+    a grad_scale divisor on the last two as model.clipped_step sets it, a parameter without a gradient at step 2.
+    The gradients are read, never written; the state is torch's (a torch AdamW loads it and takes the same step)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    groups = lambda ps: [{"params": ps[:-1], "weight_decay": 0.1}, {"params": ps[-1:], "weight_decay": 0.0}]
+    opt = kernels.AdamW(groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, kernel=kernel)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for step in range(3):
+        grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+        scale = None if step == 0 else torch.tensor(2.5, device=device)
+        for i, (p, r, grad) in enumerate(zip(params, ref, grads)):
+            p.grad = None if step == 1 and i == 0 else grad.clone()
+            r.grad = None if p.grad is None else grad / (2.5 if scale is not None else 1.0)
+        opt.grad_scale = scale
+        opt.step()
+        opt.grad_scale = None
+        ref_opt.step()
+        for i, (p, r, grad) in enumerate(zip(params, ref, grads)):
+            if p.grad is not None:
+                assert torch.equal(p.grad, grad), "the step wrote the gradient"
+            assert rel_err(f"AdamW step {step}, param {i}", p.detach(), r.detach()) < 1e-6
+    state = opt.state_dict()
+    assert all(torch.equal(state["state"][i]["step"].cpu(), torch.tensor(3.0 if i else 2.0)) for i in range(len(shapes)))
+    again = torch.optim.AdamW(groups([p.detach().clone().requires_grad_() for p in params]), foreach=False)
+    again.load_state_dict(state)
+    for a, r in zip(again.param_groups[0]["params"] + again.param_groups[1]["params"], ref):
+        r.grad = a.grad = torch.ones_like(r)
+    again.step()
+    ref_opt.step()
+    for a, r in zip(again.param_groups[0]["params"] + again.param_groups[1]["params"], ref):
+        assert rel_err("AdamW step 3 after a state_dict round trip", a.detach(), r.detach()) < 1e-6
+
+
+@needs_triton
+@interpreted
+def test_adamw_interpreted():
+    check_adamw([(37, 129), (16, 80), (5000,), (3, 7), (4112,), (48,)], "cpu", kernel=True)  # aligned or not
+
+
 # -----------------------------------------------------------------------------
 # GPU twins at realistic sizes (bf16); skipped on CPU
 
@@ -949,6 +992,12 @@ def test_compiled_training_step_matches_eager_gpu():
 
     for n in ref:
         assert rel(comp[n], ref[n]) <= 3 * rel(eager[n], ref[n]) + 1e-2, (n, rel(comp[n], ref[n]), rel(eager[n], ref[n]))
+
+
+@needs_cuda
+def test_adamw_gpu():
+    """The Triton step on its own (kernel=None: usable() picks it on CUDA) at sizes of the small config's."""
+    check_adamw([(64, 384, 768), (50304, 768), (768,), (1000003,)], "cuda", kernel=None)
 
 
 @needs_cuda
@@ -1046,10 +1095,14 @@ def test_tiny_model_learns_a_batch():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
-def test_clipped_step_matches_clip_then_step(max_norm):
-    """model.clipped_step with a fused AdamW (the clip as the kernel's grad_scale) takes the step that
-    clip_grad_norm_ then a plain step takes: clipping (0.05), a norm under the limit (1e6: no change), clipping off.
-    eps = 1 makes Adam's step follow the gradient's size (eps >> sqrt(v)), so an ignored clip would show."""
+@pytest.mark.parametrize("kind", ["torch fused", "kernels.AdamW, Triton", "kernels.AdamW, torch's step"])
+def test_clipped_step_matches_clip_then_step(max_norm, kind):
+    """model.clipped_step with a fused AdamW or kernels.AdamW (the clip as the step's grad_scale; the Triton kernel
+    interpreted on the CPU) takes the step that clip_grad_norm_ then a plain step takes: clipping (0.05), a norm
+    under the limit (1e6: no change), clipping off. eps = 1 makes Adam's step follow the gradient's size
+    (eps >> sqrt(v)), so an ignored clip would show."""
+    if kind.endswith("Triton") and not (kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the Triton step on the CPU needs Triton's interpreter (TRITON_INTERPRET=1)")
     torch.manual_seed(0)
     model = Model(tiny_config())
     idx = torch.randint(0, 101, (2, 16))
@@ -1063,7 +1116,13 @@ def test_clipped_step_matches_clip_then_step(max_norm):
         m = copy.deepcopy(model)
         for n, p in m.named_parameters():
             p.grad = grads[n].clone()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1.0, weight_decay=0.1, fused=fused)
+        args = dict(lr=1e-2, eps=1.0, weight_decay=0.1)
+        if not fused:
+            opt = torch.optim.AdamW(m.parameters(), **args)
+        elif kind == "torch fused":
+            opt = torch.optim.AdamW(m.parameters(), fused=True, **args)
+        else:
+            opt = kernels.AdamW(m.parameters(), kernel=kind.endswith("Triton"), **args)
         if fused:
             clipped_step(opt, m.parameters(), clip)
             assert getattr(opt, "grad_scale", None) is None  # nothing left over for a later step
