@@ -760,8 +760,11 @@ class AdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif state["step"].device != p.device or state["step"].dtype != torch.float32:  # loaded from a
-                    state["step"] = state["step"].to(p.device, torch.float32)  # step that kept it on the host
+                else:  # as loaded: a step that kept the count on the host, moments in another layout
+                    for k in ("step", "exp_avg", "exp_avg_sq"):
+                        t = state[k]
+                        if t.device != p.device or t.dtype != torch.float32 or not t.is_contiguous():
+                            state[k] = t.to(p.device, torch.float32).contiguous()
                 steps.append(state["step"])
         if steps:
             torch._foreach_add_(steps, 1.0)
