@@ -6,8 +6,8 @@ the model calls in only through usable(x), and everything here is skipped where 
                                                         (spec: moe.experts_reference; DeepSeekMoE, V3 eq. 12)
     mla_decode(q, kv, start_pos, softmax_scale, C)     absorbed MLA attention over the latent cache
                                                         (spec: mla.latent_attention; DeepSeek-V2 section 2.1)
-    AdamW(params, ...)                                 torch.optim.AdamW whose CUDA step is one Triton kernel
-                                                        per parameter (spec: torch.optim.AdamW itself)
+    AdamW(params, ...)                                 torch.optim.AdamW whose CUDA step is one Triton launch
+                                                        per param group (spec: torch.optim.AdamW itself)
 
 Fused MoE (the scheme of vLLM's fused_moe and ScatterMoE): sort the N*K (token, expert) pairs by expert, pad each
 expert's run of rows to a multiple of the tile height BLOCK_M (padding rows point past the last pair and are
@@ -357,8 +357,8 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     takes it: the gradient divided by *scale_ptr (SCALE: the clip, model.clipped_step), decoupled weight decay, the
     two moments, the bias corrections 1 - beta^t from the tensor's step t already counted on the device
     (beta^t = 2^(t log2 beta)). The gradient is read, never written.
-    All the group's tensors in one launch (a launch per tensor cost ~40 us of Python each, 167 of them in the small
-    MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the addresses of the
+    All the group's tensors in one launch (a launch per tensor left the GPU waiting on Python's launch cost: 167 of
+    them in the small MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the addresses of the
     parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary search over the
     first programs. ALIGNED: every address a multiple of 16 bytes and every size a multiple of 16 (all the models'
     tensors are), said so, so that the loads and stores are 16-byte vectors: without it they went one element at
@@ -760,11 +760,6 @@ class AdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:  # as loaded: a step that kept the count on the host, moments in another layout
-                    for k in ("step", "exp_avg", "exp_avg_sq"):
-                        t = state[k]
-                        if t.device != p.device or t.dtype != torch.float32 or not t.is_contiguous():
-                            state[k] = t.to(p.device, torch.float32).contiguous()
                 steps.append(state["step"])
         if steps:
             torch._foreach_add_(steps, 1.0)
@@ -775,6 +770,17 @@ class AdamW(torch.optim.AdamW):
                 if flag in aligned:
                     self._launch(group, [c for c, a in zip(columns, aligned) if a == flag], flag, params[0].device)
         return loss
+
+    def load_state_dict(self, state_dict):
+        """torch's, then the loaded state in the layout the kernel reads through raw addresses: a step count kept
+        on the host (by a non-fused step) or moments in another dtype or layout go to the parameter's device as
+        contiguous fp32, once here rather than checked at every step."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for k in ("step", "exp_avg", "exp_avg_sq") if p.dtype == torch.float32 else ():
+                t = state.get(k)
+                if torch.is_tensor(t) and (t.device != p.device or t.dtype != torch.float32 or not t.is_contiguous()):
+                    state[k] = t.to(p.device, torch.float32).contiguous()
 
     def _tensors(self, p):
         s = self.state[p]

@@ -911,12 +911,19 @@ def check_adamw(shapes, device, kernel):
     assert all(torch.equal(state["state"][i]["step"].cpu(), torch.tensor(3.0 if i else 2.0)) for i in range(len(shapes)))
     again = torch.optim.AdamW(groups([p.detach().clone().requires_grad_() for p in params]), foreach=False)
     again.load_state_dict(state)
-    for a, r in zip(again.param_groups[0]["params"] + again.param_groups[1]["params"], ref):
-        r.grad = a.grad = torch.ones_like(r)
+    # and back: torch's non-fused state (its step counts on the host) into kernels.AdamW, which moves them
+    back = kernels.AdamW(groups([r.detach().clone().requires_grad_() for r in ref]), kernel=kernel)
+    back.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # its own tensors: ref_opt steps on
+    assert all(s["step"].device == p.device for p, s in back.state.items())
+    resumed = lambda opt: opt.param_groups[0]["params"] + opt.param_groups[1]["params"]
+    for a, b, r in zip(resumed(again), resumed(back), ref):
+        r.grad = a.grad = b.grad = torch.ones_like(r)
     again.step()
+    back.step()
     ref_opt.step()
-    for a, r in zip(again.param_groups[0]["params"] + again.param_groups[1]["params"], ref):
+    for a, b, r in zip(resumed(again), resumed(back), ref):
         assert rel_err("AdamW step 3 after a state_dict round trip", a.detach(), r.detach()) < 1e-6
+        assert rel_err("AdamW step 3 resumed from torch's state", b.detach(), r.detach()) < 1e-6
 
 
 @needs_triton
