@@ -12,16 +12,16 @@ the model calls in only through usable(x), and everything here is skipped where 
 Fused MoE (the scheme of vLLM's fused_moe and ScatterMoE): sort the N*K (token, expert) pairs by expert, pad each
 expert's run of rows to a multiple of the tile height BLOCK_M (padding rows point past the last pair and are
 masked), so every tile of rows belongs to one expert. The GEMMs that read x or dy gather their rows by index in
-the prologue instead of running a separate permutation pass, and the last one multiplies by the gate weight and
+the prologue instead of running a separate permutation pass, the first multiplies by the gate weight, and the last
 writes each pair's row in token order, so the K rows of a token are summed by one .sum(1). The two gathering
 kernels of a training step also write the rows they gathered in the sorted layout (xs, dys), so the weight
 gradients are plain GEMMs over each expert's contiguous rows: gathering inside the weight-gradient kernel cost
 it more than the copies cost the kernels that write them (README, "Training step"). No host syncs: the padded
 length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at once.
 
-    forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU in the epilogue; saves h1, h3
-                                                            and the gathered rows xs = x[tok])
-              out[pair] = g * (silu(h1) h3) W2_e^T          _moe_mm_kernel
+    forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU and the gate in the epilogue:
+              ga = g silu(h1) h3                            saves h1, h3, ga and the gathered rows xs = x[tok])
+              out[pair] = ga W2_e^T                         _moe_mm_kernel
     backward  da = dy[tok] W2_e ; dg = da . a                _moe_down_bwd_kernel (SwiGLU backward in the epilogue;
                                                             saves dys = dy[tok])
               dW2_e = sum dys^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T xs   _moe_wgrad_kernel
@@ -155,13 +155,15 @@ def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, xs_ptr, sorted_pair_ptr, block_expert_ptr,
-                   n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_a,
+def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorted_pair_ptr, block_expert_ptr,
+                   n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_ga,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, PRECISION: tl.constexpr):
     """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3].
-    SAVE_X: the row tile's programs also store the rows they gather, xs = x[tok] in the sorted layout (zeros in
-    padding rows), for the weight gradients, which then read both sides in order, without a gather."""
+    ga = g a, the pair's gate applied here (V3 eq. 12: g_i FFN_i(u), and the down projection is linear): it is
+    the down projection's input, and the backward's dW2 reads it as it stands. SAVE_X: the row tile's programs
+    also store the rows they gather, xs = x[tok] in the sorted layout (zeros in padding rows), for the weight
+    gradients, which then read both sides in order, without a gather."""
     expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
                                                    BLOCK_M, BLOCK_N, PER_PAIR)
     if expert < 0:
@@ -186,12 +188,14 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, a_ptr, xs_ptr, sorted_pair_ptr,
         acc3 = _dot(xt, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, PRECISION)
         x_ptrs += BLOCK_K
         w_off += BLOCK_K
-    a = acc1 * tl.sigmoid(acc1) * acc3
-    n_ok = valid[:, None] & (offs_n < I)[None, :]  # padding lanes write nothing (per pair: they share row m)
+    ga = acc1 * tl.sigmoid(acc1) * acc3 * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
+    n_ok = (offs_n < I)[None, :]  # padding rows get zeros (x and g loaded as 0): dW2 reads ga's whole run
+    if PER_PAIR:  # the padding lanes share row m with lane 0: they write nothing
+        n_ok = n_ok & valid[:, None]
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
     tl.store(h_ptrs, acc1.to(h_ptr.dtype.element_ty), mask=n_ok)
     tl.store(h_ptrs + I, acc3.to(h_ptr.dtype.element_ty), mask=n_ok)
-    tl.store(a_ptr + rows[:, None] * stride_a + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], ga.to(ga_ptr.dtype.element_ty), mask=n_ok)
 
 @triton.jit
 def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -205,12 +209,11 @@ def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.conste
     return acc
 
 @triton.jit
-def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, block_expert_ptr,
-                   n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out,
-                   TWO: tl.constexpr, MUL_GATE: tl.constexpr,
+def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
+                   n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out, TWO: tl.constexpr,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
-    """out[pair] = (gate[pair] *) a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
+    """out[pair] = a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
     pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
     (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
     expert, rows, pair, valid, _, offs_n = _tile(N, sorted_pair_ptr, block_expert_ptr, n_pairs, 1, ALIGN_M, BLOCK_M,
@@ -225,16 +228,14 @@ def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, gate_ptr, sorted_pair_ptr, b
     acc = _mm_loop(acc, a_ptrs, w_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
     if TWO:
         acc = _mm_loop(acc, a_ptrs + K, w2nd_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
-    if MUL_GATE:  # V3 eq. 12: g_i FFN_i(u), applied before the scatter
-        acc = acc * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 @triton.jit
-def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh, stride_ga):
+def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, stride_h, stride_dh):
     """The down-projection backward's epilogue on one accumulator (da_raw = dy[tok] W2_e over columns offs_n of I):
-    stores ga = g a, dh1 = g da_raw h3 silu'(h1), dh3 = g da_raw silu(h1); returns its part of dg = da_raw . a.
-    Padding rows write zeros (their h is never read), so every row of dh and ga is defined."""
+    stores dh1 = g da_raw h3 silu'(h1), dh3 = g da_raw silu(h1); returns its part of dg = da_raw . a, a = silu(h1)
+    h3 recomputed from the h it loads anyway. Padding rows write zeros, so every row of dh is defined."""
     n_ok = offs_n < I
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
     h_ok = valid[:, None] & n_ok[None, :]
@@ -243,8 +244,6 @@ def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, ga_ptr, stri
     sig = tl.sigmoid(h1)
     silu = h1 * sig
     a = silu * h3
-    tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], (a * g[:, None]).to(ga_ptr.dtype.element_ty),
-             mask=n_ok[None, :])
     da = acc * g[:, None]
     dh_ptrs = dh_ptr + rows[:, None] * stride_dh + offs_n[None, :]
     tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])  # dh3 = da silu(h1)
@@ -253,16 +252,14 @@ def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, ga_ptr, stri
     return tl.sum(acc * a, axis=1)
 
 @triton.jit
-def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr, dys_ptr, sorted_pair_ptr,
-                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd,
-                         stride_h, stride_dh, stride_ga,
+def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, dys_ptr, sorted_pair_ptr,
+                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd, stride_h, stride_dh,
                          ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Backward through the down projection and the SwiGLU, one tile of BLOCK_N columns of I:
-    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  ga = g a (the down projection's input, for dW2);
-    da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
+    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
     The row tile's programs also store the dy rows they gather, dys = dy[tok] in the sorted layout (zeros in
-    padding rows), for dW2.
+    padding rows), for dW2 = dys^T (g a) with the forward's g a.
     The tile is two accumulators of BLOCK_N / 2 columns that share each dy tile (as _moe_up_kernel's W1 and W3
     do), and the epilogue runs on one half at a time, so only half the tile's h1, h3 and temporaries are live at
     once beside the accumulators: with one accumulator the epilogue spilled registers at all but small tiles."""
@@ -292,9 +289,8 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, ga_ptr, dg_ptr
         dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wd
     g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
-    dg = _swiglu_bwd_half(acc_lo, g, rows, valid, offs_lo, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh, stride_ga)
-    dg += _swiglu_bwd_half(acc_hi, g, rows, valid, offs_hi, I, h_ptr, dh_ptr, ga_ptr, stride_h, stride_dh,
-                           stride_ga)
+    dg = _swiglu_bwd_half(acc_lo, g, rows, valid, offs_lo, I, h_ptr, dh_ptr, stride_h, stride_dh)
+    dg += _swiglu_bwd_half(acc_hi, g, rows, valid, offs_hi, I, h_ptr, dh_ptr, stride_h, stride_dh)
     tl.store(dg_ptr + pid_n * n_pairs + pair, dg, mask=valid)  # dL/dg = dy . (a W2^T)
 
 @triton.jit
@@ -520,16 +516,15 @@ def moe_align(topk_ids, n_experts, align_m):
     return sorted_pair, block_expert, pad[0], pad[1]
 
 
-def _launch_mm(a, w, out, gate, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, mul_gate, w2nd=None,
-               per_pair=False):
-    """out[pair] = (gate *) a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3)."""
+def _launch_mm(a, w, out, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, w2nd=None, per_pair=False):
+    """out[pair] = a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3)."""
     t = tiles["dx" if w2nd is not None else "down"]
     m_tiles = n_pairs if per_pair else sorted_pair.numel() // t["BLOCK_M"]
     grid = (m_tiles * triton.cdiv(N, t["BLOCK_N"]),)
     stride_we, stride_wk, stride_wn = w_strides
-    _moe_mm_kernel[grid](a, w, w2nd, out, gate, sorted_pair, block_expert,  # w2nd None: TWO is False
+    _moe_mm_kernel[grid](a, w, w2nd, out, sorted_pair, block_expert,  # w2nd None: TWO is False
                          n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we, stride_wk=stride_wk,
-                         stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None, MUL_GATE=mul_gate,
+                         stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None,
                          ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, PRECISION=prec, **t)
 
 
@@ -570,27 +565,26 @@ class _FusedMoE(torch.autograd.Function):
             m_tiles = rows // tiles["up"]["BLOCK_M"]
         gate = topk_weights.detach().float().contiguous().view(-1)  # (N*K,), pair order
         h = torch.empty(rows, 2 * I, device=x.device, dtype=dtype)  # [h1 ; h3] per sorted row, saved
-        a = torch.empty(rows, I, device=x.device, dtype=dtype)  # silu(h1) * h3
+        ga = torch.empty(rows, I, device=x.device, dtype=dtype)  # g silu(h1) h3: the down projection's input, saved
         xs = torch.empty(rows, D, device=x.device, dtype=dtype) if save_x else None  # x[tok], sorted: for dW1, dW3
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
-        _moe_up_kernel[grid](xc, w1c, w3c, h, a, xs, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
-                             w1c.stride(0), w1c.stride(1), h.stride(0), a.stride(0), ALIGN_M=tiles["ALIGN_M"],
+        _moe_up_kernel[grid](xc, w1c, w3c, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
+                             w1c.stride(0), w1c.stride(1), h.stride(0), ga.stride(0), ALIGN_M=tiles["ALIGN_M"],
                              PER_PAIR=per_pair, SAVE_X=save_x, PRECISION=prec, **t)
-        out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # g * expert output, one row per pair
+        out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # (g a) W2_e: g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
-        _launch_mm(a, w2c, out, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
-                   w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, mul_gate=True,
-                   per_pair=per_pair)
+        _launch_mm(ga, w2c, out, sorted_pair, block_expert, n_pairs, K=I, N=D,
+                   w_strides=(w2c.stride(0), 1, w2c.stride(1)), tiles=tiles, prec=prec, per_pair=per_pair)
         if save_x:
-            ctx.save_for_backward(xs, w1c, w2c, w3c, gate, h, sorted_pair, block_expert, pad_start, pad_end)
+            ctx.save_for_backward(xs, w1c, w2c, w3c, gate, h, ga, sorted_pair, block_expert, pad_start, pad_end)
         ctx.n_tokens = N
         ctx.top_k, ctx.dtypes = K, (x.dtype, topk_weights.dtype, w1.dtype, w2.dtype, w3.dtype)
         return out.view(N, K, D).sum(dim=1, dtype=x.dtype)  # the K experts of each token; fp32 sum
 
     @staticmethod
     def backward(ctx, dy):
-        xs, w1, w2, w3, gate, h, sorted_pair, block_expert, pad_start, pad_end = ctx.saved_tensors
+        xs, w1, w2, w3, gate, h, ga, sorted_pair, block_expert, pad_start, pad_end = ctx.saved_tensors
         K, (x_dtype, g_dtype, w1_dtype, w2_dtype, w3_dtype) = ctx.top_k, ctx.dtypes
         N, D = ctx.n_tokens, xs.shape[1]
         E, I, _ = w1.shape
@@ -601,23 +595,22 @@ class _FusedMoE(torch.autograd.Function):
         t = tiles["down_bwd"]
         n_tiles_i = triton.cdiv(I, t["BLOCK_N"])
         dh = torch.empty(rows, 2 * I, device=xs.device, dtype=xs.dtype)
-        ga = torch.empty(rows, I, device=xs.device, dtype=xs.dtype)
         dys = torch.empty(rows, D, device=xs.device, dtype=xs.dtype)  # dy[tok], sorted: for dW2
         dg_part = torch.empty(n_tiles_i, n_pairs, device=xs.device, dtype=torch.float32)
         _moe_down_bwd_kernel[(rows // t["BLOCK_M"] * n_tiles_i,)](
-            dy, w2, h, gate, dh, ga, dg_part, dys, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0),
-            w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0), ga.stride(0), ALIGN_M=tiles["ALIGN_M"],
+            dy, w2, h, gate, dh, dg_part, dys, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0),
+            w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0), ALIGN_M=tiles["ALIGN_M"],
             PRECISION=prec, **t)
         dx = dw1 = dw2 = dw3 = dg = None
         if ctx.needs_input_grad[0]:
             dx_pair = torch.empty(n_pairs, D, device=xs.device, dtype=xs.dtype)
             # W1_e is (I, d): element [k over I, n over d] at k * d + n
-            _launch_mm(dh, w1, dx_pair, gate, sorted_pair, block_expert, n_pairs, K=I, N=D,
-                       w_strides=(w1.stride(0), w1.stride(1), 1), tiles=tiles, prec=prec, mul_gate=False, w2nd=w3)
+            _launch_mm(dh, w1, dx_pair, sorted_pair, block_expert, n_pairs, K=I, N=D,
+                       w_strides=(w1.stride(0), w1.stride(1), 1), tiles=tiles, prec=prec, w2nd=w3)
             dx = dx_pair.view(N, K, D).sum(dim=1, dtype=x_dtype)
         if ctx.needs_input_grad[2]:
             dg = dg_part.sum(dim=0).view(N, K).to(g_dtype)
-        if ctx.needs_input_grad[4]:  # dW2_e = sum dy[tok]^T (g a)
+        if ctx.needs_input_grad[4]:  # dW2_e = sum dy[tok]^T (g a), g a as the forward stored it
             dw2 = torch.empty(w2.shape, device=xs.device, dtype=w2_dtype)
             _launch_wgrad(dys, ga, dw2, pad_start, pad_end, tiles, prec)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:  # dW1_e, dW3_e = sum dh1^T x[tok], sum dh3^T x[tok]
