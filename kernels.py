@@ -120,14 +120,17 @@ def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < n_blocks)
 
 @triton.jit
-def _save_rows(src_ptrs, dst_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K: tl.constexpr):
-    """Copy the gathered rows' chunk at column k into the sorted layout (zeros in padding rows), if this program
-    is the one of its row tile's n_tiles that owns the chunk: chunk c goes to program c % n_tiles, so the copy is
-    spread over all of them. It loads the chunk a second time: storing the very tile that feeds tl.dot made Triton
-    3.6 miscompile the dot on an H200 (the stored rows right, the products wrong). The ownership test is a vector,
-    as the interpreter takes no scalar in a mask."""
-    ok = k_ok & ((offs_k * 0 + k // BLOCK_K) % n_tiles == pid_n)
-    tl.store(dst_ptrs, tl.load(src_ptrs, mask=valid[:, None] & ok[None, :], other=0.0), mask=ok[None, :])
+def _save_rows(src_ptrs, dst_ptrs, valid, D, pid_n, n_tiles, BLOCK_K: tl.constexpr):
+    """Copy this program's share of its row tile's gathered rows into the sorted layout (zeros in padding rows):
+    chunk c of BLOCK_K columns goes to program c % n_tiles of the row tile's n_tiles, so the copy is spread over all
+    of them. It runs after the main loop and reads the rows again, from L2: in the loop it kept the up-projection's
+    pipelined loads waiting (README, "Training step"), and storing the very tile that feeds tl.dot made Triton 3.6
+    miscompile the dot on an H200 (the stored rows right, the products wrong)."""
+    offs = tl.arange(0, BLOCK_K)
+    for k in range(pid_n * BLOCK_K, D, n_tiles * BLOCK_K):
+        ok = (offs < D - k)[None, :]
+        cols = k + offs[None, :]
+        tl.store(dst_ptrs + cols, tl.load(src_ptrs + cols, mask=valid[:, None] & ok, other=0.0), mask=ok)
 
 @triton.jit
 def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -173,15 +176,8 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorte
     w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SAVE_X:
-        xs_ptrs = xs_ptr + rows[:, None] * D + offs_k[None, :]
-        n_tiles = tl.cdiv(I, BLOCK_N)
-        pid_n = tl.program_id(0) % n_tiles
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
-        if SAVE_X:
-            _save_rows(x_ptrs, xs_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K)
-            xs_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & (offs_n[None, :] < I)
         acc1 = _dot(xt, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, PRECISION)
@@ -196,6 +192,10 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorte
     tl.store(h_ptrs, acc1.to(h_ptr.dtype.element_ty), mask=n_ok)
     tl.store(h_ptrs + I, acc3.to(h_ptr.dtype.element_ty), mask=n_ok)
     tl.store(ga_ptr + rows[:, None] * stride_ga + offs_n[None, :], ga.to(ga_ptr.dtype.element_ty), mask=n_ok)
+    if SAVE_X:
+        n_tiles = tl.cdiv(I, BLOCK_N)
+        _save_rows(x_ptr + tok[:, None] * stride_x, xs_ptr + rows[:, None] * D, valid, D, tl.program_id(0) % n_tiles,
+                   n_tiles, BLOCK_K)
 
 @triton.jit
 def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -277,11 +277,8 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, dys_pt
     w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_lo[None, :]
     acc_lo = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
-    dys_ptrs = dys_ptr + rows[:, None] * D + offs_k[None, :]
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
-        _save_rows(dy_ptrs, dys_ptrs, valid, k, offs_k, k_ok, pid_n, n_tiles, BLOCK_K)
-        dys_ptrs += BLOCK_K
         dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         acc_lo = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0), acc_lo, PRECISION)
         acc_hi = _dot(dyt, tl.load(w_ptrs + BLOCK_N // 2, mask=k_ok[:, None] & hi_ok[None, :], other=0.0), acc_hi,
@@ -292,6 +289,7 @@ def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, dys_pt
     dg = _swiglu_bwd_half(acc_lo, g, rows, valid, offs_lo, I, h_ptr, dh_ptr, stride_h, stride_dh)
     dg += _swiglu_bwd_half(acc_hi, g, rows, valid, offs_hi, I, h_ptr, dh_ptr, stride_h, stride_dh)
     tl.store(dg_ptr + pid_n * n_pairs + pair, dg, mask=valid)  # dL/dg = dy . (a W2^T)
+    _save_rows(dy_ptr + tok[:, None] * stride_dy, dys_ptr + rows[:, None] * D, valid, D, pid_n, n_tiles, BLOCK_K)
 
 @triton.jit
 def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_ptr, P, P1, Q, stride_l, stride_r,
