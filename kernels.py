@@ -352,11 +352,11 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     two moments, the bias corrections 1 - beta^t from the tensor's step t already counted on the device
     (beta^t = 2^(t log2 beta)). The gradient is read, never written.
     All the group's tensors in one launch (a launch per tensor left the GPU waiting on Python's launch cost: 167 of
-    them in the small MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the addresses of the
-    parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary search over the
-    first programs. ALIGNED: every address a multiple of 16 bytes and every size a multiple of 16 (all the models'
-    tensors are), said so, so that the loads and stores are 16-byte vectors: without it they went one element at
-    a time, as the compiler cannot see the alignment of an address or a mask bound read from memory."""
+    them in the small MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the
+    addresses of the parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary
+    search over the first programs. ALIGNED: every address a multiple of 16 bytes and every size a multiple of 16
+    (all the models' tensors are), said so, so that the loads and stores are 16-byte vectors: without it they went
+    one element at a time, as the compiler cannot see the alignment of an address or a mask bound read from memory."""
     pid = tl.program_id(0)
     lo = pid * 0
     hi = lo + n_tensors - 1
