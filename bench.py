@@ -611,7 +611,7 @@ def bench_tune(N=16384):
                                          mm(128, 128, 32, 8, 4), mm(128, 64, 128, 8, 3), mm(128, 128, 64, 8, 4)]),
         "down": ("_moe_mm_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
                                            mm(64, 256, 64, 8, 3), mm(128, 256, 64, 8, 3), mm(128, 256, 128, 8, 2)]),
-        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(64, 128, 64, 4, 3), mm(128, 128, 64, 8, 3),
+        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(128, 128, 64, 8, 3), mm(64, 128, 64, 4, 3),
                                                      mm(64, 128, 64, 4, 4), mm(128, 128, 64, 8, 4),
                                                      mm(64, 64, 128, 8, 3), mm(64, 128, 32, 4, 4)]),
         "dx": ("_moe_mm_kernel", "bwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 8, 4), mm(128, 256, 32, 8, 4),
@@ -668,7 +668,7 @@ def bench_tune(N=16384):
 
 # A training step's GPU kernels by family, matched by name (lower case; the first group that matches takes it)
 KERNEL_GROUPS = [
-    ("routed experts: fused_moe's GEMMs", ("_moe_up", "_moe_mm", "_moe_down_bwd", "_moe_wgrad")),
+    ("routed experts: fused_moe's GEMMs", ("_moe_up", "_moe_mm", "_moe_down_bwd", "_moe_swiglu_bwd", "_moe_wgrad")),
     ("routing: sort, alignment, top-k", ("_moe_align", "radixsort", "radix_sort", "topk")),
     ("cuBLAS GEMMs: projections, dense FFNs, shared experts, head", ("nvjet", "gemm", "cutlass", "splitkreduce")),
     ("attention: cuDNN SDPA", ("sdpa", "flash", "cudnn", "fmha")),

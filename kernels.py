@@ -22,8 +22,8 @@ length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at on
     forward   h1, h3 = x[tok] W1_e^T, x[tok] W3_e^T        _moe_up_kernel (SwiGLU and the gate in the epilogue:
               ga = g silu(h1) h3                            saves h1, h3, ga and the gathered rows xs = x[tok])
               out[pair] = ga W2_e^T                         _moe_mm_kernel
-    backward  da = dy[tok] W2_e ; dg = da . a                _moe_down_bwd_kernel (SwiGLU backward in the epilogue;
-                                                            saves dys = dy[tok])
+    backward  da = dy[tok] W2_e                             _moe_down_bwd_kernel (saves dys = dy[tok])
+              dg = da . a ; dh1, dh3 = SwiGLU backward      _moe_swiglu_bwd_kernel
               dW2_e = sum dys^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T xs   _moe_wgrad_kernel
               dx[pair] = dh1 W1_e + dh3 W3_e                 _moe_mm_kernel
 
@@ -232,64 +232,63 @@ def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, sorted_pair_ptr, block_exper
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 @triton.jit
-def _swiglu_bwd_half(acc, g, rows, valid, offs_n, I, h_ptr, dh_ptr, stride_h, stride_dh):
-    """The down-projection backward's epilogue on one accumulator (da_raw = dy[tok] W2_e over columns offs_n of I):
-    stores dh1 = g da_raw h3 silu'(h1), dh3 = g da_raw silu(h1); returns its part of dg = da_raw . a, a = silu(h1)
-    h3 recomputed from the h it loads anyway. Padding rows write zeros, so every row of dh is defined."""
-    n_ok = offs_n < I
-    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
-    h_ok = valid[:, None] & n_ok[None, :]
-    h1 = tl.load(h_ptrs, mask=h_ok, other=0.0).to(tl.float32)
-    h3 = tl.load(h_ptrs + I, mask=h_ok, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(h1)
-    silu = h1 * sig
-    a = silu * h3
-    da = acc * g[:, None]
-    dh_ptrs = dh_ptr + rows[:, None] * stride_dh + offs_n[None, :]
-    tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])  # dh3 = da silu(h1)
-    dh1 = da * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
-    tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
-    return tl.sum(acc * a, axis=1)
-
-@triton.jit
-def _moe_down_bwd_kernel(dy_ptr, w2_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, dys_ptr, sorted_pair_ptr,
-                         block_expert_ptr, n_pairs, top_k, D, I, stride_dy, stride_we, stride_wd, stride_h, stride_dh,
+def _moe_down_bwd_kernel(dy_ptr, w2_ptr, da_ptr, dys_ptr, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, D, I,
+                         stride_dy, stride_we, stride_wd,
                          ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISION: tl.constexpr):
-    """Backward through the down projection and the SwiGLU, one tile of BLOCK_N columns of I:
-    da_raw = dy[tok] W2_e;  dg partial = sum_i da_raw * a;  da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
-    The row tile's programs also store the dy rows they gather, dys = dy[tok] in the sorted layout (zeros in
-    padding rows), for dW2 = dys^T (g a) with the forward's g a.
-    The tile is two accumulators of BLOCK_N / 2 columns that share each dy tile (as _moe_up_kernel's W1 and W3
-    do), and the epilogue runs on one half at a time, so only half the tile's h1, h3 and temporaries are live at
-    once beside the accumulators: with one accumulator the epilogue spilled registers at all but small tiles."""
-    expert, rows, pair, valid, tok, _ = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
-                                              BLOCK_M, BLOCK_N, False)
+    """Backward through the down projection, one tile of BLOCK_N columns of I: da_raw = dy[tok] W2_e, stored in the
+    sorted layout (zeros in padding rows) for _moe_swiglu_bwd_kernel. The row tile's programs also store the dy rows
+    they gather, dys = dy[tok] in the sorted layout (zeros in padding rows), for dW2 = dys^T (g a) with the
+    forward's g a. The SwiGLU backward is a kernel of its own: in this one's epilogue it held the tile's h1, h3 and
+    temporaries beside the accumulator, and the registers spilled (README, "Training step")."""
+    expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
+                                                   BLOCK_M, BLOCK_N, False)
     if expert < 0:
         return
-    n_tiles = tl.cdiv(I, BLOCK_N)
-    pid_n = tl.program_id(0) % n_tiles  # this tile's slice of I: its partial of dg
-    offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    offs_hi = offs_lo + BLOCK_N // 2
     offs_k = tl.arange(0, BLOCK_K)
-    lo_ok, hi_ok = offs_lo < I, offs_hi < I
+    n_ok = offs_n < I
     dy_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]  # gather dy by token
-    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_lo[None, :]
-    acc_lo = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
         dyt = tl.load(dy_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        acc_lo = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & lo_ok[None, :], other=0.0), acc_lo, PRECISION)
-        acc_hi = _dot(dyt, tl.load(w_ptrs + BLOCK_N // 2, mask=k_ok[:, None] & hi_ok[None, :], other=0.0), acc_hi,
-                      PRECISION)
+        acc = _dot(dyt, tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, PRECISION)
         dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wd
+    tl.store(da_ptr + rows[:, None] * I + offs_n[None, :], acc.to(da_ptr.dtype.element_ty), mask=n_ok[None, :])
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    _save_rows(dy_ptr + tok[:, None] * stride_dy, dys_ptr + rows[:, None] * D, valid, D, tl.program_id(0) % n_tiles,
+               n_tiles, BLOCK_K)
+
+@triton.jit
+def _moe_swiglu_bwd_kernel(da_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, sorted_pair_ptr, n_pairs, I,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The SwiGLU backward over BLOCK_R sorted rows, all I columns in chunks of BLOCK_C: with da_raw from
+    _moe_down_bwd_kernel, a = silu(h1) h3 recomputed from h, and g the pair's gate,
+    dg = da_raw . a (one per pair: dL/dg = dy . (a W2^T));  da = g da_raw;  dh1 = da h3 silu'(h1), dh3 = da silu(h1).
+    Padding rows write zeros (g is 0 there), so every row of dh is defined for the weight gradients."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair < n_pairs
     g = tl.load(gate_ptr + pair, mask=valid, other=0.0)
-    dg = _swiglu_bwd_half(acc_lo, g, rows, valid, offs_lo, I, h_ptr, dh_ptr, stride_h, stride_dh)
-    dg += _swiglu_bwd_half(acc_hi, g, rows, valid, offs_hi, I, h_ptr, dh_ptr, stride_h, stride_dh)
-    tl.store(dg_ptr + pid_n * n_pairs + pair, dg, mask=valid)  # dL/dg = dy . (a W2^T)
-    _save_rows(dy_ptr + tok[:, None] * stride_dy, dys_ptr + rows[:, None] * D, valid, D, pid_n, n_tiles, BLOCK_K)
+    dg = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c in range(0, I, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        ok = (cols < I)[None, :]
+        da_raw = tl.load(da_ptr + rows[:, None] * I + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        h_ptrs = h_ptr + rows[:, None] * (2 * I) + cols[None, :]
+        h1 = tl.load(h_ptrs, mask=valid[:, None] & ok, other=0.0).to(tl.float32)
+        h3 = tl.load(h_ptrs + I, mask=valid[:, None] & ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(h1)
+        silu = h1 * sig
+        dg += tl.sum(da_raw * silu * h3, axis=1)
+        da = da_raw * g[:, None]
+        dh_ptrs = dh_ptr + rows[:, None] * (2 * I) + cols[None, :]
+        tl.store(dh_ptrs + I, (da * silu).to(dh_ptr.dtype.element_ty), mask=ok)  # dh3 = da silu(h1)
+        dh1 = da * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(h) = sig(h) (1 + h (1 - sig(h)))
+        tl.store(dh_ptrs, dh1.to(dh_ptr.dtype.element_ty), mask=ok)
+    tl.store(dg_ptr + pair, dg, mask=valid)
 
 @triton.jit
 def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_ptr, P, P1, Q, stride_l, stride_r,
@@ -479,16 +478,19 @@ def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_
 MOE_TILES = dict(ALIGN_M=128,
                  up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                  down=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                 down_bwd=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+                 down_bwd=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                 swiglu_bwd=dict(BLOCK_R=32, BLOCK_C=128, num_warps=4),
                  dx=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                  wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3))
 _SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 SMALL_TILES = dict(ALIGN_M=16, up=_SMALL, down=_SMALL, down_bwd=_SMALL, dx=_SMALL,
+                   swiglu_bwd=dict(BLOCK_R=16, BLOCK_C=128, num_warps=4),
                    wgrad=dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=4, num_stages=3))
 SMALL_PAIRS = 4096  # up to this many (token, expert) pairs take SMALL_TILES
 INTERPRET_TILES = dict(ALIGN_M=32, up=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
                        down=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), down_bwd=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
-                       dx=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), wgrad=dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=16))
+                       dx=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), wgrad=dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=16),
+                       swiglu_bwd=dict(BLOCK_R=16, BLOCK_C=32))
 
 
 def moe_align(topk_ids, n_experts, align_m):
@@ -591,14 +593,15 @@ class _FusedMoE(torch.autograd.Function):
         dy = dy.to(xs.dtype).contiguous()
         rows = sorted_pair.numel()
         t = tiles["down_bwd"]
-        n_tiles_i = triton.cdiv(I, t["BLOCK_N"])
-        dh = torch.empty(rows, 2 * I, device=xs.device, dtype=xs.dtype)
+        da = torch.empty(rows, I, device=xs.device, dtype=xs.dtype)  # dy[tok] W2_e, sorted
         dys = torch.empty(rows, D, device=xs.device, dtype=xs.dtype)  # dy[tok], sorted: for dW2
-        dg_part = torch.empty(n_tiles_i, n_pairs, device=xs.device, dtype=torch.float32)
-        _moe_down_bwd_kernel[(rows // t["BLOCK_M"] * n_tiles_i,)](
-            dy, w2, h, gate, dh, dg_part, dys, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0),
-            w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0), ALIGN_M=tiles["ALIGN_M"],
-            PRECISION=prec, **t)
+        _moe_down_bwd_kernel[(rows // t["BLOCK_M"] * triton.cdiv(I, t["BLOCK_N"]),)](
+            dy, w2, da, dys, sorted_pair, block_expert, n_pairs, K, D, I, dy.stride(0), w2.stride(0), w2.stride(1),
+            ALIGN_M=tiles["ALIGN_M"], PRECISION=prec, **t)
+        dh = torch.empty(rows, 2 * I, device=xs.device, dtype=xs.dtype)
+        dg_pair = torch.empty(n_pairs, device=xs.device, dtype=torch.float32)
+        t = tiles["swiglu_bwd"]
+        _moe_swiglu_bwd_kernel[(rows // t["BLOCK_R"],)](da, h, gate, dh, dg_pair, sorted_pair, n_pairs, I, **t)
         dx = dw1 = dw2 = dw3 = dg = None
         if ctx.needs_input_grad[0]:
             dx_pair = torch.empty(n_pairs, D, device=xs.device, dtype=xs.dtype)
@@ -607,7 +610,7 @@ class _FusedMoE(torch.autograd.Function):
                        w_strides=(w1.stride(0), w1.stride(1), 1), tiles=tiles, prec=prec, w2nd=w3)
             dx = dx_pair.view(N, K, D).sum(dim=1, dtype=x_dtype)
         if ctx.needs_input_grad[2]:
-            dg = dg_part.sum(dim=0).view(N, K).to(g_dtype)
+            dg = dg_pair.view(N, K).to(g_dtype)
         if ctx.needs_input_grad[4]:  # dW2_e = sum dy[tok]^T (g a), g a as the forward stored it
             dw2 = torch.empty(w2.shape, device=xs.device, dtype=w2_dtype)
             _launch_wgrad(dys, ga, dw2, pad_start, pad_end, tiles, prec)

@@ -788,7 +788,8 @@ def test_fused_moe_interpreted(dtype, w_dtype, tol):
     check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
 
 
-KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_wgrad_kernel",
+KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_swiglu_bwd_kernel",
+           "_moe_wgrad_kernel",
            "_mla_decode_kernel", "_mla_combine_kernel"]
 
 
