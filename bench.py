@@ -606,14 +606,17 @@ def bench_tune(N=16384):
     params = [x, gates, w1, w2, w3]
     mm = lambda m, n, k, w, s: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
     wg = lambda p, q, k, w, s: dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=k, num_warps=w, num_stages=s)
+    sw = lambda r, c, w: dict(BLOCK_R=r, BLOCK_C=c, num_warps=w)
     cands = {  # kernel key: (profiler name, pass, candidates); the first of each is the current default
-        "up": ("_moe_up_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 8, 4), mm(64, 128, 64, 4, 3),
-                                         mm(128, 128, 32, 8, 4), mm(128, 64, 128, 8, 3), mm(128, 128, 64, 8, 4)]),
+        "up": ("_moe_up_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 4, 3), mm(128, 64, 64, 4, 4),
+                                         mm(64, 128, 64, 4, 3), mm(128, 64, 64, 8, 4), mm(128, 128, 32, 8, 4)]),
         "down": ("_moe_mm_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
                                            mm(64, 256, 64, 8, 3), mm(128, 256, 64, 8, 3), mm(128, 256, 128, 8, 2)]),
-        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(128, 128, 64, 8, 3), mm(64, 128, 64, 4, 3),
-                                                     mm(64, 128, 64, 4, 4), mm(128, 128, 64, 8, 4),
-                                                     mm(64, 64, 128, 8, 3), mm(64, 128, 32, 4, 4)]),
+        "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 4, 3),
+                                                     mm(128, 64, 64, 4, 4), mm(128, 128, 64, 8, 4),
+                                                     mm(64, 128, 64, 4, 3), mm(128, 128, 32, 8, 4)]),
+        "swiglu_bwd": ("_moe_swiglu_bwd_kernel", "bwd", [sw(32, 128, 4), sw(16, 128, 4), sw(64, 128, 8),
+                                                         sw(32, 256, 8), sw(64, 64, 4), sw(16, 256, 4)]),
         "dx": ("_moe_mm_kernel", "bwd", [mm(128, 256, 64, 8, 3), mm(128, 128, 64, 8, 4), mm(128, 256, 32, 8, 4),
                                          mm(64, 256, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 128, 128, 8, 3)]),
         "wgrad": ("_moe_wgrad_kernel", "bwd", [wg(128, 128, 64, 8, 3), wg(128, 128, 64, 8, 4), wg(128, 256, 64, 8, 3),
@@ -686,6 +689,17 @@ def kernel_groups(gpu):
     return out
 
 
+def compiled_kernels(fn):
+    """The variants of a Triton kernel compiled so far in this process, loaded (n_regs and n_spills are read then).
+    torch.compile compiles the kernels it traces on its own: only eager launches show here."""
+    found = []
+    for cache in fn.device_caches.values():  # per device: (kernels by their specialization, ...)
+        for k in cache[0].values():
+            k._init_handles()
+            found.append(k)
+    return found
+
+
 def bench_profile(N=16384):
     """Where the time goes: the top GPU kernels of fused_moe forward + backward, and of one training step of the
     MoE model and of its dense twin (torch profiler, 3 iterations each), then the two steps' kernels by family,
@@ -722,6 +736,12 @@ def bench_profile(N=16384):
     show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3),
                                                                       params, dy),
          flops=moe_flops(2 * N * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim))
+    print("\nfused_moe's kernels as compiled so far (a thread's registers, bytes spilled: what limits the tiles)\n")
+    print(table(["kernel", "num_warps", "registers", "spilled bytes", "shared KiB"], [
+        (name, k.metadata.num_warps, k.n_regs, k.n_spills, f"{k.metadata.shared / 1024:.0f}")
+        for name in ("_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_swiglu_bwd_kernel",
+                     "_moe_wgrad_kernel")
+        for k in compiled_kernels(getattr(kernels, name))]))
     del x, ids, gates, w1, w2, w3, dy, params
     steps = {}
     for name, cfg in train_models().items():

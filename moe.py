@@ -130,7 +130,10 @@ class MoE(nn.Module):
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             # -inf, not 0: with a negative s + b a zero-masked expert could still win
             choice = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        topk_ids = choice.topk(self.top_k, dim=-1).indices
+        if self.experts.use_kernels and kernels.usable(x):
+            topk_ids = kernels.router_topk(choice, self.top_k)  # one launch; torch.topk sorts
+        else:
+            topk_ids = choice.topk(self.top_k, dim=-1).indices
         topk_weights = scores.gather(1, topk_ids)
         if self.norm_topk:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)

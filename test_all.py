@@ -933,6 +933,36 @@ def test_adamw_interpreted():
     check_adamw([(37, 129), (16, 80), (5000,), (3, 7), (4112,), (48,)], "cpu", kernel=True)  # aligned or not
 
 
+def check_router_topk(device):
+    """kernels.router_topk against torch.topk: the same experts, largest first, for expert counts that are and are not
+    powers of two; ties (scores from a few values, as a bias of whole steps of gamma can make) go to the lower
+    index, as a stable descending sort puts them; columns at -inf (dropped groups) come only after every finite
+    one, and a row with fewer finite scores than K still gets K distinct experts; NaN ranks first, as in torch."""
+    g = torch.Generator().manual_seed(0)
+    for N, E, K in [(1, 64, 6), (37, 62, 6), (300, 8, 2), (5, 160, 6), (70, 256, 8), (9, 16, 1), (4, 64, 64)]:
+        x = torch.randn(N, E, generator=g)
+        got = kernels.router_topk(x.to(device), K).cpu()
+        want = x.topk(K, dim=-1)
+        assert got.dtype == torch.int64 and got.shape == (N, K)
+        assert torch.equal(got, want.indices), (N, E, K)
+        ties = torch.randint(0, 3, (N, E), generator=g).float()
+        stable = ties.sort(dim=-1, descending=True, stable=True).indices[:, :K]
+        assert torch.equal(kernels.router_topk(ties.to(device), K).cpu(), stable), ("ties", N, E, K)
+    x = torch.randn(6, 64, generator=g)
+    x[:, 8:] = float("-inf")  # 8 finite scores a row
+    got = kernels.router_topk(x.to(device), 10).cpu()
+    assert torch.equal(got[:, :8], x.topk(8, dim=-1).indices)
+    assert torch.equal(got[:, 8:], torch.tensor([[8, 9]] * 6))  # then the lowest untaken -inf columns, once each
+    x[2, 40] = float("nan")
+    assert kernels.router_topk(x.to(device), 1)[2, 0].item() == 40
+
+
+@needs_triton
+@interpreted
+def test_router_topk_interpreted():
+    check_router_topk("cpu")
+
+
 # -----------------------------------------------------------------------------
 # GPU twins at realistic sizes (bf16); skipped on CPU
 
@@ -1006,6 +1036,11 @@ def test_compiled_training_step_matches_eager_gpu():
 def test_adamw_gpu():
     """The Triton step on its own (kernel=None: usable() picks it on CUDA) at sizes of the small config's."""
     check_adamw([(64, 384, 768), (50304, 768), (768,), (1000003,)], "cuda", kernel=None)
+
+
+@needs_cuda
+def test_router_topk_gpu():
+    check_router_topk("cuda")
 
 
 @needs_cuda
