@@ -494,12 +494,12 @@ def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_
 # 128-row tiles would be nearly all padding: 16-row tiles, narrow N tiles so enough programs stream the weights.
 # The interpreter gets small ones so the CPU tests cross several tiles, experts and splits.
 MOE_TILES = dict(ALIGN_M=128,
-                 up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                 up=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
                  down=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                  down_bwd=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                 swiglu_bwd=dict(BLOCK_R=32, BLOCK_C=128, num_warps=4),
+                 swiglu_bwd=dict(BLOCK_R=16, BLOCK_C=128, num_warps=4),
                  dx=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-                 wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3))
+                 wgrad=dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages=4))
 _SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 SMALL_TILES = dict(ALIGN_M=16, up=_SMALL, down=_SMALL, down_bwd=_SMALL, dx=_SMALL,
                    swiglu_bwd=dict(BLOCK_R=16, BLOCK_C=128, num_warps=4),
