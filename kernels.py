@@ -536,8 +536,8 @@ def moe_align(topk_ids, n_experts, align_m):
 
 def router_topk(choice, k):
     """The indices (N, k) int64 of each row's k largest entries of choice (N, E), largest first: torch.topk(choice,
-    k).indices (ties, which torch leaves unspecified, to the lower index) in one launch, where torch's sort-based
-    top-k cost the small config's step 0.63 ms (README, "Training step")."""
+    k).indices (ties, which torch leaves unspecified, to the lower index) in one launch, without torch's sort
+    (what that cost the training step: README, "Training step")."""
     N, E = choice.shape
     ids = torch.empty(N, k, dtype=torch.int64, device=choice.device)
     BLOCK_E = triton.next_power_of_2(E)

@@ -70,8 +70,12 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
         self.use_kernels = use_kernels
 
+    def on_kernels(self, x):
+        """Take the Triton paths (the experts, and the router's top-k) for this input?"""
+        return self.use_kernels and kernels.usable(x)
+
     def forward(self, x, topk_ids, topk_weights):
-        if self.use_kernels and kernels.usable(x):
+        if self.on_kernels(x):
             return kernels.fused_moe(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
         return experts_reference(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
 
@@ -130,7 +134,7 @@ class MoE(nn.Module):
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             # -inf, not 0: with a negative s + b a zero-masked expert could still win
             choice = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        if self.experts.use_kernels and kernels.usable(x):
+        if self.experts.on_kernels(x):
             topk_ids = kernels.router_topk(choice, self.top_k)  # one launch; torch.topk sorts
         else:
             topk_ids = choice.topk(self.top_k, dim=-1).indices
