@@ -541,7 +541,7 @@ def router_topk(choice, k):
     N, E = choice.shape
     ids = torch.empty(N, k, dtype=torch.int64, device=choice.device)
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_T = max(1, 4096 // BLOCK_E)
+    BLOCK_T = min(max(1, 4096 // BLOCK_E), triton.next_power_of_2(N))  # decoding: a row or a few, one small tile
     _topk_kernel[(triton.cdiv(N, BLOCK_T),)](choice.detach().float().contiguous(), ids, N, E, K=k, BLOCK_T=BLOCK_T,
                                             BLOCK_E=BLOCK_E)
     return ids
