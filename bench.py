@@ -13,6 +13,8 @@ which measure loss rather than speed (load balancing, multi-token prediction, th
     python bench.py --sections=train,profile --compile=True   # the MoE training step vs dense, and its kernels
     python bench.py --sections=train --compile=True --train_config=config/study_gpu.py --train_vocab=8192 \
         --train_batch=64 --train_seq=512            # the same at the claims study's size
+    python bench.py --sections=train,profile --compile=True --train_vocab=2048 --train_accum=2
+                                                     # the step train.py config/train_small.py takes on data/shakespeare
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 
 Sections:
@@ -79,7 +81,8 @@ mla_shapes = ((64, 4096, 12, 256, 32), (128, 8192, 12, 256, 32), (64, 8192, 16, 
 train_config = "config/train_small.py"  # the train and profile sections' MoE model; its dense twin is the same
                                  # config with every block dense (n_dense_layers = n_layer), dense_inter_dim wide
 train_vocab = 50304              # the models' vocabulary (GPT-2's; config/study_gpu.py's data/claims has 8192)
-train_batch = 16                 # sequences per training step
+train_batch = 16                 # sequences per micro-batch
+train_accum = 1                  # micro-batches per optimizer step (train.py's gradient_accumulation_steps)
 train_seq = 1024                 # tokens per sequence (the small config's block_size)
 train_steps = 10                 # timed steps (after train_warmup)
 train_warmup = 3
@@ -530,19 +533,19 @@ def bench_decode_profile(context=64, reps=10):
 
 
 def make_train_step(cfg):
-    """One optimizer step as train.py takes it: forward and backward under bf16 autocast, clip, kernels.AdamW, the
-    aux-loss-free bias update. Random tokens. Returns (step, the model)."""
+    """One optimizer step as train.py takes it: forward and backward of train_accum micro-batches under bf16 autocast,
+    clip, kernels.AdamW, the aux-loss-free bias update. Random tokens. Returns (step, the model)."""
     torch.manual_seed(seed)
     raw = Model(cfg).to(device)
     model = torch.compile(raw) if compile else raw
     opt = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cuda")
-    data = torch.randint(cfg.vocab_size, (train_batch, train_seq + 1), device=device)
-    x, y = data[:, :-1], data[:, 1:]
+    data = torch.randint(cfg.vocab_size, (train_accum, train_batch, train_seq + 1), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(x, y)
-        loss.backward()
+        for micro in data:  # after the first, backward adds each gradient into .grad, as in train.py
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(micro[:, :-1], micro[:, 1:])
+            (loss / train_accum).backward()
         clipped_step(opt, raw.parameters(), 1.0)
         opt.zero_grad(set_to_none=True)
         raw.update_biases(1e-3)
@@ -551,8 +554,8 @@ def make_train_step(cfg):
 
 
 def bench_train():
-    print(f"\n## Training step, {train_config}: batch {train_batch} x {train_seq} tokens, bf16 autocast, kernels.AdamW"
-          f"{', torch.compile' if compile else ''}\n")
+    print(f"\n## Training step, {train_config}: {train_accum} x batch {train_batch} x {train_seq} tokens, bf16 "
+          f"autocast, kernels.AdamW{', torch.compile' if compile else ''}\n")
     (moe_name, moe), (dense_name, dense) = train_models().items()
     variants = {f"{moe_name}, Triton kernels": moe}
     if not compile:  # the reference syncs with the host at every layer (.tolist()): compiling it gains nothing
@@ -563,7 +566,7 @@ def bench_train():
         step, raw = make_train_step(cfg)
         n = train_steps if "reference" not in name else max(3, train_steps // 3)
         ms = timeit(step, reps=n, warmup=train_warmup)
-        tok_s = train_batch * train_seq / (ms * 1e-3)
+        tok_s = train_accum * train_batch * train_seq / (ms * 1e-3)
         fpt = raw.flops_per_token(train_seq)
         mfu = fpt * tok_s / peak if peak else None
         rec = dict(model=name, ms=ms, tokens_per_s=tok_s, mfu=mfu, flops_per_token=fpt,
@@ -747,7 +750,7 @@ def bench_profile(N=16384):
     for name, cfg in train_models().items():
         step, _ = make_train_step(cfg)
         n_moe = cfg.n_layer - cfg.n_dense_layers
-        gemm = 2 * train_batch * train_seq * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim * n_moe
+        gemm = 2 * train_accum * train_batch * train_seq * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim * n_moe
         steps[name] = kernel_groups(show(f"training step, {name}", step, rows=25, flops=moe_flops(gemm)))
         del step
         torch.cuda.empty_cache()
