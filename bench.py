@@ -41,7 +41,8 @@ Sections:
            (Linux; runs without a GPU)
   threads  train.py on the CPU (data/shakespeare from prepare.py) while threads_busy other processes spin: tokens/s
            at the thread count train.py picks against torch's default of one per core (runs without a GPU)
-  tune     per-kernel search over candidate kernels.MOE_TILES / MLA_TILES entries; prints the fastest
+  tune     per-kernel search over candidate kernels.MOE_TILES entries (train_config's experts, train_batch x
+           train_seq tokens) and MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process), the fused_moe kernels with their
            TFLOP/s, then the two steps' kernels by family (KERNEL_GROUPS) side by side
@@ -601,10 +602,11 @@ def kernel_ms(fn, n=5):
             for e in prof.key_averages() if e.key.startswith(("_moe", "_mla"))}
 
 
-def bench_tune(N=16384):
-    """Per-kernel tile search: for each BLOCK_M, run fused_moe with the i-th candidate of every kernel at once
-    and read each kernel's own GPU time from the profiler; keep the fastest candidate per kernel."""
-    cfg = small_config()
+def bench_tune():
+    """Per-kernel tile search over train_config's routed experts at a micro-batch of tokens: for each BLOCK_M, run
+    fused_moe with the i-th candidate of every kernel at once and read each kernel's own GPU time from the profiler;
+    keep the fastest candidate per kernel."""
+    cfg, N = small_config(train_config, train_vocab), train_batch * train_seq
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
     params = [x, gates, w1, w2, w3]
     mm = lambda m, n, k, w, s: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
@@ -703,10 +705,10 @@ def compiled_kernels(fn):
     return found
 
 
-def bench_profile(N=16384):
-    """Where the time goes: the top GPU kernels of fused_moe forward + backward, and of one training step of the
-    MoE model and of its dense twin (torch profiler, 3 iterations each), then the two steps' kernels by family,
-    side by side."""
+def bench_profile():
+    """Where the time goes: the top GPU kernels of fused_moe forward + backward (train_config's routed experts, a
+    micro-batch of tokens), and of one training step of the MoE model and of its dense twin (torch profiler, 3
+    iterations each), then the two steps' kernels by family, side by side."""
     from torch.profiler import ProfilerActivity, profile
 
     def show(title, fn, n=3, rows=18, flops=None):
@@ -728,7 +730,7 @@ def bench_profile(N=16384):
                     [(k[:90], f"{v:.3f}", f"{flops[k] / v / 1e9:.0f}" if k in flops else "") for k, v in gpu[:rows]]))
         return dict(gpu)
 
-    cfg = small_config()
+    cfg, N = small_config(train_config, train_vocab), train_batch * train_seq
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
     params = [x, gates, w1, w2, w3]
     def moe_flops(gemm):  # per kernel, from one (pairs x d x I) matmul's FLOPs: up holds W1 and W3; mm the down
