@@ -28,6 +28,11 @@ length is bounded by N*K + E*(BLOCK_M-1), and tiles past the real end exit at on
               dW2_e = sum dys^T (g a) ; [dW1_e ; dW3_e] = sum [dh1 ; dh3]^T xs   _moe_wgrad_kernel
               dx[pair] = dh1 W1_e + dh3 W3_e                 _moe_mm_kernel
 
+TMA (Hopper on; the flag TMA turns it off): tiles that lie in order in memory come through host-side tensor
+descriptors, built at each launch where _tma_desc accepts the tensor: W1, W3 in the up projection, a in
+_moe_mm_kernel (not per pair; for dx only when BLOCK_K divides I), both sides of the weight gradients. Rows
+gathered by token (x, dy) and the other weight tiles stay pointer loads.
+
 AdamW: the step streams each parameter, its gradient and its two moments once, in fp32 (Loshchilov & Hutter's
 decoupled weight decay, Adam's bias corrections from the step count on the device, the clip as a divisor of the
 gradient): 28 bytes per parameter. torch's fused AdamW also writes every gradient back after dividing it by the
@@ -53,6 +58,11 @@ except ImportError:  # the kernels below are still defined (as plain functions),
     HAS_TRITON = False
     triton = types.SimpleNamespace(jit=lambda fn: fn)
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+try:  # host-side TMA descriptors (Triton 3.4 on); without them every tile is read by pointer
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+TMA = True  # the fused MoE kernels read their contiguous tiles through TMA descriptors where _tma_desc allows
 _warned = False
 
 
@@ -69,6 +79,24 @@ def usable(x):
 def _precision(dtype):
     """fp32 dots follow torch's own switch: TF32 only where torch would use it for a matmul too (bf16 ignores it)."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _tma_desc(t, block):
+    """A TMA descriptor of the 2-D tensor t for tiles of shape block, or None where the kernel reads t by pointer:
+    TMA off, no host-side descriptors in this Triton, a GPU before Hopper (sm_90), or t laid out as TMA refuses
+    (its address and every stride but the last a multiple of 16 bytes, its rows contiguous). A descriptor load
+    zero-fills past t's edges, as the pointer loads' masks do. The CPU interpreter emulates descriptors, so the CPU
+    tests take this path too. Built afresh at every launch, never cached: torch.compile traces from_tensor itself.
+    Under torch.compile a tensor has no address yet (and Dynamo traces neither data_ptr() arithmetic nor
+    storage_offset() there): the tensors passed here are then fresh buffers, which the allocator aligns, or the
+    weights, and the compiled code's from_tensor asserts the address when it rebuilds the descriptor at run time."""
+    if not TMA or TensorDescriptor is None or (t.is_cuda and torch.cuda.get_device_properties(t.device).major < 9):
+        return None
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
+        return None
+    if t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        return None
+    return TensorDescriptor.from_tensor(t, block)
 
 
 # Triton's CPU interpreter (3.9) multiplies bf16 operands of tl.dot as raw bit patterns; upcast there only.
@@ -176,15 +204,28 @@ def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorted_pair_ptr, block_expert_ptr,
-                   n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_ga,
+def _w_tile(w_ptr, w_desc, w_off, w_mask, w_row, k, W_DESC: tl.constexpr):
+    """The up projection's W^T tile (BLOCK_K, BLOCK_N): by pointer (w_ptr + w_off under w_mask), or through w_desc
+    over the (E*I, d) view of W: BLOCK_N rows from w_row, BLOCK_K columns from k, transposed for the dot."""
+    if W_DESC:
+        wt = tl.trans(w_desc.load([w_row, k]))
+    else:
+        wt = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+    return wt
+
+@triton.jit
+def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorted_pair_ptr,
+                   block_expert_ptr, n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_ga,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, PRECISION: tl.constexpr):
+                   PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, W_DESC: tl.constexpr, PRECISION: tl.constexpr):
     """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3].
     ga = g a, the pair's gate applied here (V3 eq. 12: g_i FFN_i(u), and the down projection is linear): it is
     the down projection's input, and the backward's dW2 reads it as it stands. SAVE_X: the row tile's programs
     also store the rows they gather, xs = x[tok] in the sorted layout (zeros in padding rows), for the weight
-    gradients, which then read both sides in order, without a gather."""
+    gradients, which then read both sides in order, without a gather. W_DESC: W1 and W3 come through the TMA
+    descriptors w1_desc, w3_desc (w1_ptr, w3_ptr None), unmasked: a tile's rows past I are the next expert's
+    (zeros past the last), and they only make output columns >= I, which are never stored; columns past d are
+    zeros at the tensor's edge. The x rows are gathered by token, by pointer."""
     expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
                                                    BLOCK_M, BLOCK_N, PER_PAIR)
     if expert < 0:
@@ -192,14 +233,15 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorte
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]  # gather: the prologue permutes
     w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
+    w_row = expert * I + tl.program_id(0) % tl.cdiv(I, BLOCK_N) * BLOCK_N  # the tile's first row of W_e, as (E*I, d)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k
         xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & (offs_n[None, :] < I)
-        acc1 = _dot(xt, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, PRECISION)
-        acc3 = _dot(xt, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, PRECISION)
+        acc1 = _dot(xt, _w_tile(w1_ptr, w1_desc, w_off, w_mask, w_row, k, W_DESC), acc1, PRECISION)
+        acc3 = _dot(xt, _w_tile(w3_ptr, w3_desc, w_off, w_mask, w_row, k, W_DESC), acc3, PRECISION)
         x_ptrs += BLOCK_K
         w_off += BLOCK_K
     ga = acc1 * tl.sigmoid(acc1) * acc3 * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
@@ -216,36 +258,48 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorte
                    n_tiles, BLOCK_K)
 
 @triton.jit
-def _mm_loop(acc, a_ptrs, w_ptrs, K, offs_k, n_ok, stride_wk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _mm_loop(acc, a_ptr, a_desc, a_off, a_row, a_col, w_ptrs, K, offs_k, n_ok, stride_wk, A_DESC: tl.constexpr,
+             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a[tile rows, a_col : a_col + K] @ W (K rows from w_ptrs). a by pointer (a_ptr + a_off, masked at K),
+    or through a_desc from row a_row, unmasked: its columns past K must be past a's edge, zero-filled there."""
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k
-        at = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if A_DESC:
+            at = a_desc.load([a_row, a_col + k])
+        else:
+            at = tl.load(a_ptr + a_off, mask=k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(at, wt, acc, PRECISION)
-        a_ptrs += BLOCK_K
+        a_off += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     return acc
 
 @triton.jit
-def _moe_mm_kernel(a_ptr, w_ptr, w2nd_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
+def _moe_mm_kernel(a_ptr, a_desc, w_ptr, w2nd_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
                    n_pairs, K, N, stride_a, stride_we, stride_wk, stride_wn, stride_out, TWO: tl.constexpr,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PER_PAIR: tl.constexpr, PRECISION: tl.constexpr):
+                   PER_PAIR: tl.constexpr, A_DESC: tl.constexpr, PRECISION: tl.constexpr):
     """out[pair] = a[rows] @ W_e (one tile of N), a in the sorted layout, out scattered to
     pair (token-major) order. TWO: a holds 2K columns and W_e is w_ptr for the first K, w2nd_ptr for the rest
-    (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn."""
+    (dx = dh1 W1 + dh3 W3). W_e[k, n] sits at expert * stride_we + k * stride_wk + n * stride_wn.
+    A_DESC: a's tiles come through the TMA descriptor a_desc (a_ptr None), never with PER_PAIR (a row per pair,
+    not a tile of contiguous rows) and with TWO only when BLOCK_K divides K: the first K columns' last tile would
+    read the second K's first columns, which no zero fill masks."""
     expert, rows, pair, valid, _, offs_n = _tile(N, sorted_pair_ptr, block_expert_ptr, n_pairs, 1, ALIGN_M, BLOCK_M,
                                                  BLOCK_N, PER_PAIR)
     if expert < 0:
         return
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
-    a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
+    a_off = rows[:, None] * stride_a + offs_k[None, :]
+    a_row = tl.program_id(0) // tl.cdiv(N, BLOCK_N) * BLOCK_M  # the tile's first row, as _tile numbers them
     w_off = expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mm_loop(acc, a_ptrs, w_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
+    acc = _mm_loop(acc, a_ptr, a_desc, a_off, a_row, 0, w_ptr + w_off, K, offs_k, n_ok, stride_wk, A_DESC, BLOCK_K,
+                   PRECISION)
     if TWO:
-        acc = _mm_loop(acc, a_ptrs + K, w2nd_ptr + w_off, K, offs_k, n_ok, stride_wk, BLOCK_K, PRECISION)
+        acc = _mm_loop(acc, a_ptr, a_desc, a_off + K, a_row, K, w2nd_ptr + w_off, K, offs_k, n_ok, stride_wk, A_DESC,
+                       BLOCK_K, PRECISION)
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
@@ -309,9 +363,9 @@ def _moe_swiglu_bwd_kernel(da_ptr, h_ptr, gate_ptr, dh_ptr, dg_ptr, sorted_pair_
     tl.store(dg_ptr + pair, dg, mask=valid)
 
 @triton.jit
-def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_ptr, P, P1, Q, stride_l, stride_r,
-                      stride_oe, stride_op, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _moe_wgrad_kernel(l_ptr, r_ptr, l_desc, r_desc, out_ptr, out2_ptr, pad_start_ptr, pad_end_ptr, P, P1, Q, stride_l,
+                      stride_r, stride_oe, stride_op, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DESC: tl.constexpr, PRECISION: tl.constexpr):
     """G[e] (P, Q) = sum over expert e's rows of L[row]^T R[row], both sides in the sorted layout (x and dy were
     stored there by the kernels that gathered them), padding rows zero on both: a plain grouped GEMM over each
     expert's run of rows, which starts and ends on a multiple of BLOCK_K. SPLIT: rows p < P1 of G go to out[e],
@@ -321,7 +375,9 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_pt
     kernel stores to from its code and copies each separately, so one tensor passed as both out_ptr and out2_ptr
     came back as the copy the kernel never wrote (uninitialized dW2 in every compiled step). An expert with no
     tokens writes zeros. The grid is (tiles, experts), tiles first, so the programs of one expert run side by side
-    and its rows are read from memory once and from L2 after: experts first spread every wave over all of them."""
+    and its rows are read from memory once and from L2 after: experts first spread every wave over all of them.
+    DESC: both sides come through TMA descriptors (l_ptr, r_ptr None); P and Q are the full widths of L and R
+    (SPLIT's P too), so the zero fill past their edges is the pointer loads' mask."""
     pid = tl.program_id(0)
     expert = tl.program_id(1)
     n_tiles = tl.cdiv(Q, BLOCK_Q)
@@ -332,15 +388,19 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, out_ptr, out2_ptr, pad_start_ptr, pad_end_pt
     lo = tl.load(pad_start_ptr + expert)
     hi = tl.load(pad_end_ptr + expert)
     rows = (lo + tl.arange(0, BLOCK_K)).to(tl.int64)
-    l_ptrs = l_ptr + rows[:, None] * stride_l + offs_p[None, :]
-    r_ptrs = r_ptr + rows[:, None] * stride_r + offs_q[None, :]
+    l_off = rows[:, None] * stride_l + offs_p[None, :]
+    r_off = rows[:, None] * stride_r + offs_q[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for _ in range(lo, hi, BLOCK_K):
-        lt = tl.load(l_ptrs, mask=p_ok[None, :], other=0.0)
-        rt = tl.load(r_ptrs, mask=q_ok[None, :], other=0.0)
+    for row in range(lo, hi, BLOCK_K):
+        if DESC:
+            lt = l_desc.load([row, pid_p * BLOCK_P])
+            rt = r_desc.load([row, pid_q * BLOCK_Q])
+        else:
+            lt = tl.load(l_ptr + l_off, mask=p_ok[None, :], other=0.0)
+            rt = tl.load(r_ptr + r_off, mask=q_ok[None, :], other=0.0)
         acc = _dot(tl.trans(lt), rt, acc, PRECISION)
-        l_ptrs += BLOCK_K * stride_l
-        r_ptrs += BLOCK_K * stride_r
+        l_off += BLOCK_K * stride_l
+        r_off += BLOCK_K * stride_r
     if SPLIT:
         first = offs_p < P1
         out_p = tl.where(first, offs_p, offs_p - P1)
@@ -548,15 +608,19 @@ def router_topk(choice, k):
 
 
 def _launch_mm(a, w, out, sorted_pair, block_expert, n_pairs, K, N, w_strides, tiles, prec, w2nd=None, per_pair=False):
-    """out[pair] = a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3)."""
+    """out[pair] = a[rows] @ W_e; with w2nd, a's 2K columns go through w then w2nd (dx = dh1 W1 + dh3 W3).
+    a through a TMA descriptor where _moe_mm_kernel may take one (A_DESC) and _tma_desc gives one."""
     t = tiles["dx" if w2nd is not None else "down"]
     m_tiles = n_pairs if per_pair else sorted_pair.numel() // t["BLOCK_M"]
     grid = (m_tiles * triton.cdiv(N, t["BLOCK_N"]),)
     stride_we, stride_wk, stride_wn = w_strides
-    _moe_mm_kernel[grid](a, w, w2nd, out, sorted_pair, block_expert,  # w2nd None: TWO is False
-                         n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we, stride_wk=stride_wk,
-                         stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None,
-                         ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, PRECISION=prec, **t)
+    a_desc = None  # per pair: a row per pair, no tile of rows; w2nd: see A_DESC
+    if not per_pair and (w2nd is None or K % t["BLOCK_K"] == 0):
+        a_desc = _tma_desc(a, [t["BLOCK_M"], t["BLOCK_K"]])
+    _moe_mm_kernel[grid](None if a_desc is not None else a, a_desc, w, w2nd, out, sorted_pair,  # w2nd None: not TWO
+                         block_expert, n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we,
+                         stride_wk=stride_wk, stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None,
+                         ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, A_DESC=a_desc is not None, PRECISION=prec, **t)
 
 
 def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
@@ -567,9 +631,13 @@ def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
     E, P1, Q = out.shape
     P = P1 + (out2.shape[1] if out2 is not None else 0)
     grid = (triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]), E)
-    _moe_wgrad_kernel[grid](left, right, out, out2, pad_start, pad_end, P=P, P1=P1, Q=Q, stride_l=left.stride(0),
-                            stride_r=right.stride(0), stride_oe=out.stride(0), stride_op=out.stride(1),
-                            SPLIT=out2 is not None, PRECISION=prec, **t)
+    l_desc = _tma_desc(left, [t["BLOCK_K"], t["BLOCK_P"]])
+    r_desc = _tma_desc(right, [t["BLOCK_K"], t["BLOCK_Q"]])
+    desc = l_desc is not None and r_desc is not None  # both sides through TMA, or both by pointer
+    _moe_wgrad_kernel[grid](None if desc else left, None if desc else right, l_desc if desc else None,
+                            r_desc if desc else None, out, out2, pad_start, pad_end, P=P, P1=P1, Q=Q,
+                            stride_l=left.stride(0), stride_r=right.stride(0), stride_oe=out.stride(0),
+                            stride_op=out.stride(1), SPLIT=out2 is not None, DESC=desc, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -600,9 +668,15 @@ class _FusedMoE(torch.autograd.Function):
         xs = torch.empty(rows, D, device=x.device, dtype=dtype) if save_x else None  # x[tok], sorted: for dW1, dW3
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
-        _moe_up_kernel[grid](xc, w1c, w3c, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D, I, xc.stride(0),
-                             w1c.stride(0), w1c.stride(1), h.stride(0), ga.stride(0), ALIGN_M=tiles["ALIGN_M"],
-                             PER_PAIR=per_pair, SAVE_X=save_x, PRECISION=prec, **t)
+        # W1, W3 through TMA: each expert's (I, d) rows one after another, as an (E*I, d) matrix
+        w1_desc = _tma_desc(w1c.view(E * I, D), [t["BLOCK_N"], t["BLOCK_K"]])
+        w3_desc = _tma_desc(w3c.view(E * I, D), [t["BLOCK_N"], t["BLOCK_K"]])
+        w_desc = w1_desc is not None and w3_desc is not None
+        _moe_up_kernel[grid](xc, None if w_desc else w1c, None if w_desc else w3c, w1_desc if w_desc else None,
+                             w3_desc if w_desc else None, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D,
+                             I, xc.stride(0), w1c.stride(0), w1c.stride(1), h.stride(0), ga.stride(0),
+                             ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, SAVE_X=save_x, W_DESC=w_desc,
+                             PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # (g a) W2_e: g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
         _launch_mm(ga, w2c, out, sorted_pair, block_expert, n_pairs, K=I, N=D,

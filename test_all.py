@@ -756,9 +756,12 @@ def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtyp
 
 @needs_triton
 @interpreted
-def test_fused_moe_per_pair_interpreted():
+@pytest.mark.parametrize("tma", [True, False])
+def test_fused_moe_per_pair_interpreted(tma, monkeypatch):
     """Decoding: no gradients and no more pairs than experts take the per-pair tiles (no sort); two tokens that share
-    an expert, a token's K experts summed, against the float64 reference."""
+    an expert, a token's K experts summed, against the float64 reference. tma: W1, W3 through TMA descriptors or
+    by pointer (the down projection's rows are per pair: always by pointer)."""
+    monkeypatch.setattr(kernels, "TMA", tma)
     x, ids, gates, w1, w2, w3, _ = moe_inputs(4, 2, 8, 40, 40, torch.float32, "cpu", None)
     ids = torch.tensor([[3, 5], [5, 0], [7, 3], [1, 2]])
     with torch.no_grad():
@@ -780,12 +783,74 @@ def test_everything_runs_where_triton_does_not_import():
 
 @needs_triton
 @interpreted
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("dtype,w_dtype,tol", [(torch.float32, None, 1e-5), (torch.bfloat16, torch.float32, 3e-2)])
-def test_fused_moe_interpreted(dtype, w_dtype, tol):
+def test_fused_moe_interpreted(dtype, w_dtype, tol, tma, monkeypatch):
     """N*K = 74 pairs: not a multiple of the 32-row tile; expert 3 gets no token; d = I = 40 span two 32-wide
     tiles with a masked edge. bf16 x with fp32 weights is the autocast case; its tolerance is loose because the
-    interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter)."""
+    interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter). tma: the tiles that
+    allow it through TMA descriptors (the interpreter emulates them), or every tile by pointer."""
+    monkeypatch.setattr(kernels, "TMA", tma)
     check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
+
+
+def record_tma_descs(monkeypatch):
+    """The list that every kernels._tma_desc call from now on appends its answer to (None: by pointer)."""
+    calls, make = [], kernels._tma_desc
+
+    def tma_desc(t, block):
+        calls.append(make(t, block))
+        return calls[-1]
+
+    monkeypatch.setattr(kernels, "_tma_desc", tma_desc)
+    return calls
+
+
+@needs_triton
+@interpreted
+@pytest.mark.parametrize("N,K,E,d,I,empty_expert", [
+    (37, 2, 5, 40, 40, 3),  # d, I not multiples of the 32-wide tiles: W1's tiles reach into the next expert's rows
+    (50, 3, 6, 72, 64, 0),  # I a multiple of BLOCK_K: dx's 2I-wide rows through TMA too; the first expert empty
+])
+def test_fused_moe_tma_equals_pointer_loads_interpreted(N, K, E, d, I, empty_expert, monkeypatch):
+    """TMA descriptors change where the tiles come from, not what is in them: the output and all five gradients are
+    bitwise those of the pointer loads, with bf16 x and fp32 weights (the autocast case; the interpreter multiplies
+    bf16 tiles as fp32 copies). In fp32 the up projection's transposed W tile goes to NumPy's matmul as a transposed
+    view, which it sums in another order than the pointer path's contiguous tile: there, agreement to rounding."""
+    calls = record_tma_descs(monkeypatch)
+
+    def run(tma, dtype, w_dtype):
+        monkeypatch.setattr(kernels, "TMA", tma)
+        x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, "cpu", empty_expert, w_dtype=w_dtype)
+        y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        return [y, *torch.autograd.grad(y, [x, gates, w1, w2, w3], dy)]
+
+    names = ["output", "dx", "d topk_weights", "dw1", "dw2", "dw3"]
+    for dtype, w_dtype in [(torch.bfloat16, torch.float32), (torch.float32, None)]:
+        pointer = run(False, dtype, w_dtype)
+        calls.clear()
+        through_tma = run(True, dtype, w_dtype)
+        assert calls and all(c is not None for c in calls), "TMA on, yet some tile was read by pointer"
+        for name, a, b in zip(names, through_tma, pointer):
+            if dtype == torch.bfloat16:
+                assert torch.equal(a, b), f"{name}: TMA differs from the pointer loads"
+            else:
+                assert rel_err(f"{name}, TMA vs pointer loads", a, b) < 1e-6
+
+
+@needs_triton
+@pytest.mark.skipif(kernels.TensorDescriptor is None, reason="this Triton has no host-side TensorDescriptor")
+def test_tma_desc_only_where_tma_can_read(monkeypatch):
+    """_tma_desc gives a descriptor for a 16-byte aligned row-major tensor and None (the pointer path) for one at an
+    address off by 4 bytes, with rows not a multiple of 16 bytes apart or not contiguous, or with TMA off."""
+    buf = torch.zeros(4096)
+    desc = kernels._tma_desc(buf[:1024].view(32, 32), [16, 32])
+    assert isinstance(desc, kernels.TensorDescriptor) and desc.block_shape == [16, 32]
+    assert kernels._tma_desc(buf[1:1025].view(32, 32), [16, 32]) is None
+    assert kernels._tma_desc(buf[:30 * 36].view(30, 36).bfloat16(), [16, 32]) is None  # 72-byte rows
+    assert kernels._tma_desc(buf[:1024].view(32, 32).t(), [16, 32]) is None
+    monkeypatch.setattr(kernels, "TMA", False)
+    assert kernels._tma_desc(buf[:1024].view(32, 32), [16, 32]) is None
 
 
 KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_swiglu_bwd_kernel",
@@ -795,13 +860,23 @@ KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_b
 
 @needs_triton
 @interpreted
-def test_no_launch_passes_one_tensor_twice(monkeypatch):
+@pytest.mark.parametrize("tma", [True, False])
+def test_no_launch_passes_one_tensor_twice(tma, monkeypatch):
     """torch.compile copies each tensor a Triton kernel stores to and writes the copies back one by one: a tensor
     passed in two argument slots (say out_ptr and an out2_ptr the kernel only stores to under a mask) comes back
     as the copy the kernel never wrote. That was dW2 of every compiled MoE step. So no launch of kernels.py, in
     fused_moe (forward, backward, per pair) and mla_decode, gets two arguments that share memory (views of one
-    buffer side by side, like pad_start and pad_end, are two tensors); unused slots get None."""
-    launches = []
+    buffer side by side, like pad_start and pad_end, are two tensors); unused slots get None. A TMA descriptor
+    counts as the tensor it reads (Inductor passes its base tensor on): a launch that reads a tensor through one
+    gets None in that tensor's pointer slot."""
+    monkeypatch.setattr(kernels, "TMA", tma)
+    launches, descriptors = [], []
+
+    def tensor(v):  # the tensor an argument reads or writes, if any
+        if kernels.TensorDescriptor is not None and isinstance(v, kernels.TensorDescriptor):
+            descriptors.append(v)
+            return v.base
+        return v if isinstance(v, torch.Tensor) else None
 
     class Recorder:  # kernel[grid](...) as Triton's JITFunction takes it, noting each launch's tensor arguments
         def __init__(self, name, fn):
@@ -809,8 +884,8 @@ def test_no_launch_passes_one_tensor_twice(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                tensors = [(k, v) for k, v in [*enumerate(args), *kwargs.items()] if isinstance(v, torch.Tensor)]
-                launches.append((self.name, tensors))
+                tensors = [(k, tensor(v)) for k, v in [*enumerate(args), *kwargs.items()]]
+                launches.append((self.name, [(k, t) for k, t in tensors if t is not None]))
                 return self.fn[grid](*args, **kwargs)
             return launch
 
@@ -824,6 +899,7 @@ def test_no_launch_passes_one_tensor_twice(monkeypatch):
     cache = torch.randn(2, 80, 48)
     kernels.mla_decode(torch.randn(2, 1, 3, 48), cache[:, :70], 69, 0.1, 40, n_splits=2)
     assert {name for name, _ in launches} == set(KERNELS), launches
+    assert bool(descriptors) == tma
     def span(t):  # the bytes a tensor's elements lie in
         end = t.data_ptr() + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
         return t.data_ptr(), end
@@ -972,6 +1048,26 @@ def test_router_topk_interpreted():
 def test_fused_moe_gpu(N, w_dtype):
     check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7,
                     w_dtype=w_dtype)
+
+
+@needs_cuda
+def test_fused_moe_takes_tma_on_hopper_gpu(monkeypatch):
+    """On sm_90 and later every tile that may come through a TMA descriptor does, at the real sizes (the GPU twins
+    above would pass just as well on the pointer path)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper (sm_90) or later")
+    calls = record_tma_descs(monkeypatch)
+    check_fused_moe(N=4096, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7)
+    assert len(calls) == 8 and all(c is not None for c in calls), calls  # W1, W3, down's a, dx's a, 2 x 2 wgrad
+
+
+@needs_cuda
+@pytest.mark.parametrize("N", [8192, 700])
+def test_fused_moe_pointer_loads_gpu(N, monkeypatch):
+    """kernels.TMA off: every tile by pointer, the path of GPUs before Hopper and of tensors TMA cannot read, which
+    on an H100 / H200 no other test takes (MOE_TILES at 8192 tokens, SMALL_TILES at 700)."""
+    monkeypatch.setattr(kernels, "TMA", False)
+    check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7)
 
 
 @needs_cuda
