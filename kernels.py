@@ -99,6 +99,18 @@ def _tma_desc(t, block):
     return TensorDescriptor.from_tensor(t, block)
 
 
+def _tma_args(tensors, blocks, allowed=True):
+    """A launch's arguments for tensors that its kernel reads all through TMA or all by pointer (one constexpr
+    switch): (None for each pointer, the descriptors, True) where allowed and _tma_desc gives every tensor one, else
+    (the tensors, None for each descriptor, False). A tensor read through a descriptor gets None in its pointer
+    slot, so no launch passes one tensor twice (test_no_launch_passes_one_tensor_twice)."""
+    none = [None] * len(tensors)
+    descs = [_tma_desc(t, block) for t, block in zip(tensors, blocks)] if allowed else none
+    if allowed and all(d is not None for d in descs):
+        return none, descs, True
+    return list(tensors), none, False
+
+
 # Triton's CPU interpreter (3.9) multiplies bf16 operands of tl.dot as raw bit patterns; upcast there only.
 UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -614,13 +626,13 @@ def _launch_mm(a, w, out, sorted_pair, block_expert, n_pairs, K, N, w_strides, t
     m_tiles = n_pairs if per_pair else sorted_pair.numel() // t["BLOCK_M"]
     grid = (m_tiles * triton.cdiv(N, t["BLOCK_N"]),)
     stride_we, stride_wk, stride_wn = w_strides
-    a_desc = None  # per pair: a row per pair, no tile of rows; w2nd: see A_DESC
-    if not per_pair and (w2nd is None or K % t["BLOCK_K"] == 0):
-        a_desc = _tma_desc(a, [t["BLOCK_M"], t["BLOCK_K"]])
-    _moe_mm_kernel[grid](None if a_desc is not None else a, a_desc, w, w2nd, out, sorted_pair,  # w2nd None: not TWO
+    # per pair: a row per pair, no tile of rows; w2nd: see A_DESC
+    (a_arg,), (a_desc,), a_tma = _tma_args([a], [[t["BLOCK_M"], t["BLOCK_K"]]],
+                                           allowed=not per_pair and (w2nd is None or K % t["BLOCK_K"] == 0))
+    _moe_mm_kernel[grid](a_arg, a_desc, w, w2nd, out, sorted_pair,  # w2nd None: not TWO
                          block_expert, n_pairs=n_pairs, K=K, N=N, stride_a=a.stride(0), stride_we=stride_we,
                          stride_wk=stride_wk, stride_wn=stride_wn, stride_out=out.stride(0), TWO=w2nd is not None,
-                         ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, A_DESC=a_desc is not None, PRECISION=prec, **t)
+                         ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, A_DESC=a_tma, PRECISION=prec, **t)
 
 
 def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
@@ -631,13 +643,10 @@ def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
     E, P1, Q = out.shape
     P = P1 + (out2.shape[1] if out2 is not None else 0)
     grid = (triton.cdiv(P, t["BLOCK_P"]) * triton.cdiv(Q, t["BLOCK_Q"]), E)
-    l_desc = _tma_desc(left, [t["BLOCK_K"], t["BLOCK_P"]])
-    r_desc = _tma_desc(right, [t["BLOCK_K"], t["BLOCK_Q"]])
-    desc = l_desc is not None and r_desc is not None  # both sides through TMA, or both by pointer
-    _moe_wgrad_kernel[grid](None if desc else left, None if desc else right, l_desc if desc else None,
-                            r_desc if desc else None, out, out2, pad_start, pad_end, P=P, P1=P1, Q=Q,
+    ptrs, descs, tma = _tma_args([left, right], [[t["BLOCK_K"], t["BLOCK_P"]], [t["BLOCK_K"], t["BLOCK_Q"]]])
+    _moe_wgrad_kernel[grid](*ptrs, *descs, out, out2, pad_start, pad_end, P=P, P1=P1, Q=Q,
                             stride_l=left.stride(0), stride_r=right.stride(0), stride_oe=out.stride(0),
-                            stride_op=out.stride(1), SPLIT=out2 is not None, DESC=desc, PRECISION=prec, **t)
+                            stride_op=out.stride(1), SPLIT=out2 is not None, DESC=tma, PRECISION=prec, **t)
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -669,13 +678,10 @@ class _FusedMoE(torch.autograd.Function):
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
         # W1, W3 through TMA: each expert's (I, d) rows one after another, as an (E*I, d) matrix
-        w1_desc = _tma_desc(w1c.view(E * I, D), [t["BLOCK_N"], t["BLOCK_K"]])
-        w3_desc = _tma_desc(w3c.view(E * I, D), [t["BLOCK_N"], t["BLOCK_K"]])
-        w_desc = w1_desc is not None and w3_desc is not None
-        _moe_up_kernel[grid](xc, None if w_desc else w1c, None if w_desc else w3c, w1_desc if w_desc else None,
-                             w3_desc if w_desc else None, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D,
+        w_ptrs, w_descs, w_tma = _tma_args([w1c.view(E * I, D), w3c.view(E * I, D)], [[t["BLOCK_N"], t["BLOCK_K"]]] * 2)
+        _moe_up_kernel[grid](xc, *w_ptrs, *w_descs, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D,
                              I, xc.stride(0), w1c.stride(0), w1c.stride(1), h.stride(0), ga.stride(0),
-                             ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, SAVE_X=save_x, W_DESC=w_desc,
+                             ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, SAVE_X=save_x, W_DESC=w_tma,
                              PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # (g a) W2_e: g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
