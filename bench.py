@@ -65,7 +65,7 @@ from configurator import configure, read_config_file, settings_of
 from generate import CapturedStep, decode_step, generate_stream, new_cache
 from logs import read_log, run_sections, table
 from mla import MLA, MHACache, cache_values_per_token, latent_attention
-from model import Model, ModelConfig, cast_weights, clipped_step
+from model import DTYPES, Model, ModelConfig, cast_weights, clipped_step
 from moe import experts_reference
 from system import machine_name, peak_bandwidth, peak_flops
 
@@ -85,6 +85,7 @@ train_vocab = 50304              # the models' vocabulary (GPT-2's; config/study
 train_batch = 16                 # sequences per micro-batch
 train_accum = 1                  # micro-batches per optimizer step (train.py's gradient_accumulation_steps)
 train_seq = 1024                 # tokens per sequence (the small config's block_size)
+train_moments = ""               # AdamW's moments, "float32" or "bfloat16"; "": train_config's moments_dtype
 train_steps = 10                 # timed steps (after train_warmup)
 train_warmup = 3
 compile = False                  # torch.compile the models of the train section
@@ -533,13 +534,19 @@ def bench_decode_profile(context=64, reps=10):
 # training step
 
 
+def moments_dtype():
+    """The train section's AdamW moments: train_moments, or train_config's moments_dtype (train.py's default,
+    float32, where it sets none)."""
+    return train_moments or read_config_file(train_config).get("moments_dtype", "float32")
+
+
 def make_train_step(cfg):
     """One optimizer step as train.py takes it: forward and backward of train_accum micro-batches under bf16 autocast,
     clip, kernels.AdamW, the aux-loss-free bias update. Random tokens. Returns (step, the model)."""
     torch.manual_seed(seed)
     raw = Model(cfg).to(device)
     model = torch.compile(raw) if compile else raw
-    opt = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cuda")
+    opt = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cuda", DTYPES[moments_dtype()])
     data = torch.randint(cfg.vocab_size, (train_accum, train_batch, train_seq + 1), device=device)
 
     def step():
@@ -556,7 +563,7 @@ def make_train_step(cfg):
 
 def bench_train():
     print(f"\n## Training step, {train_config}: {train_accum} x batch {train_batch} x {train_seq} tokens, bf16 "
-          f"autocast, kernels.AdamW{', torch.compile' if compile else ''}\n")
+          f"autocast, kernels.AdamW ({moments_dtype()} moments){', torch.compile' if compile else ''}\n")
     (moe_name, moe), (dense_name, dense) = train_models().items()
     variants = {f"{moe_name}, Triton kernels": moe}
     if not compile:  # the reference syncs with the host at every layer (.tolist()): compiling it gains nothing
@@ -885,6 +892,9 @@ def main(argv):
         study = [n for n in unknown if n in ("balance", "mtp", "arch", "specialize", "tradeoff")]
         raise SystemExit(f"bench.py: no section {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}"
                          + (f" (the training studies are python study.py --sections={','.join(study)})" if study else ""))
+    if moments_dtype() not in ("float32", "bfloat16"):
+        raise SystemExit(f"bench.py: moments {moments_dtype()!r} (--train_moments or {train_config}'s "
+                         "moments_dtype): use float32 or bfloat16")
     if not cuda and set(names) - {"load", "threads"}:
         raise SystemExit(f"bench.py --sections={sections} needs a CUDA GPU (only load and threads run without one)")
     results["settings"] = settings

@@ -427,19 +427,32 @@ def _moe_wgrad_kernel(l_ptr, r_ptr, l_desc, r_desc, out_ptr, out2_ptr, pad_start
 # AdamW kernel
 
 @triton.jit
-def _address(at, ALIGNED: tl.constexpr):
-    """The fp32 pointer stored at `at`; ALIGNED: said to be 16-byte aligned (AdamW.step checks), as a pointer read
-    from memory is otherwise taken as aligned to 4 bytes only."""
-    p = tl.load(at).to(tl.pointer_type(tl.float32))
+def _address(at, ALIGNED: tl.constexpr, BF16: tl.constexpr = False):
+    """The fp32 (BF16: bf16) pointer stored at `at`; ALIGNED: said to be 16-byte aligned (AdamW.step checks), as a
+    pointer read from memory is otherwise taken as aligned to its element's size only."""
+    if BF16:
+        p = tl.load(at).to(tl.pointer_type(tl.bfloat16))
+    else:
+        p = tl.load(at).to(tl.pointer_type(tl.float32))
     return tl.multiple_of(p, 16) if ALIGNED else p
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 x to the nearest bf16, ties to even, NaN kept: as torch's .bfloat16() and the GPU's cast round (Triton's
+    interpreter truncates a cast, which would bias the moments toward zero in the CPU tests)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x == x, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(tl.bfloat16))
+
+@triton.jit
 def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
-                  weight_decay, SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                  weight_decay, SCALE: tl.constexpr, ALIGNED: tl.constexpr, BF16_MOMENTS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """One AdamW step over BLOCK elements of one of a param group's fp32 tensors, as torch.optim.AdamW (fused)
     takes it: the gradient divided by *scale_ptr (SCALE: the clip, model.clipped_step), decoupled weight decay, the
     two moments, the bias corrections 1 - beta^t from the tensor's step t already counted on the device
-    (beta^t = 2^(t log2 beta)). The gradient is read, never written.
+    (beta^t = 2^(t log2 beta)). The gradient is read, never written. BF16_MOMENTS: the moments are stored in bf16
+    (DeepSeek-V3 §3.3.3), loaded into fp32, updated and used in fp32, and rounded to bf16 only as they are stored.
     All the group's tensors in one launch (a launch per tensor left the GPU waiting on Python's launch cost: 167 of
     them in the small MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the
     addresses of the parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary
@@ -459,20 +472,22 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     ok = offs < (tl.multiple_of(n, 16) if ALIGNED else n)
     p_ptr = _address(column + 2 * n_tensors, ALIGNED)
     g_ptr = _address(column + 3 * n_tensors, ALIGNED)
-    m_ptr = _address(column + 4 * n_tensors, ALIGNED)
-    v_ptr = _address(column + 5 * n_tensors, ALIGNED)
+    m_ptr = _address(column + 4 * n_tensors, ALIGNED, BF16_MOMENTS)
+    v_ptr = _address(column + 5 * n_tensors, ALIGNED, BF16_MOMENTS)
     step_ptr = _address(column + 6 * n_tensors, ALIGNED)
     t = tl.load(step_ptr)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
     if SCALE:
         g = g / tl.load(scale_ptr)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0)
-    m = beta1 * tl.load(m_ptr + offs, mask=ok, other=0.0) + (1.0 - beta1) * g
-    v = beta2 * tl.load(v_ptr + offs, mask=ok, other=0.0) + (1.0 - beta2) * g * g
+    m = beta1 * tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32) + (1.0 - beta1) * g
+    v = beta2 * tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
     p = p - lr * weight_decay * p
     step_size = lr / (1.0 - tl.exp2(t * log2_beta1))
     p = p - step_size * m / (tl.sqrt(v) / tl.sqrt(1.0 - tl.exp2(t * log2_beta2)) + eps)
     tl.store(p_ptr + offs, p, mask=ok)
+    if BF16_MOMENTS:
+        m, v = _round_bf16(m), _round_bf16(v)
     tl.store(m_ptr + offs, m, mask=ok)
     tl.store(v_ptr + offs, v, mask=ok)
 
@@ -837,9 +852,12 @@ class AdamW(torch.optim.AdamW):
     differentiable or a tensor lr, it is torch's own step. grad_scale, when set to a one-element tensor
     (model.clipped_step sets it to the clip's divisor), divides every gradient first, on either path."""
 
-    def __init__(self, params, kernel=None, **kwargs):
+    def __init__(self, params, kernel=None, moments_dtype=torch.float32, **kwargs):
+        if moments_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moments_dtype must be torch.float32 or torch.bfloat16, not {moments_dtype}")
         super().__init__(params, **kwargs)
         self.kernel = kernel  # None: wherever usable(); True: always
+        self.moments_dtype = moments_dtype  # of an fp32 parameter's exp_avg and exp_avg_sq, on either path
         self.grad_scale = None
 
     @torch.no_grad()
@@ -852,7 +870,11 @@ class AdamW(torch.optim.AdamW):
         tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g, _ in groups)
         here = all(usable(t) for t in tensors) if self.kernel is None else self.kernel
         if not (HAS_TRITON and plain and here) or options or tensor_lr:
-            return self._torch_step(closure)
+            self._hold_moments(float32=True)  # torch's step keeps them in the parameter's dtype
+            try:
+                return self._torch_step(closure)
+            finally:
+                self._hold_moments()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -863,9 +885,10 @@ class AdamW(torch.optim.AdamW):
                 state = self.state[p]
                 if not state:  # as torch's fused AdamW lays it out: the step count on the parameter's device
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
                 steps.append(state["step"])
+        self._hold_moments()
         if steps:
             torch._foreach_add_(steps, 1.0)
         for group, params in groups:
@@ -876,16 +899,28 @@ class AdamW(torch.optim.AdamW):
                     self._launch(group, [c for c, a in zip(columns, aligned) if a == flag], flag, params[0].device)
         return loss
 
+    def _hold_moments(self, float32=False):
+        """Each fp32 parameter's moments in moments_dtype (float32: in fp32, for torch's step), converted where they
+        are not: once after a load or a step on the other path, a dtype check per tensor otherwise."""
+        dtype = torch.float32 if float32 else self.moments_dtype
+        for p, state in self.state.items():
+            for k in ("exp_avg", "exp_avg_sq") if p.dtype == torch.float32 else ():
+                t = state.get(k)
+                if torch.is_tensor(t) and t.dtype != dtype:
+                    state[k] = t.to(dtype)
+
     def load_state_dict(self, state_dict):
         """torch's, then the loaded state in the layout the kernel reads through raw addresses: a step count kept
-        on the host (by a non-fused step) or moments in another dtype or layout go to the parameter's device as
-        contiguous fp32, once here rather than checked at every step."""
+        on the host (by a non-fused step) or moments in another dtype or layout go to the parameter's device,
+        contiguous, the step in fp32 and the moments in moments_dtype, once here rather than checked at every step
+        (torch's load casts the moments to the parameter's dtype: bf16 ones saved come back exactly)."""
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
             for k in ("step", "exp_avg", "exp_avg_sq") if p.dtype == torch.float32 else ():
                 t = state.get(k)
-                if torch.is_tensor(t) and (t.device != p.device or t.dtype != torch.float32 or not t.is_contiguous()):
-                    state[k] = t.to(p.device, torch.float32).contiguous()
+                dtype = torch.float32 if k == "step" else self.moments_dtype
+                if torch.is_tensor(t) and (t.device != p.device or t.dtype != dtype or not t.is_contiguous()):
+                    state[k] = t.to(p.device, dtype).contiguous()
 
     def _tensors(self, p):
         s = self.state[p]
@@ -905,7 +940,8 @@ class AdamW(torch.optim.AdamW):
         _adamw_kernel[(first[-1],)](
             table, len(columns), len(columns).bit_length(), self.grad_scale, lr=group["lr"], beta1=beta1,
             beta2=beta2, log2_beta1=math.log2(beta1), log2_beta2=math.log2(beta2), eps=group["eps"],
-            weight_decay=group["weight_decay"], SCALE=self.grad_scale is not None, ALIGNED=aligned, BLOCK=BLOCK,
+            weight_decay=group["weight_decay"], SCALE=self.grad_scale is not None, ALIGNED=aligned,
+            BF16_MOMENTS=self.moments_dtype == torch.bfloat16, BLOCK=BLOCK,
             **({"num_warps": ADAMW_TILES["num_warps"]} if cuda else {}))
 
     def _torch_step(self, closure):

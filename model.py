@@ -313,16 +313,17 @@ class Model(nn.Module):
     # -------------------------------------------------------------------------
     # training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, moments_dtype=torch.float32):
         """AdamW; weight decay on matrices (linear, expert and embedding weights) only, not on norm weights.
-        The expert bias is a buffer, so neither the optimizer nor weight decay ever sees it."""
+        The expert bias is a buffer, so neither the optimizer nor weight decay ever sees it. moments_dtype: of the
+        two moments (bf16 as DeepSeek-V3 §3.3.3 keeps them; the weights and gradients stay fp32)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda"  # on CUDA with Triton, the step is kernels.AdamW's; without, torch's fused one
-        return kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, moments_dtype=moments_dtype)
 
     @torch.no_grad()
     def update_biases(self, gamma, counts=None):

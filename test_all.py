@@ -1128,6 +1128,68 @@ def test_compiled_training_step_matches_eager_gpu():
         assert rel(comp[n], ref[n]) <= 3 * rel(eager[n], ref[n]) + 1e-2, (n, rel(comp[n], ref[n]), rel(eager[n], ref[n]))
 
 
+def check_adamw_bf16_moments(shapes, device, kernel):
+    """kernels.AdamW with moments_dtype=bf16 (DeepSeek-V3 §3.3.3) against its spec: torch.optim.AdamW's per-tensor
+    fp32 step whose two moments are rounded to bf16 after every step (the step itself uses them unrounded). Three
+    steps, a grad_scale on the last two, each from the same state: the reference takes the weights and moments the
+    step before left, so that a moment whose fp32 value the two compute a few roundings apart (torch's lerp against
+    the kernel's fused multiply-adds) and which lands on the other side of a bf16 tie (~1e-4 of them on an H200)
+    cannot carry into the next step. The rounding is to nearest: a truncation leaves half the moments one bf16
+    step off. The moments are held in bf16 between steps, saved and loaded so; an fp32 optimizer that loads them holds
+    them in fp32."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = kernels.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, kernel=kernel,
+                        moments_dtype=torch.bfloat16)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for step in range(3):
+        scale = None if step == 0 else torch.tensor(2.5, device=device)
+        for p, r in zip(params, ref):
+            grad = torch.randn(p.shape, generator=g).to(device)
+            p.grad, r.grad = grad, grad / (1.0 if scale is None else 2.5)
+        opt.grad_scale = scale
+        opt.step()
+        opt.grad_scale = None
+        ref_opt.step()
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert rel_err(f"bf16-moment AdamW step {step}, param {i}", p.detach(), r.detach()) < 1e-6
+            r.data.copy_(p.data)
+            for k in ("exp_avg", "exp_avg_sq"):
+                got, want = opt.state[p][k], ref_opt.state[r][k].bfloat16()
+                assert got.dtype == torch.bfloat16
+                assert (got != want).float().mean().item() < 1e-3, (k, step, i)
+                assert rel_err(f"{k} after step {step}, param {i}", got.float(), want.float()) < 1e-2
+                ref_opt.state[r][k].copy_(got)
+    state = copy.deepcopy(opt.state_dict())
+    assert all(s[k].dtype == torch.bfloat16 for s in state["state"].values() for k in ("exp_avg", "exp_avg_sq"))
+    low = kernels.AdamW([p.detach().clone().requires_grad_() for p in params], moments_dtype=torch.bfloat16)
+    low.load_state_dict(state)
+    full = kernels.AdamW([p.detach().clone().requires_grad_() for p in params])
+    full.load_state_dict(state)
+    for i, p in enumerate(params):
+        for k in ("exp_avg", "exp_avg_sq"):
+            lp, fp = low.param_groups[0]["params"][i], full.param_groups[0]["params"][i]
+            assert low.state[lp][k].dtype == torch.bfloat16 and torch.equal(low.state[lp][k], opt.state[p][k])
+            assert full.state[fp][k].dtype == torch.float32 and torch.equal(full.state[fp][k], opt.state[p][k].float())
+
+
+def test_adamw_bf16_moments_torch_step():
+    """The bf16 moments on torch's own step (kernels.AdamW off the Triton path: the CPU, FSDP's DTensors)."""
+    check_adamw_bf16_moments([(37, 129), (5000,), (48,)], "cpu", kernel=False)
+
+
+@needs_triton
+@interpreted
+def test_adamw_bf16_moments_interpreted():
+    check_adamw_bf16_moments([(37, 129), (16, 80), (5000,), (3, 7), (48,)], "cpu", kernel=True)  # aligned or not
+
+
+@needs_cuda
+def test_adamw_bf16_moments_gpu():
+    check_adamw_bf16_moments([(64, 384, 768), (768,), (1000003,)], "cuda", kernel=None)
+
+
 @needs_cuda
 def test_adamw_gpu():
     """The Triton step on its own (kernel=None: usable() picks it on CUDA) at sizes of the small config's."""

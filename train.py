@@ -98,6 +98,8 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                  # clip the global gradient norm to this; 0 = off
+moments_dtype = "float32"        # AdamW's two moments: "float32", or "bfloat16" as DeepSeek-V3 keeps them (§3.3.3):
+                                 # 4 bytes less per parameter in memory and checkpoints, 8 less per step's traffic
 decay_lr = True
 warmup_iters = 30
 lr_decay_iters = None            # None: max_iters
@@ -120,6 +122,7 @@ setting_types = {f.name: f.type for f in dataclasses.fields(ModelConfig)} | {"lr
 # the values a setting may take, checked for config files and the command line alike (ModelConfig checks its own)
 setting_domains = {
     "balance": one_of("bias", "aux", "none"), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "moments_dtype": one_of("float32", "bfloat16"),
     "device": a_device(allow_auto=True), "seed": between(0, 2**63 - 1),
     "beta1": between(0, 1, open_high=True), "beta2": between(0, 1, open_high=True),
     **{k: at_least(1) for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
@@ -299,10 +302,11 @@ try:
 except ValueError as e:
     fail(str(e))
 model_args = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}  # resolved
-# memory, before any is taken: fp32 weights, gradients and AdamW's two moments (FSDP: this rank's shard of them);
+# memory, before any is taken: fp32 weights and gradients, AdamW's two moments (FSDP: this rank's shard of them);
 # one micro-batch's activations
 _problem = memory_problem(device, {
-    "weights, gradients and AdamW": 16 * model_config.approx_params() // (world_size if fsdp else 1),
+    "weights, gradients and AdamW": (8 + 2 * DTYPES[moments_dtype].itemsize) * model_config.approx_params()
+                                    // (world_size if fsdp else 1),
     # FSDP keeps the unsharded float32 gradients between the micro-batches of a step (set_requires_gradient_sync)
     **({"gradients between micro-batches": 4 * model_config.approx_params()} if fsdp and grad_accum > 1 else {}),
     "activations of a micro-batch": (4 if dtype == "float32" else 2) * batch_size * block_size * model_config.activation_floats()},
@@ -401,7 +405,7 @@ else:
     model.to(device)
 raw_model = model  # the uncompiled, un-DDP'd module: saved, evaluated, its MoE layers read
 T_MODEL = time.time()
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, DTYPES[moments_dtype])
 run_id = uuid.uuid4().hex[:12]  # tags this run's records in log.jsonl and its checkpoints
 if ckpt is not None:
     try:
