@@ -1,5 +1,5 @@
 """
-Benchmarks: speed, measured side by side in one run. kernels.py's Triton paths against the PyTorch code they
+Benchmarks: speed, measured side by side in one run. gpu_kernels.py's Triton paths against the PyTorch code they
 replace, decoding with the latent cache against a multi-head attention cache, the MoE training step against its
 dense baseline, checkpoint loading, CPU training on a busy machine. Prints markdown tables (the GPU's name first)
 and writes every number to json_path. Every section but load and threads needs a CUDA GPU. The training studies,
@@ -19,10 +19,10 @@ which measure loss rather than speed (load balancing, multi-token prediction, th
 
 Sections:
   moe    the "small" config's routed experts (64 experts, top-6, 768 -> 384 SwiGLU) at several token counts,
-         forward and forward + backward: kernels.fused_moe vs moe.experts_reference (per-expert loop) vs
+         forward and forward + backward: gpu_kernels.fused_moe vs moe.experts_reference (per-expert loop) vs
          torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active FLOPs (hidden 6 * 384);
          with moe_layouts, other (experts, top_k, width) layouts against their dense SwiGLU, as CUDA-graph replays
-  mla    one decoding step (one query token) against a long latent cache: kernels.mla_decode vs
+  mla    one decoding step (one query token) against a long latent cache: gpu_kernels.mla_decode vs
          mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
          GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
   decode the small config at random bf16 weights through generate.generate_stream (greedy): decode tokens/s, ms
@@ -41,7 +41,7 @@ Sections:
            (Linux; runs without a GPU)
   threads  train.py on the CPU (data/shakespeare from prepare.py) while threads_busy other processes spin: tokens/s
            at the thread count train.py picks against torch's default of one per core (runs without a GPU)
-  tune     per-kernel search over candidate kernels.MOE_TILES entries (train_config's experts, train_batch x
+  tune     per-kernel search over candidate gpu_kernels.MOE_TILES entries (train_config's experts, train_batch x
            train_seq tokens) and MLA_TILES entries; prints the fastest
   profile  the top GPU kernels of fused_moe and of a training step of each model (torch profiler; run it last or
            alone: the profiler slows later launches in the same process), the fused_moe kernels with their
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import hf
-import kernels
+import gpu_kernels
 from configurator import configure, read_config_file, settings_of
 from generate import CapturedStep, decode_step, generate_stream, new_cache
 from logs import read_log, run_sections, table
@@ -106,7 +106,7 @@ device = torch.device("cuda" if cuda else "cpu")
 gpu = machine_name(device)
 peak = peak_flops(device)
 peak_bw = peak_bandwidth(device)
-results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(kernels.triton, "__version__", None), peak_flops=peak,
+results = dict(gpu=gpu, torch=torch.__version__, triton=getattr(gpu_kernels.triton, "__version__", None), peak_flops=peak,
                peak_bw=peak_bw)
 copy_bw = float("nan")  # measured in main()
 
@@ -210,7 +210,7 @@ def bench_moe():
         wd3 = (torch.randn(K * I, d, device=device) * 0.02).bfloat16().requires_grad_()
         wd2 = (torch.randn(d, K * I, device=device) * 0.02).bfloat16().requires_grad_()
         methods = {
-            "triton fused_moe": (lambda: kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3]),
+            "triton fused_moe": (lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3]),
             "moe.py reference (per-expert loop)": (lambda: experts_reference(x, ids, gates, w1, w2, w3),
                                                    [x, gates, w1, w2, w3]),
         }
@@ -254,7 +254,7 @@ def bench_moe():
         x, ids, gates, w1, w2, w3, dy = moe_inputs(N, small_config(n_experts=E, top_k=K, moe_inter_dim=I))
         wd = [(torch.randn(*shape, device=device) * 0.02).bfloat16().requires_grad_()
               for shape in ((K * I, d), (d, K * I), (K * I, d))]
-        fused = lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3], dy)
+        fused = lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3], dy)
         dense = lambda: torch.autograd.grad(F.linear(F.silu(F.linear(x, wd[0])) * F.linear(x, wd[2]), wd[1]),
                                             [x, *wd], dy)
         ms_fused, ms_dense = timeit_graph(fused, inner=3), timeit_graph(dense, inner=3)
@@ -298,7 +298,7 @@ def bench_mla():
         q_pe = torch.randn(B, 1, H, R, device=device, dtype=torch.bfloat16)
         scale = cfg.softmax_scale
         want = latent_attention(q, latents, start_pos, scale, C).float()
-        got = kernels.mla_decode(q, latents, start_pos, scale, C).float()
+        got = gpu_kernels.mla_decode(q, latents, start_pos, scale, C).float()
         diff = ((got - want).abs().max() / want.abs().max()).item()
         nbytes = B * S * (C + R) * 2 + B * H * (2 * C + R) * 2
 
@@ -307,7 +307,7 @@ def bench_mla():
             return attn._absorb(q_nope, q_pe, latents, start_pos)
 
         methods = {
-            "triton mla_decode (attention core)": lambda: kernels.mla_decode(q, latents, start_pos, scale, C),
+            "triton mla_decode (attention core)": lambda: gpu_kernels.mla_decode(q, latents, start_pos, scale, C),
             "mla.latent_attention (PyTorch absorbed core)": lambda: latent_attention(q, latents, start_pos, scale, C),
             "MLA._absorb with kernel (+ W_uk, W_uv)": lambda: absorb(True),
             "MLA._absorb PyTorch (+ W_uk, W_uv)": lambda: absorb(False),
@@ -542,7 +542,7 @@ def moments_dtype():
 
 def make_train_step(cfg):
     """One optimizer step as train.py takes it: forward and backward of train_accum micro-batches under bf16 autocast,
-    clip, kernels.AdamW, the aux-loss-free bias update. Random tokens. Returns (step, the model)."""
+    clip, gpu_kernels.AdamW, the aux-loss-free bias update. Random tokens. Returns (step, the model)."""
     torch.manual_seed(seed)
     raw = Model(cfg).to(device)
     model = torch.compile(raw) if compile else raw
@@ -563,7 +563,7 @@ def make_train_step(cfg):
 
 def bench_train():
     print(f"\n## Training step, {train_config}: {train_accum} x batch {train_batch} x {train_seq} tokens, bf16 "
-          f"autocast, kernels.AdamW ({moments_dtype()} moments){', torch.compile' if compile else ''}\n")
+          f"autocast, gpu_kernels.AdamW ({moments_dtype()} moments){', torch.compile' if compile else ''}\n")
     (moe_name, moe), (dense_name, dense) = train_models().items()
     variants = {f"{moe_name}, Triton kernels": moe}
     if not compile:  # the reference syncs with the host at every layer (.tolist()): compiling it gains nothing
@@ -634,11 +634,11 @@ def bench_tune():
         "wgrad": ("_moe_wgrad_kernel", "bwd", [wg(128, 128, 32, 8, 4), wg(128, 128, 64, 8, 4), wg(128, 256, 64, 8, 3),
                                                wg(256, 128, 64, 8, 3), wg(128, 128, 64, 8, 3), wg(128, 64, 64, 4, 4)]),
     }
-    fwd = lambda: kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    fwd = lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
     log, best = [], {}
     print(f"\n## Tile search, fused_moe at {N} tokens: GPU ms per kernel (wgrad: its three launches)")
     for i in range(max(len(c) for _, _, c in cands.values())):
-        kernels.MOE_TILES.update({k: c[i % len(c)] for k, (_, _, c) in cands.items()})
+        gpu_kernels.MOE_TILES.update({k: c[i % len(c)] for k, (_, _, c) in cands.items()})
         try:
             f = kernel_ms(fwd)
             y = fwd()
@@ -652,32 +652,32 @@ def bench_tune():
             log.append(dict(key=k, tiles=c[i % len(c)], ms=times[k]))
             if times[k] < best.get(k, (float("inf"),))[0]:
                 best[k] = (times[k], c[i % len(c)])
-    kernels.MOE_TILES.update({k: best[k][1] for k in cands})
+    gpu_kernels.MOE_TILES.update({k: best[k][1] for k in cands})
     ms = timeit(lambda: torch.autograd.grad(fwd(), params, dy))
     print(f"kernel sum {sum(v[0] for v in best.values()):.3f} ms; fwd+bwd with the best: {ms:.3f} ms\n"
-          f"MOE_TILES = {kernels.MOE_TILES}")
+          f"MOE_TILES = {gpu_kernels.MOE_TILES}")
     del x, ids, gates, w1, w2, w3, dy, params
     mla_log, mla_best = [], {}
-    default = dict(kernels.MLA_TILES)
+    default = dict(gpu_kernels.MLA_TILES)
     for B, S, H, C, R in mla_shapes[1:]:
         q = torch.randn(B, 1, H, C + R, device=device, dtype=torch.bfloat16)
         kv = torch.randn(B, S, C + R, device=device, dtype=torch.bfloat16)
         nbytes = B * S * (C + R) * 2
         for bn, w, s, pps in itertools.product((32, 64), (4, 8), (2, 3), (2, 4)):
-            kernels.MLA_TILES.update(BLOCK_N=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
+            gpu_kernels.MLA_TILES.update(BLOCK_N=bn, num_warps=w, num_stages=s, programs_per_sm=pps)
             try:
-                ms = timeit_graph(lambda: kernels.mla_decode(q, kv, S - 1, 0.1, C))
+                ms = timeit_graph(lambda: gpu_kernels.mla_decode(q, kv, S - 1, 0.1, C))
             except Exception as e:
                 print(f"  failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            mla_log.append(dict(shape=(B, S, H, C, R), tiles=dict(kernels.MLA_TILES), ms=ms,
+            mla_log.append(dict(shape=(B, S, H, C, R), tiles=dict(gpu_kernels.MLA_TILES), ms=ms,
                                 gb_s=nbytes / (ms * 1e-3) / 1e9))
         rows = sorted((r for r in mla_log if r["shape"] == (B, S, H, C, R)), key=lambda r: r["ms"])
         print(f"MLA decode {B}x{S} {H} heads {C}+{R}, fastest: " + "; ".join(
             f"{r['tiles']} {r['ms']:.3f} ms {r['gb_s']:.0f} GB/s" for r in rows[:3]))
         mla_best[(B, S, H, C, R)] = rows[0]["tiles"] if rows else default
-    kernels.MLA_TILES.update(default)
-    results["tune"] = dict(moe=log, moe_best=dict(kernels.MOE_TILES), mla=mla_log,
+    gpu_kernels.MLA_TILES.update(default)
+    results["tune"] = dict(moe=log, moe_best=dict(gpu_kernels.MOE_TILES), mla=mla_log,
                            mla_best={str(k): v for k, v in mla_best.items()})
 
 
@@ -745,7 +745,7 @@ def bench_profile():
         return dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
                     _moe_wgrad_kernel=3 * gemm)
 
-    show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(kernels.fused_moe(x, ids, gates, w1, w2, w3),
+    show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3),
                                                                       params, dy),
          flops=moe_flops(2 * N * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim))
     print("\nfused_moe's kernels as compiled so far (a thread's registers, bytes spilled: what limits the tiles)\n")
@@ -753,7 +753,7 @@ def bench_profile():
         (name, k.metadata.num_warps, k.n_regs, k.n_spills, f"{k.metadata.shared / 1024:.0f}")
         for name in ("_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_swiglu_bwd_kernel",
                      "_moe_wgrad_kernel")
-        for k in compiled_kernels(getattr(kernels, name))]))
+        for k in compiled_kernels(getattr(gpu_kernels, name))]))
     del x, ids, gates, w1, w2, w3, dy, params
     steps = {}
     for name, cfg in train_models().items():

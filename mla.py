@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpu_kernels
 
 # -----------------------------------------------------------------------------
 # RoPE (decoupled: applied to q_pe and k_pe only), with optional YaRN context extension
@@ -140,7 +140,7 @@ def cache_values_per_token(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Absorbed attention over the latent cache (the spec for kernels.mla_decode)
+# Absorbed attention over the latent cache (the spec for gpu_kernels.mla_decode)
 
 
 def latent_attention(q, kv, start_pos, softmax_scale, kv_lora_rank):
@@ -247,8 +247,8 @@ class MLA(nn.Module):
         w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, D, C), (H, V, C)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
         q = torch.cat([q_latent, q_pe], dim=-1)  # (B, T, H, C + R)
-        if self.use_kernels and kernels.usable(q):
-            o_latent = kernels.mla_decode(q, latents, start_pos, self.softmax_scale, self.kv_lora_rank)
+        if self.use_kernels and gpu_kernels.usable(q):
+            o_latent = gpu_kernels.mla_decode(q, latents, start_pos, self.softmax_scale, self.kv_lora_rank)
         else:
             o_latent = latent_attention(q, latents, start_pos, self.softmax_scale, self.kv_lora_rank)
         return torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # (B, T, H, v_head_dim)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpu_kernels
 from mla import MLA, precompute_rope, yarn_mscale
 from moe import FFN, MoE
 
@@ -64,7 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = False     # share the token embedding with the LM head (DeepSeek does not)
     norm_eps: float = 1e-6           # RMSNorm epsilon
     init_std: float = 0.02           # std of the normal init of every weight matrix
-    use_kernels: bool = True         # use kernels.py's Triton paths where they apply (CUDA + Triton); False = PyTorch
+    use_kernels: bool = True         # use gpu_kernels.py's Triton paths where they apply (CUDA + Triton); False = PyTorch
     # --- multi-token prediction (DeepSeek-V3 section 2.2)
     mtp_depth: int = 0               # D: MTP modules, module k predicts the token k + 1 ahead; 0 = off (V3: 1)
     mtp_loss_weight: float = 0.3     # lambda: the loss adds lambda * mean over depths of their cross-entropies
@@ -322,8 +322,8 @@ class Model(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # on CUDA with Triton, the step is kernels.AdamW's; without, torch's fused one
-        return kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, moments_dtype=moments_dtype)
+        fused = device_type == "cuda"  # on CUDA with Triton, the step is gpu_kernels.AdamW's; without, torch's fused one
+        return gpu_kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, moments_dtype=moments_dtype)
 
     @torch.no_grad()
     def update_biases(self, gamma, counts=None):
@@ -337,7 +337,7 @@ class Model(nn.Module):
 @torch.no_grad()
 def clipped_step(optimizer, params, max_norm):
     """optimizer.step() with the gradients' global L2 norm clipped to max_norm (0: not clipped), as
-    torch.nn.utils.clip_grad_norm_ and then the step. kernels.AdamW, or torch's fused AdamW, on plain tensors takes
+    torch.nn.utils.clip_grad_norm_ and then the step. gpu_kernels.AdamW, or torch's fused AdamW, on plain tensors takes
     the clip as its grad_scale, the divisor GradScaler hands fused optimizers: the kernel divides each gradient as it
     reads it (torch's also writes it back divided), so the separate pass that rescaled every gradient, a read and a
     write of 4 bytes per parameter, is gone; the MoE model has 4x the dense model's parameters (README, "Training
@@ -346,7 +346,7 @@ def clipped_step(optimizer, params, max_norm):
     if max_norm <= 0:
         optimizer.step()
         return
-    takes_scale = isinstance(optimizer, kernels.AdamW) or optimizer.defaults.get("fused")
+    takes_scale = isinstance(optimizer, gpu_kernels.AdamW) or optimizer.defaults.get("fused")
     if not (takes_scale and all(type(p.grad) is torch.Tensor for p in params)):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpu_kernels
 
 
 class FFN(nn.Module):
@@ -72,11 +72,11 @@ class Experts(nn.Module):
 
     def on_kernels(self, x):
         """Take the Triton paths (the experts, and the router's top-k) for this input?"""
-        return self.use_kernels and kernels.usable(x)
+        return self.use_kernels and gpu_kernels.usable(x)
 
     def forward(self, x, topk_ids, topk_weights):
         if self.on_kernels(x):
-            return kernels.fused_moe(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
+            return gpu_kernels.fused_moe(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
         return experts_reference(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
 
 
@@ -135,7 +135,7 @@ class MoE(nn.Module):
             # -inf, not 0: with a negative s + b a zero-masked expert could still win
             choice = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         if self.experts.on_kernels(x):
-            topk_ids = kernels.router_topk(choice, self.top_k)  # one launch; torch.topk sorts
+            topk_ids = gpu_kernels.router_topk(choice, self.top_k)  # one launch; torch.topk sorts
         else:
             topk_ids = choice.topk(self.top_k, dim=-1).indices
         topk_weights = scores.gather(1, topk_ids)

@@ -34,7 +34,7 @@ import hf
 from data import load_tokenizer
 from errors import error_text, fail, read_file
 from configurator import a_device, at_least, between, configure, one_of, settings_of
-import kernels
+import gpu_kernels
 from generate import generate_stream, new_cache
 from mla import cache_values_per_token
 from model import DTYPES, Model, ModelConfig, cast_weights
@@ -55,7 +55,7 @@ top_p = 1.0  # nucleus sampling: the smallest set of tokens with this much mass,
 seed = 1337  # the same seed gives the same samples
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", "mps"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
-use_kernels = True  # kernels.py's Triton paths where they apply; False: plain PyTorch (overrides the checkpoint)
+use_kernels = True  # gpu_kernels.py's Triton paths where they apply; False: plain PyTorch (overrides the checkpoint)
 cuda_graph = True  # on CUDA with use_kernels: capture the decoding step once in a CUDA graph and replay it
 compile = False  # with the CUDA graph: torch.compile the decoding step first (fewer kernels; ~20 s to compile)
 no_cache = False  # recompute the whole sequence every step instead of decoding against the latent cache
@@ -266,7 +266,7 @@ def main(argv=None):
 
     print(" ".join(f"{k}={v!r}" for k, v in settings.items()), file=sys.stderr)  # all checked: what runs
     # the two switches say what may run; what does depends on the device (both are for CUDA)
-    kernels_on = use_kernels and kernels.usable(idx)
+    kernels_on = use_kernels and gpu_kernels.usable(idx)
     effect = "Triton kernels" if kernels_on else "PyTorch paths (" + (
         "use_kernels=False)" if not use_kernels else "the kernels need CUDA and Triton)")
     decoding = "CUDA graph" if graph else "eager decoding" + (

@@ -41,7 +41,7 @@ import corpus
 import data as data_py  # "data" is the tests' usual name for a loaded dataset
 import errors
 import hf  # the tests that compare with transformers import it themselves: nothing else needs the HF stack
-import kernels
+import gpu_kernels
 import math_problems
 import prepare
 import sample
@@ -684,11 +684,11 @@ def test_max_vio():
 
 
 # -----------------------------------------------------------------------------
-# kernels.py against its PyTorch references: Triton's interpreter on CPU (TRITON_INTERPRET=1), real sizes on a GPU
+# gpu_kernels.py against its PyTorch references: Triton's interpreter on CPU (TRITON_INTERPRET=1), real sizes on a GPU
 
 
 
-needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton does not import here")
+needs_triton = pytest.mark.skipif(not gpu_kernels.HAS_TRITON, reason="Triton does not import here")
 
 
 def interpreted(test):
@@ -701,7 +701,7 @@ def interpreted(test):
                               reason="CPU tests need TRITON_INTERPRET=1 set before triton is imported")(test)
 
 
-needs_cuda = pytest.mark.skipif(not (kernels.HAS_TRITON and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not (gpu_kernels.HAS_TRITON and torch.cuda.is_available()
                                      and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs CUDA and Triton compiling for it (run without TRITON_INTERPRET=1)")
 
@@ -738,7 +738,7 @@ def check_fused_moe(N, K, E, d, I, dtype, device, tol, empty_expert=None, w_dtyp
     calls fused_moe (torch.compile of it, say)."""
     x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, device, empty_expert, w_dtype=w_dtype)
     args = [x, gates, w1, w2, w3]
-    y = (fn or kernels.fused_moe)(x, ids, gates, w1, w2, w3)
+    y = (fn or gpu_kernels.fused_moe)(x, ids, gates, w1, w2, w3)
     grads = torch.autograd.grad(y, args, dy)
     ref_args = [t.detach().double().requires_grad_() for t in args]  # float64 reference
     rx, rg, rw1, rw2, rw3 = ref_args
@@ -761,20 +761,20 @@ def test_fused_moe_per_pair_interpreted(tma, monkeypatch):
     """Decoding: no gradients and no more pairs than experts take the per-pair tiles (no sort); two tokens that share
     an expert, a token's K experts summed, against the float64 reference. tma: W1, W3 through TMA descriptors or
     by pointer (the down projection's rows are per pair: always by pointer)."""
-    monkeypatch.setattr(kernels, "TMA", tma)
+    monkeypatch.setattr(gpu_kernels, "TMA", tma)
     x, ids, gates, w1, w2, w3, _ = moe_inputs(4, 2, 8, 40, 40, torch.float32, "cpu", None)
     ids = torch.tensor([[3, 5], [5, 0], [7, 3], [1, 2]])
     with torch.no_grad():
-        got = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        got = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
         want = experts_reference(x.double(), ids, *(t.double() for t in (gates, w1, w2, w3)))
     assert rel_err("fused_moe per pair", got, want) < 1e-5
 
 
 def test_everything_runs_where_triton_does_not_import():
-    """kernels.py defines its kernels without Triton and usable() sends every caller to the PyTorch paths."""
+    """gpu_kernels.py defines its kernels without Triton and usable() sends every caller to the PyTorch paths."""
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels, model, generate\n"
-            "assert not kernels.HAS_TRITON and not kernels.usable(torch.zeros(1))\n"
+            "import torch, gpu_kernels, model, generate\n"
+            "assert not gpu_kernels.HAS_TRITON and not gpu_kernels.usable(torch.zeros(1))\n"
             "m = model.Model(model.ModelConfig()).eval()\n"
             "print(generate.generate(m, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0).shape)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
@@ -790,19 +790,19 @@ def test_fused_moe_interpreted(dtype, w_dtype, tol, tma, monkeypatch):
     tiles with a masked edge. bf16 x with fp32 weights is the autocast case; its tolerance is loose because the
     interpreter truncates fp32 -> bf16 instead of rounding (the GPU twin below is tighter). tma: the tiles that
     allow it through TMA descriptors (the interpreter emulates them), or every tile by pointer."""
-    monkeypatch.setattr(kernels, "TMA", tma)
+    monkeypatch.setattr(gpu_kernels, "TMA", tma)
     check_fused_moe(N=37, K=2, E=5, d=40, I=40, dtype=dtype, device="cpu", tol=tol, empty_expert=3, w_dtype=w_dtype)
 
 
 def record_tma_descs(monkeypatch):
-    """The list that every kernels._tma_desc call from now on appends its answer to (None: by pointer)."""
-    calls, make = [], kernels._tma_desc
+    """The list that every gpu_kernels._tma_desc call from now on appends its answer to (None: by pointer)."""
+    calls, make = [], gpu_kernels._tma_desc
 
     def tma_desc(t, block):
         calls.append(make(t, block))
         return calls[-1]
 
-    monkeypatch.setattr(kernels, "_tma_desc", tma_desc)
+    monkeypatch.setattr(gpu_kernels, "_tma_desc", tma_desc)
     return calls
 
 
@@ -820,9 +820,9 @@ def test_fused_moe_tma_equals_pointer_loads_interpreted(N, K, E, d, I, empty_exp
     calls = record_tma_descs(monkeypatch)
 
     def run(tma, dtype, w_dtype):
-        monkeypatch.setattr(kernels, "TMA", tma)
+        monkeypatch.setattr(gpu_kernels, "TMA", tma)
         x, ids, gates, w1, w2, w3, dy = moe_inputs(N, K, E, d, I, dtype, "cpu", empty_expert, w_dtype=w_dtype)
-        y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        y = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
         return [y, *torch.autograd.grad(y, [x, gates, w1, w2, w3], dy)]
 
     names = ["output", "dx", "d topk_weights", "dw1", "dw2", "dw3"]
@@ -839,18 +839,18 @@ def test_fused_moe_tma_equals_pointer_loads_interpreted(N, K, E, d, I, empty_exp
 
 
 @needs_triton
-@pytest.mark.skipif(kernels.TensorDescriptor is None, reason="this Triton has no host-side TensorDescriptor")
+@pytest.mark.skipif(gpu_kernels.TensorDescriptor is None, reason="this Triton has no host-side TensorDescriptor")
 def test_tma_desc_only_where_tma_can_read(monkeypatch):
     """_tma_desc gives a descriptor for a 16-byte aligned row-major tensor and None (the pointer path) for one at an
     address off by 4 bytes, with rows not a multiple of 16 bytes apart or not contiguous, or with TMA off."""
     buf = torch.zeros(4096)
-    desc = kernels._tma_desc(buf[:1024].view(32, 32), [16, 32])
-    assert isinstance(desc, kernels.TensorDescriptor) and desc.block_shape == [16, 32]
-    assert kernels._tma_desc(buf[1:1025].view(32, 32), [16, 32]) is None
-    assert kernels._tma_desc(buf[:30 * 36].view(30, 36).bfloat16(), [16, 32]) is None  # 72-byte rows
-    assert kernels._tma_desc(buf[:1024].view(32, 32).t(), [16, 32]) is None
-    monkeypatch.setattr(kernels, "TMA", False)
-    assert kernels._tma_desc(buf[:1024].view(32, 32), [16, 32]) is None
+    desc = gpu_kernels._tma_desc(buf[:1024].view(32, 32), [16, 32])
+    assert isinstance(desc, gpu_kernels.TensorDescriptor) and desc.block_shape == [16, 32]
+    assert gpu_kernels._tma_desc(buf[1:1025].view(32, 32), [16, 32]) is None
+    assert gpu_kernels._tma_desc(buf[:30 * 36].view(30, 36).bfloat16(), [16, 32]) is None  # 72-byte rows
+    assert gpu_kernels._tma_desc(buf[:1024].view(32, 32).t(), [16, 32]) is None
+    monkeypatch.setattr(gpu_kernels, "TMA", False)
+    assert gpu_kernels._tma_desc(buf[:1024].view(32, 32), [16, 32]) is None
 
 
 KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_bwd_kernel", "_moe_swiglu_bwd_kernel",
@@ -864,16 +864,16 @@ KERNELS = ["_moe_align_kernel", "_moe_up_kernel", "_moe_mm_kernel", "_moe_down_b
 def test_no_launch_passes_one_tensor_twice(tma, monkeypatch):
     """torch.compile copies each tensor a Triton kernel stores to and writes the copies back one by one: a tensor
     passed in two argument slots (say out_ptr and an out2_ptr the kernel only stores to under a mask) comes back
-    as the copy the kernel never wrote. That was dW2 of every compiled MoE step. So no launch of kernels.py, in
+    as the copy the kernel never wrote. That was dW2 of every compiled MoE step. So no launch of gpu_kernels.py, in
     fused_moe (forward, backward, per pair) and mla_decode, gets two arguments that share memory (views of one
     buffer side by side, like pad_start and pad_end, are two tensors); unused slots get None. A TMA descriptor
     counts as the tensor it reads (Inductor passes its base tensor on): a launch that reads a tensor through one
     gets None in that tensor's pointer slot."""
-    monkeypatch.setattr(kernels, "TMA", tma)
+    monkeypatch.setattr(gpu_kernels, "TMA", tma)
     launches, descriptors = [], []
 
     def tensor(v):  # the tensor an argument reads or writes, if any
-        if kernels.TensorDescriptor is not None and isinstance(v, kernels.TensorDescriptor):
+        if gpu_kernels.TensorDescriptor is not None and isinstance(v, gpu_kernels.TensorDescriptor):
             descriptors.append(v)
             return v.base
         return v if isinstance(v, torch.Tensor) else None
@@ -890,14 +890,14 @@ def test_no_launch_passes_one_tensor_twice(tma, monkeypatch):
             return launch
 
     for name in KERNELS:
-        monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
+        monkeypatch.setattr(gpu_kernels, name, Recorder(name, getattr(gpu_kernels, name)))
     x, ids, gates, w1, w2, w3, dy = moe_inputs(37, 2, 5, 40, 40, torch.float32, "cpu", 3)
-    y = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    y = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
     torch.autograd.grad(y, [x, gates, w1, w2, w3], dy)
     with torch.no_grad():  # decoding: the per-pair tiles
-        kernels.fused_moe(x[:2], ids[:2], gates[:2], w1, w2, w3)
+        gpu_kernels.fused_moe(x[:2], ids[:2], gates[:2], w1, w2, w3)
     cache = torch.randn(2, 80, 48)
-    kernels.mla_decode(torch.randn(2, 1, 3, 48), cache[:, :70], 69, 0.1, 40, n_splits=2)
+    gpu_kernels.mla_decode(torch.randn(2, 1, 3, 48), cache[:, :70], 69, 0.1, 40, n_splits=2)
     assert {name for name, _ in launches} == set(KERNELS), launches
     assert bool(descriptors) == tma
     def span(t):  # the bytes a tensor's elements lie in
@@ -917,7 +917,7 @@ def test_moe_align_interpreted():
     torch.manual_seed(0)
     E, bm = 6, 32
     ids = torch.randint(0, E - 1, (29, 3))  # expert 5 empty
-    sorted_pair, block_expert, pad_start, pad_end = kernels.moe_align(ids, E, bm)
+    sorted_pair, block_expert, pad_start, pad_end = gpu_kernels.moe_align(ids, E, bm)
     real = sorted_pair[sorted_pair < ids.numel()].long()
     assert real.sort().values.tolist() == list(range(ids.numel()))
     rows = torch.nonzero(sorted_pair < ids.numel()).flatten()
@@ -933,14 +933,14 @@ def check_mla_decode(B, S, T, H, C, R, start_pos, dtype, device, tol, n_splits=N
     kv = cache[:B, :start_pos + T]  # a strided view of a larger buffer, as mla.py passes it
     q = torch.randn(B, T, H, C + R, generator=g).to(device=device, dtype=dtype)
     scale = (C + R) ** -0.5 * 2
-    got = kernels.mla_decode(q, kv, start_pos, scale, C, n_splits=n_splits)
+    got = gpu_kernels.mla_decode(q, kv, start_pos, scale, C, n_splits=n_splits)
     want = latent_attention(q.double(), kv.double(), start_pos, scale, C)
     assert got.shape == (B, T, H, C) and got.dtype == q.dtype
     assert rel_err(f"mla_decode T={T} start_pos={start_pos} splits={n_splits}", got, want) < tol
     # the graph-safe form: the whole cache (rows past the position hold other values), the position on the device
     pos = torch.tensor(start_pos, device=device)
     full = cache[:B]
-    got = kernels.mla_decode(q, full, pos, scale, C, n_splits=n_splits)
+    got = gpu_kernels.mla_decode(q, full, pos, scale, C, n_splits=n_splits)
     assert rel_err(f"mla_decode, position on the device, T={T}", got, want) < tol
     assert rel_err("latent_attention, position on the device", latent_attention(q.double(), full.double(), pos, scale, C),
                    want) < 1e-6  # latent_attention computes in float32
@@ -960,7 +960,7 @@ def test_mla_decode_interpreted(T, start_pos, n_splits, dtype, tol):
 
 
 def check_adamw(shapes, device, kernel):
-    """kernels.AdamW against torch.optim.AdamW (the non-fused, per-tensor step: the plainest reference) over three
+    """gpu_kernels.AdamW against torch.optim.AdamW (the non-fused, per-tensor step: the plainest reference) over three
     steps: two groups (weight decay on, off), odd sizes (masked tails, several programs), new gradients each step,
     a grad_scale divisor on the last two as model.clipped_step sets it, a parameter without a gradient at step 2.
     The gradients are read, never written; the state is torch's (a torch AdamW loads it and takes the same step)."""
@@ -968,7 +968,7 @@ def check_adamw(shapes, device, kernel):
     params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
     ref = [p.detach().clone().requires_grad_() for p in params]
     groups = lambda ps: [{"params": ps[:-1], "weight_decay": 0.1}, {"params": ps[-1:], "weight_decay": 0.0}]
-    opt = kernels.AdamW(groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, kernel=kernel)
+    opt = gpu_kernels.AdamW(groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, kernel=kernel)
     ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     for step in range(3):
         grads = [torch.randn(s, generator=g).to(device) for s in shapes]
@@ -988,8 +988,8 @@ def check_adamw(shapes, device, kernel):
     assert all(torch.equal(state["state"][i]["step"].cpu(), torch.tensor(3.0 if i else 2.0)) for i in range(len(shapes)))
     again = torch.optim.AdamW(groups([p.detach().clone().requires_grad_() for p in params]), foreach=False)
     again.load_state_dict(state)
-    # and back: torch's non-fused state (its step counts on the host) into kernels.AdamW, which moves them
-    back = kernels.AdamW(groups([r.detach().clone().requires_grad_() for r in ref]), kernel=kernel)
+    # and back: torch's non-fused state (its step counts on the host) into gpu_kernels.AdamW, which moves them
+    back = gpu_kernels.AdamW(groups([r.detach().clone().requires_grad_() for r in ref]), kernel=kernel)
     back.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # its own tensors: ref_opt steps on
     assert all(s["step"].device == p.device for p, s in back.state.items())
     resumed = lambda opt: opt.param_groups[0]["params"] + opt.param_groups[1]["params"]
@@ -1010,27 +1010,27 @@ def test_adamw_interpreted():
 
 
 def check_router_topk(device):
-    """kernels.router_topk against torch.topk: the same experts, largest first, for expert counts that are and are not
+    """gpu_kernels.router_topk against torch.topk: the same experts, largest first, for expert counts that are and are not
     powers of two; ties (scores from a few values, as a bias of whole steps of gamma can make) go to the lower
     index, as a stable descending sort puts them; columns at -inf (dropped groups) come only after every finite
     one, and a row with fewer finite scores than K still gets K distinct experts; NaN ranks first, as in torch."""
     g = torch.Generator().manual_seed(0)
     for N, E, K in [(1, 64, 6), (37, 62, 6), (300, 8, 2), (5, 160, 6), (70, 256, 8), (9, 16, 1), (4, 64, 64)]:
         x = torch.randn(N, E, generator=g)
-        got = kernels.router_topk(x.to(device), K).cpu()
+        got = gpu_kernels.router_topk(x.to(device), K).cpu()
         want = x.topk(K, dim=-1)
         assert got.dtype == torch.int64 and got.shape == (N, K)
         assert torch.equal(got, want.indices), (N, E, K)
         ties = torch.randint(0, 3, (N, E), generator=g).float()
         stable = ties.sort(dim=-1, descending=True, stable=True).indices[:, :K]
-        assert torch.equal(kernels.router_topk(ties.to(device), K).cpu(), stable), ("ties", N, E, K)
+        assert torch.equal(gpu_kernels.router_topk(ties.to(device), K).cpu(), stable), ("ties", N, E, K)
     x = torch.randn(6, 64, generator=g)
     x[:, 8:] = float("-inf")  # 8 finite scores a row
-    got = kernels.router_topk(x.to(device), 10).cpu()
+    got = gpu_kernels.router_topk(x.to(device), 10).cpu()
     assert torch.equal(got[:, :8], x.topk(8, dim=-1).indices)
     assert torch.equal(got[:, 8:], torch.tensor([[8, 9]] * 6))  # then the lowest untaken -inf columns, once each
     x[2, 40] = float("nan")
-    assert kernels.router_topk(x.to(device), 1)[2, 0].item() == 40
+    assert gpu_kernels.router_topk(x.to(device), 1)[2, 0].item() == 40
 
 
 @needs_triton
@@ -1064,9 +1064,9 @@ def test_fused_moe_takes_tma_on_hopper_gpu(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("N", [8192, 700])
 def test_fused_moe_pointer_loads_gpu(N, monkeypatch):
-    """kernels.TMA off: every tile by pointer, the path of GPUs before Hopper and of tensors TMA cannot read, which
+    """gpu_kernels.TMA off: every tile by pointer, the path of GPUs before Hopper and of tensors TMA cannot read, which
     on an H100 / H200 no other test takes (MOE_TILES at 8192 tokens, SMALL_TILES at 700)."""
-    monkeypatch.setattr(kernels, "TMA", False)
+    monkeypatch.setattr(gpu_kernels, "TMA", False)
     check_fused_moe(N=N, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7)
 
 
@@ -1083,7 +1083,7 @@ def test_fused_moe_per_pair_gpu(N):
     """Decoding sizes without gradients: one tile per pair (6 and 60 pairs, 64 experts)."""
     x, ids, gates, w1, w2, w3, _ = moe_inputs(N, 6, 64, 768, 384, torch.bfloat16, "cuda", None)
     with torch.no_grad():
-        got = kernels.fused_moe(x, ids, gates, w1, w2, w3)
+        got = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
         want = experts_reference(x.double(), ids, *(t.double() for t in (gates, w1, w2, w3)))
     assert rel_err(f"fused_moe per pair, N={N}", got, want) < 1e-2
 
@@ -1095,7 +1095,7 @@ def test_fused_moe_compiled_gpu(I):
     launches traced by Inductor (which copies every tensor a kernel stores to) give what they give eagerly.
     I = 192 puts the [dW1 ; dW3] split inside a 128-row tile."""
     check_fused_moe(N=4096, K=6, E=64, d=768, I=I, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=5,
-                    w_dtype=torch.float32, fn=torch.compile(kernels.fused_moe))
+                    w_dtype=torch.float32, fn=torch.compile(gpu_kernels.fused_moe))
 
 
 @needs_cuda
@@ -1129,7 +1129,7 @@ def test_compiled_training_step_matches_eager_gpu():
 
 
 def check_adamw_bf16_moments(shapes, device, kernel):
-    """kernels.AdamW with moments_dtype=bf16 (DeepSeek-V3 §3.3.3) against its spec: torch.optim.AdamW's per-tensor
+    """gpu_kernels.AdamW with moments_dtype=bf16 (DeepSeek-V3 §3.3.3) against its spec: torch.optim.AdamW's per-tensor
     fp32 step whose two moments are rounded to bf16 after every step (the step itself uses them unrounded). Three
     steps, a grad_scale on the last two, each from the same state: the reference takes the weights and moments the
     step before left, so that a moment whose fp32 value the two compute a few roundings apart (torch's lerp against
@@ -1140,7 +1140,7 @@ def check_adamw_bf16_moments(shapes, device, kernel):
     g = torch.Generator().manual_seed(1)
     params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
     ref = [p.detach().clone().requires_grad_() for p in params]
-    opt = kernels.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, kernel=kernel,
+    opt = gpu_kernels.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, kernel=kernel,
                         moments_dtype=torch.bfloat16)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
     for step in range(3):
@@ -1163,9 +1163,9 @@ def check_adamw_bf16_moments(shapes, device, kernel):
                 ref_opt.state[r][k].copy_(got)
     state = copy.deepcopy(opt.state_dict())
     assert all(s[k].dtype == torch.bfloat16 for s in state["state"].values() for k in ("exp_avg", "exp_avg_sq"))
-    low = kernels.AdamW([p.detach().clone().requires_grad_() for p in params], moments_dtype=torch.bfloat16)
+    low = gpu_kernels.AdamW([p.detach().clone().requires_grad_() for p in params], moments_dtype=torch.bfloat16)
     low.load_state_dict(state)
-    full = kernels.AdamW([p.detach().clone().requires_grad_() for p in params])
+    full = gpu_kernels.AdamW([p.detach().clone().requires_grad_() for p in params])
     full.load_state_dict(state)
     for i, p in enumerate(params):
         for k in ("exp_avg", "exp_avg_sq"):
@@ -1175,7 +1175,7 @@ def check_adamw_bf16_moments(shapes, device, kernel):
 
 
 def test_adamw_bf16_moments_torch_step():
-    """The bf16 moments on torch's own step (kernels.AdamW off the Triton path: the CPU, FSDP's DTensors)."""
+    """The bf16 moments on torch's own step (gpu_kernels.AdamW off the Triton path: the CPU, FSDP's DTensors)."""
     check_adamw_bf16_moments([(37, 129), (5000,), (48,)], "cpu", kernel=False)
 
 
@@ -1296,13 +1296,13 @@ def test_tiny_model_learns_a_batch():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
-@pytest.mark.parametrize("kind", ["torch fused", "kernels.AdamW, Triton", "kernels.AdamW, torch's step"])
+@pytest.mark.parametrize("kind", ["torch fused", "gpu_kernels.AdamW, Triton", "gpu_kernels.AdamW, torch's step"])
 def test_clipped_step_matches_clip_then_step(max_norm, kind):
-    """model.clipped_step with a fused AdamW or kernels.AdamW (the clip as the step's grad_scale; the Triton kernel
+    """model.clipped_step with a fused AdamW or gpu_kernels.AdamW (the clip as the step's grad_scale; the Triton kernel
     interpreted on the CPU) takes the step that clip_grad_norm_ then a plain step takes: clipping (0.05), a norm
     under the limit (1e6: no change), clipping off. eps = 1 makes Adam's step follow the gradient's size
     (eps >> sqrt(v)), so an ignored clip would show."""
-    if kind.endswith("Triton") and not (kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"):
+    if kind.endswith("Triton") and not (gpu_kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the Triton step on the CPU needs Triton's interpreter (TRITON_INTERPRET=1)")
     torch.manual_seed(0)
     model = Model(tiny_config())
@@ -1323,7 +1323,7 @@ def test_clipped_step_matches_clip_then_step(max_norm, kind):
         elif kind == "torch fused":
             opt = torch.optim.AdamW(m.parameters(), fused=True, **args)
         else:
-            opt = kernels.AdamW(m.parameters(), kernel=kind.endswith("Triton"), **args)
+            opt = gpu_kernels.AdamW(m.parameters(), kernel=kind.endswith("Triton"), **args)
         if fused:
             clipped_step(opt, m.parameters(), clip)
             assert getattr(opt, "grad_scale", None) is None  # nothing left over for a later step

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hf
-import kernels
+import gpu_kernels
 import parallel
 from configurator import a_device, at_least, between, configure, one_of, settings_of
 from data import data_dir, load_data, tokenizer_identity, val_domains
@@ -455,7 +455,7 @@ unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
 if master:
     say("config:\n" + textwrap.fill("  ".join(f"{k}={v!r}" for k, v in settings.items()), 118,
                                     initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
-    if use_kernels and not (device_type == "cuda" and kernels.HAS_TRITON):  # the setting says may, the device decides
+    if use_kernels and not (device_type == "cuda" and gpu_kernels.HAS_TRITON):  # the setting says may, the device decides
         say("in effect: use_kernels=True but the PyTorch paths run (the Triton kernels need CUDA and Triton)")
     say(f"model: {raw_model.num_params() / 1e6:.2f}M params, {raw_model.num_params(active=True) / 1e6:.2f}M "
         f"active per token, {n_moe} MoE layers ({n_experts} experts, top-{top_k}, {n_shared} shared), "
