@@ -448,18 +448,21 @@ def _round_bf16(x):
 @triton.jit
 def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
                   weight_decay, SCALE: tl.constexpr, ALIGNED: tl.constexpr, BF16_MOMENTS: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  COPY: tl.constexpr, BLOCK: tl.constexpr):
     """One AdamW step over BLOCK elements of one of a param group's fp32 tensors, as torch.optim.AdamW (fused)
     takes it: the gradient divided by *scale_ptr (SCALE: the clip, model.clipped_step), decoupled weight decay, the
     two moments, the bias corrections 1 - beta^t from the tensor's step t already counted on the device
     (beta^t = 2^(t log2 beta)). The gradient is read, never written. BF16_MOMENTS: the moments are stored in bf16
     (DeepSeek-V3 §3.3.3), loaded into fp32, updated and used in fp32, and rounded to bf16 only as they are stored.
     All the group's tensors in one launch (a launch per tensor left the GPU waiting on Python's launch cost: 167 of
-    them in the small MoE model): table is (7, n_tensors) int64, per tensor its first program, its size, and the
-    addresses of the parameter, gradient, exp_avg, exp_avg_sq and step; each program finds its tensor by a binary
-    search over the first programs. ALIGNED: every address a multiple of 16 bytes and every size a multiple of 16
-    (all the models' tensors are), said so, so that the loads and stores are 16-byte vectors: without it they went
-    one element at a time, as the compiler cannot see the alignment of an address or a mask bound read from memory."""
+    them in the small MoE model): table is (8, n_tensors) int64, per tensor its first program, its size, and the
+    addresses of the parameter, gradient, exp_avg, exp_avg_sq, step and bf16 working copy; each program finds its
+    tensor by a binary search over the first programs. ALIGNED: every address a multiple of 16 bytes and every size
+    a multiple of 16 (all the models' tensors are), said so, so that the loads and stores are 16-byte vectors:
+    without it they went one element at a time, as the compiler cannot see the alignment of an address or a mask
+    bound read from memory. COPY: every tensor of the launch has a bf16 working copy (the routed experts' weights,
+    moe.Experts), written here with the new weights, rounded to nearest even as torch's cast rounds: the forward
+    reads it instead of casting every expert weight at every micro-batch."""
     pid = tl.program_id(0)
     lo = pid * 0
     hi = lo + n_tensors - 1
@@ -487,6 +490,8 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     step_size = lr / (1.0 - tl.exp2(t * log2_beta1))
     p = p - step_size * m / (tl.sqrt(v) / tl.sqrt(1.0 - tl.exp2(t * log2_beta2)) + eps)
     tl.store(p_ptr + offs, p, mask=ok)
+    if COPY:
+        tl.store(_address(column + 7 * n_tensors, ALIGNED, True) + offs, _round_bf16(p), mask=ok)
     if BF16_MOMENTS:
         m, v = _round_bf16(m), _round_bf16(v)
     tl.store(m_ptr + offs, m, mask=ok)
@@ -667,19 +672,23 @@ def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
 
 class _FusedMoE(torch.autograd.Function):
     """x (N, d), topk_ids (N, K), topk_weights (N, K) fp32, w1, w3 (E, I, d), w2 (E, d, I); the matmuls run in
-    `dtype` (x and the weights are cast inside, so no cast sits in the autograd graph). Returns (N, d) in x's
+    `dtype` (x and the weights are cast inside, so no cast sits in the autograd graph; c1, c2, c3: the weights
+    already in `dtype`, or None). Returns (N, d) in x's
     dtype; the gradients come out in each input's own dtype (fp32 parameters get fp32 gradients straight from the
     kernels' fp32 accumulators, with no bf16 round trip)."""
 
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair, save_x):
+    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, c1, c2, c3, dtype, per_pair, save_x):
         N, D = x.shape
         K = topk_ids.shape[1]
         E, I, _ = w1.shape
         n_pairs = N * K
         tiles, prec = _tiles(x, n_pairs), _precision(dtype)
         xc = x.to(dtype).contiguous()
-        w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
+        if c1 is not None:  # the working copies: no cast
+            w1c, w2c, w3c = c1, c2, c3
+        else:
+            w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
         if per_pair:  # no sort: tile m is pair m, its expert read from the flat topk_ids (see _tile)
             sorted_pair, block_expert = None, topk_ids.contiguous().view(-1)
             rows = m_tiles = n_pairs
@@ -745,7 +754,7 @@ class _FusedMoE(torch.autograd.Function):
             dw1 = torch.empty(w1.shape, device=xs.device, dtype=w1_dtype)
             dw3 = torch.empty(w3.shape, device=xs.device, dtype=w3_dtype)
             _launch_wgrad(dh, xs, dw1, pad_start, pad_end, tiles, prec, out2=dw3)
-        return dx, None, dg, dw1, dw2, dw3, None, None, None
+        return dx, None, dg, dw1, dw2, dw3, None, None, None, None, None, None
 
 
 def _tiles(x, n_pairs):
@@ -756,17 +765,22 @@ def _tiles(x, n_pairs):
 
 # No torch.compiler.disable here: torch.compile traces the autograd.Function and the Triton launches, so a compiled
 # model does not break its graph at every MoE layer (README, "Training step").
-def fused_moe(x, topk_ids, topk_weights, w1, w2, w3):
+def fused_moe(x, topk_ids, topk_weights, w1, w2, w3, copies=None):
     """Same contract as moe.experts_reference: sum_k topk_weights[t, k] * SwiGLU_{topk_ids[t, k]}(x[t]).
 
     x (N, d); topk_ids int64 (N, K); topk_weights fp32 (N, K), may require grad; w1, w3 (E, I, d); w2 (E, d, I).
     Returns (N, d) in x's dtype. The matmuls run in x's dtype, or in the autocast dtype where autocast is on (as
     nn.Linear's would), with fp32 accumulation. Without gradients and with no more (token, expert) pairs than
-    experts (decoding), each pair is its own tile: no sort and no alignment pass, three launches in all."""
+    experts (decoding), each pair is its own tile: no sort and no alignment pass, three launches in all.
+    copies: (w1, w2, w3) already in that dtype, contiguous (moe.Experts' working copies), read instead of a cast of
+    the weights; the gradients still go to w1, w2, w3 in their own dtype. Ignored where the dtype differs."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2, w3))
     per_pair = not needs_grad and topk_ids.numel() <= w1.shape[0]  # at most one pair per expert on average
-    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, dtype, per_pair, needs_grad)
+    if copies is None or not all(c.dtype == dtype and c.shape == w.shape and c.is_contiguous()
+                                 for c, w in zip(copies, (w1, w2, w3))):
+        copies = (None, None, None)
+    return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, *copies, dtype, per_pair, needs_grad)
 
 
 # -----------------------------------------------------------------------------
@@ -851,15 +865,31 @@ class AdamW(torch.optim.AdamW):
     param group where every parameter with a gradient is a plain fp32 CUDA tensor (on the CPU too with
     kernel=True: Triton's interpreter, for the tests); anywhere else, and for amsgrad, maximize, capturable,
     differentiable or a tensor lr, it is torch's own step. grad_scale, when set to a one-element tensor
-    (model.clipped_step sets it to the clip's divisor), divides every gradient first, on either path."""
+    (model.clipped_step sets it to the clip's divisor), divides every gradient first, on either path.
+    copies: None, or a function returning {id(parameter): its bf16 working copy} (Model.expert_copies: the routed
+    experts' weights, moe.Experts); after every step each copy holds its parameter rounded to bf16, written by the
+    kernel as it writes the parameter (2 bytes more per parameter instead of a 6-byte cast at every forward), or
+    cast after torch's step."""
 
-    def __init__(self, params, kernel=None, moments_dtype=torch.float32, **kwargs):
+    def __init__(self, params, kernel=None, moments_dtype=torch.float32, copies=None, **kwargs):
         if moments_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moments_dtype must be torch.float32 or torch.bfloat16, not {moments_dtype}")
         super().__init__(params, **kwargs)
         self.kernel = kernel  # None: wherever usable(); True: always
         self.moments_dtype = moments_dtype  # of an fp32 parameter's exp_avg and exp_avg_sq, on either path
+        self.copies = copies
         self.grad_scale = None
+
+    def _copies(self, groups):
+        """{id(p): bf16 copy} for the parameters about to be stepped that have a copy, each checked to be one."""
+        copies = self.copies() if self.copies is not None else {}
+        stepped = {id(p): p for _, params in groups for p in params if id(p) in copies}
+        for key, p in stepped.items():
+            c = copies[key]
+            if not (c.dtype == torch.bfloat16 and c.shape == p.shape and c.device == p.device and c.is_contiguous()):
+                raise ValueError(f"AdamW copies: a {c.dtype} {tuple(c.shape)} copy for a {tuple(p.shape)} parameter "
+                                 f"on {p.device}: a working copy must be bf16, contiguous, of its parameter's shape")
+        return {key: copies[key] for key in stepped}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -870,12 +900,17 @@ class AdamW(torch.optim.AdamW):
         options = any(g[k] for g, _ in groups for k in ("amsgrad", "maximize", "capturable", "differentiable"))
         tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g, _ in groups)
         here = all(usable(t) for t in tensors) if self.kernel is None else self.kernel
+        copies = self._copies(groups)
         if not (HAS_TRITON and plain and here) or options or tensor_lr:
             self._hold_moments(float32=True)  # torch's step keeps them in the parameter's dtype
             try:
                 return self._torch_step(closure)
             finally:
                 self._hold_moments()
+                for _, params in groups:
+                    for p in params:
+                        if id(p) in copies:
+                            copies[id(p)].copy_(p)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -893,11 +928,12 @@ class AdamW(torch.optim.AdamW):
         if steps:
             torch._foreach_add_(steps, 1.0)
         for group, params in groups:
-            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] for p in params]  # size, 5 addresses
-            aligned = [all(c % 16 == 0 for c in column) for column in columns]
-            for flag in (True, False):
-                if flag in aligned:
-                    self._launch(group, [c for c, a in zip(columns, aligned) if a == flag], flag, params[0].device)
+            # size, 6 addresses (the copy's 0 where there is none)
+            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] +
+                       [copies[id(p)].data_ptr() if id(p) in copies else 0] for p in params]
+            kinds = [(all(c % 16 == 0 for c in column), column[-1] != 0) for column in columns]
+            for kind in sorted(set(kinds)):  # a launch per (aligned, with a copy) kind present
+                self._launch(group, [c for c, k in zip(columns, kinds) if k == kind], *kind, params[0].device)
         return loss
 
     def _hold_moments(self, float32=False):
@@ -927,9 +963,9 @@ class AdamW(torch.optim.AdamW):
         s = self.state[p]
         return p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"]
 
-    def _launch(self, group, columns, aligned, device):
+    def _launch(self, group, columns, aligned, copy, device):
         """One _adamw_kernel launch over the tensors of columns (each: size, then the parameter's, gradient's,
-        moments' and step's addresses), with their table."""
+        moments', step's and copy's addresses), with their table; copy: every one of them has a copy."""
         BLOCK = ADAMW_TILES["BLOCK"]
         blocks = [(c[0] + BLOCK - 1) // BLOCK for c in columns]
         first = list(itertools.accumulate(blocks, initial=0))
@@ -942,7 +978,7 @@ class AdamW(torch.optim.AdamW):
             table, len(columns), len(columns).bit_length(), self.grad_scale, lr=group["lr"], beta1=beta1,
             beta2=beta2, log2_beta1=math.log2(beta1), log2_beta2=math.log2(beta2), eps=group["eps"],
             weight_decay=group["weight_decay"], SCALE=self.grad_scale is not None, ALIGNED=aligned,
-            BF16_MOMENTS=self.moments_dtype == torch.bfloat16, BLOCK=BLOCK,
+            BF16_MOMENTS=self.moments_dtype == torch.bfloat16, COPY=copy, BLOCK=BLOCK,
             **({"num_warps": ADAMW_TILES["num_warps"]} if cuda else {}))
 
     def _torch_step(self, closure):

@@ -249,6 +249,8 @@ class Model(nn.Module):
         """idx (B, T) token ids at positions start_pos.. (an int, or a 0-d device tensor: see generate.CapturedStep);
         returns (logits (B, T, vocab), loss or None). loss = cross-entropy (targets == -1 ignored) + the enabled
         balance losses of the MoE layers + in training, with mtp_depth > 0, the MTP loss (V3 eq. 25)."""
+        if self.training:
+            self.refresh_expert_copies()
         h = self.hidden(idx, cache, start_pos)
         logits, loss = self.head_and_loss(h, targets)
         if targets is not None:
@@ -287,6 +289,23 @@ class Model(nn.Module):
             accuracy.append(((logits.argmax(-1) == want) & counted).sum() / counted.sum().clamp(min=1))
         return torch.stack(losses), torch.stack(accuracy).detach()
 
+    @torch.compiler.disable  # eager: it reads version counters, which a compiled graph cannot guard on
+    def refresh_expert_copies(self):
+        """The routed experts' bf16 working copies (moe.Experts), current for a training forward under bf16
+        autocast on the kernels; dropped elsewhere."""
+        amp_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        for m in self.moe_layers():
+            if amp_bf16 and m.experts.on_kernels(m.experts.w1):
+                m.experts.refresh_copies()
+            else:
+                m.experts.drop_copies()
+
+    def expert_copies(self):
+        """{id(weight): its bf16 working copy} of every routed expert weight that has one: what
+        gpu_kernels.AdamW writes as it steps the weights (configure_optimizers)."""
+        return {id(w): c for m in self.moe_layers() if m.experts.copies() is not None
+                for w, c in zip(m.experts.weights(), m.experts.copies())}
+
     # -------------------------------------------------------------------------
     # counting
 
@@ -323,7 +342,8 @@ class Model(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda"  # on CUDA with Triton, the step is gpu_kernels.AdamW's; without, torch's fused one
-        return gpu_kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, moments_dtype=moments_dtype)
+        return gpu_kernels.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, moments_dtype=moments_dtype,
+                                 copies=self.expert_copies)
 
     @torch.no_grad()
     def update_biases(self, gamma, counts=None):

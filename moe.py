@@ -61,7 +61,18 @@ def experts_reference(x, topk_ids, topk_weights, w1, w2, w3):
 
 
 class Experts(nn.Module):
-    """N_r fine-grained routed SwiGLU experts, weights stacked so one grouped GEMM can run them all."""
+    """N_r fine-grained routed SwiGLU experts, weights stacked so one grouped GEMM can run them all.
+
+    Working copies: in training under bf16 autocast on the kernels, fused_moe reads bf16 copies of the three fp32
+    weights (the non-persistent buffers w1_bf16, w2_bf16, w3_bf16) instead of casting all of them at every
+    micro-batch, a read of 4 bytes and a write of 2 per expert weight (README, "Training step"). gpu_kernels.AdamW
+    writes the copies as it writes the weights (Model.configure_optimizers hands it Model.expert_copies), so they
+    are cast only where a weight changed another way: refresh_copies(), which Model.forward calls in training,
+    recasts them when a weight's version (which every torch in-place op bumps: load_state_dict, torch's optimizer
+    step, an edit under no_grad) or storage is not the one they were cast from. An edit through .data bumps no
+    version: call drop_copies() after one. eval() drops them, freeing their memory."""
+
+    COPIES = ("w1_bf16", "w2_bf16", "w3_bf16")
 
     def __init__(self, n_experts, dim, inter_dim, use_kernels=True):
         super().__init__()
@@ -69,14 +80,53 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
         self.use_kernels = use_kernels
+        for name in self.COPIES:
+            self.register_buffer(name, None, persistent=False)
+        self.copied_from = None  # (version, address) of each weight the copies were cast from
 
     def on_kernels(self, x):
         """Take the Triton paths (the experts, and the router's top-k) for this input?"""
         return self.use_kernels and gpu_kernels.usable(x)
 
+    def weights(self):
+        return self.w1, self.w2, self.w3
+
+    def copies(self):
+        """(w1_bf16, w2_bf16, w3_bf16), or None where there are none."""
+        return None if self.w1_bf16 is None else (self.w1_bf16, self.w2_bf16, self.w3_bf16)
+
+    def drop_copies(self):
+        for name in self.COPIES:
+            setattr(self, name, None)
+        self.copied_from = None
+
+    @torch.no_grad()
+    def refresh_copies(self):
+        """Make the working copies bf16 casts of the weights as they are now (fp32 plain tensors only: not bf16
+        weights, not FSDP's sharded DTensors), casting only where they were made from another version."""
+        if not all(type(w.data) is torch.Tensor and w.dtype == torch.float32 for w in self.weights()):
+            self.drop_copies()
+            return
+        now = tuple((w._version, w.data_ptr()) for w in self.weights())
+        if self.copies() is not None and now == self.copied_from:
+            return
+        for name, w in zip(self.COPIES, self.weights()):
+            c = getattr(self, name)
+            if c is None or c.shape != w.shape or c.device != w.device:
+                c = torch.empty(w.shape, dtype=torch.bfloat16, device=w.device)
+                setattr(self, name, c)
+            c.copy_(w)
+        self.copied_from = now
+
+    def train(self, mode=True):
+        if not mode:
+            self.drop_copies()
+        return super().train(mode)
+
     def forward(self, x, topk_ids, topk_weights):
         if self.on_kernels(x):
-            return gpu_kernels.fused_moe(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
+            copies = self.copies() if self.training else None  # fused_moe ignores them outside bf16 autocast
+            return gpu_kernels.fused_moe(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, copies)
         return experts_reference(x, topk_ids, topk_weights, self.w1, self.w2, self.w3)
 
 

@@ -48,7 +48,7 @@ import sample
 from generate import generate, generate_stream, new_cache, sample_probs
 from mla import MLA, LatentCache, MHACache, cache_values_per_token, latent_attention, precompute_rope
 from model import Model, ModelConfig, cast_weights, clipped_step
-from moe import (FFN, MoE, balance_loss, experts_reference, max_vio, mutual_information, recording_routes,
+from moe import (FFN, Experts, MoE, balance_loss, experts_reference, max_vio, mutual_information, recording_routes,
                  routing_counts)
 
 
@@ -1128,6 +1128,58 @@ def test_compiled_training_step_matches_eager_gpu():
         assert rel(comp[n], ref[n]) <= 3 * rel(eager[n], ref[n]) + 1e-2, (n, rel(comp[n], ref[n]), rel(eager[n], ref[n]))
 
 
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_with_expert_copies_matches_casts_gpu(compiled, monkeypatch):
+    """Three optimizer steps of a small MoE model as train.py takes them (bf16 autocast, two micro-batches, the clip,
+    gpu_kernels.AdamW, the bias update), with the experts' working copies (the forward reads the bf16 copies the
+    optimizer wrote) and without (the forward casts the weights): the same bf16 weights either way, so the same
+    losses and parameters, bit for bit eagerly; compiled, within the last bits Inductor's fusions may move. After
+    each step every copy is its weight's bf16 rounding; eval() frees them and the next training forward recasts."""
+    def train(copies):
+        if not copies:
+            drop = torch.compiler.disable(lambda self: [m.experts.drop_copies() for m in self.moe_layers()])
+            monkeypatch.setattr(Model, "refresh_expert_copies", drop)
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_layer=3, n_embd=256, n_head=4, kv_lora_rank=64, dense_inter_dim=512, n_experts=16,
+                          top_k=4, n_shared=1, moe_inter_dim=128, block_size=128, vocab_size=512)
+        raw = Model(cfg).cuda()
+        model = torch.compile(raw) if compiled else raw
+        opt = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda", torch.bfloat16)
+        data = torch.randint(0, 512, (3, 2, 8, 129), generator=torch.Generator().manual_seed(1)).cuda()
+        losses = []
+        for step, micro_batches in enumerate(data):
+            if step == 2:
+                raw.eval()
+                assert raw.expert_copies() == {}
+                raw.train()
+            for micro in micro_batches:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = model(micro[:, :-1], micro[:, 1:])
+                (loss / 2).backward()
+                losses.append(loss.item())
+            clipped_step(opt, raw.parameters(), 1.0)
+            opt.zero_grad(set_to_none=True)
+            raw.update_biases(1e-3)
+            held = raw.expert_copies()
+            assert len(held) == (3 * 2 if copies else 0)
+            for m in raw.moe_layers():
+                for w in m.experts.weights():
+                    if copies:
+                        assert torch.equal(held[id(w)], w.detach().bfloat16())
+        monkeypatch.undo()
+        return losses, {n: p.detach().clone() for n, p in raw.named_parameters()}
+
+    (loss_c, params_c), (loss_p, params_p) = train(True), train(False)
+    if not compiled:
+        assert loss_c == loss_p
+        assert all(torch.equal(params_c[n], params_p[n]) for n in params_p)
+    else:
+        assert max(abs(a - b) for a, b in zip(loss_c, loss_p)) < 1e-3, (loss_c, loss_p)
+        for n in params_p:
+            assert rel_err(n, params_c[n], params_p[n]) < 1e-3
+
+
 def check_adamw_bf16_moments(shapes, device, kernel):
     """gpu_kernels.AdamW with moments_dtype=bf16 (DeepSeek-V3 §3.3.3) against its spec: torch.optim.AdamW's per-tensor
     fp32 step whose two moments are rounded to bf16 after every step (the step itself uses them unrounded). Three
@@ -1188,6 +1240,119 @@ def test_adamw_bf16_moments_interpreted():
 @needs_cuda
 def test_adamw_bf16_moments_gpu():
     check_adamw_bf16_moments([(64, 384, 768), (768,), (1000003,)], "cuda", kernel=None)
+
+
+def check_adamw_copies(device, kernel):
+    """gpu_kernels.AdamW's bf16 working copies: after each step a parameter with a copy has its copy equal to its
+    own bf16 rounding, bit for bit (on the kernel, which writes it, and on torch's step, after which it is cast),
+    and the parameters step exactly as they do without copies; a parameter without a copy is untouched by them.
+    Sizes aligned and not; a parameter with a copy but no gradient keeps both."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 40, 24), (37, 129), (5000,), (48,)]
+    params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+    plain = [p.detach().clone().requires_grad_() for p in params]
+    copies = {id(p): torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params[:3]}
+    opt = gpu_kernels.AdamW(params, lr=1e-2, weight_decay=0.1, kernel=kernel, copies=lambda: copies)
+    ref = gpu_kernels.AdamW(plain, lr=1e-2, weight_decay=0.1, kernel=kernel)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(params, plain)):
+            p.grad = None if step == 1 and i == 1 else torch.randn(p.shape, generator=g).to(device)
+            q.grad = None if p.grad is None else p.grad.clone()
+        before = copies[id(params[1])].clone()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(params, plain)):
+            assert torch.equal(p, q), (step, i)
+            if id(p) in copies:
+                want = before if step == 1 and i == 1 else p.detach().bfloat16()
+                assert torch.equal(copies[id(p)], want), (step, i)
+    bad = gpu_kernels.AdamW(params, kernel=kernel, copies=lambda: {id(params[0]): torch.zeros(3, device=device)})
+    with pytest.raises(ValueError, match="working copy must be bf16"):
+        bad.step()
+
+
+def test_adamw_copies_torch_step():
+    check_adamw_copies("cpu", kernel=False)
+
+
+@needs_triton
+@interpreted
+def test_adamw_copies_interpreted():
+    check_adamw_copies("cpu", kernel=True)
+
+
+def test_expert_copies_follow_the_weights():
+    """moe.Experts' working copies are the weights' bf16 casts whenever refresh_copies() returns: cast once, not
+    again while the weights are unchanged (as after gpu_kernels.AdamW's kernel, which bumps no version), again after
+    anything torch changes them with (an in-place edit, load_state_dict, torch's optimizer step, a move); none for
+    bf16 weights, none after eval(). Model.expert_copies hands them to the optimizer by weight."""
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 8)
+    for w in experts.weights():
+        torch.nn.init.normal_(w)
+
+    def fresh():
+        return all(torch.equal(c, w.detach().bfloat16()) for c, w in zip(experts.copies(), experts.weights()))
+
+    assert experts.copies() is None
+    experts.refresh_copies()
+    assert fresh() and all(c.dtype == torch.bfloat16 and c.is_contiguous() for c in experts.copies())
+    held = experts.copies()
+    experts.w2_bf16.zero_()  # a stand-in for a copy the optimizer wrote: unchanged weights, so not recast
+    experts.refresh_copies()
+    assert experts.w2_bf16.abs().max() == 0 and experts.copies()[0] is held[0]
+    with torch.no_grad():
+        experts.w2.mul_(2.0)
+    experts.refresh_copies()
+    assert fresh() and experts.copies()[1] is held[1]  # recast in place
+    experts.load_state_dict({k: v * 3 for k, v in experts.state_dict().items()})
+    experts.refresh_copies()
+    assert fresh()
+    assert not any(k.endswith("_bf16") for k in experts.state_dict())  # never saved
+    for w in experts.weights():
+        w.grad = torch.randn_like(w)
+    torch.optim.AdamW(experts.parameters(), lr=0.1).step()
+    experts.refresh_copies()
+    assert fresh()
+    experts.eval()
+    assert experts.copies() is None
+    experts.train()
+    experts.to(torch.bfloat16)
+    experts.refresh_copies()
+    assert experts.copies() is None
+    model = Model(ModelConfig(n_layer=3, n_dense_layers=1, mtp_depth=1))
+    layers = model.moe_layers()
+    assert model.expert_copies() == {}
+    layers[0].experts.refresh_copies()
+    layers[2].experts.refresh_copies()  # the MTP block's
+    got = model.expert_copies()
+    assert len(got) == 6 and all(got[id(w)] is c for m in (layers[0], layers[2])
+                                 for w, c in zip(m.experts.weights(), m.experts.copies()))
+    model.train()
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    assert model.expert_copies() == {}  # on the CPU (no kernels, no bf16 autocast) the forward drops them
+
+
+@needs_triton
+@interpreted
+def test_fused_moe_reads_the_copies_interpreted():
+    """fused_moe with working copies computes with the copies, not a cast of the weights (copies of 2 W2 give the
+    output of 2 W2), and sends the weights' gradients to the fp32 weights; copies equal to the cast give the cast's
+    output and gradients bit for bit. Copies of another dtype than the matmuls' are ignored."""
+    x, ids, gates, w1, w2, w3, dy = moe_inputs(70, 2, 4, 32, 48, torch.bfloat16, "cpu", w_dtype=torch.float32)
+    cast = tuple(w.detach().bfloat16() for w in (w1, w2, w3))
+    args = [x, gates, w1, w2, w3]
+    want = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    want_grads = torch.autograd.grad(want, args, dy)
+    got = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=cast)
+    got_grads = torch.autograd.grad(got, args, dy)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got_grads, want_grads))
+    doubled = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=(cast[0], cast[1] * 2, cast[2]))
+    twice = gpu_kernels.fused_moe(x, ids, gates, w1, (w2 * 2).detach(), w3)
+    assert torch.equal(doubled, twice)
+    ignored = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=tuple(c.half() * 2 for c in cast))
+    assert torch.equal(ignored, want)
 
 
 @needs_cuda
