@@ -674,9 +674,8 @@ def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
 class _FusedMoE(torch.autograd.Function):
     """x (N, d), topk_ids (N, K), topk_weights (N, K) fp32, w1, w3 (E, I, d), w2 (E, d, I); the matmuls run in
     `dtype` (x and the weights are cast inside, so no cast sits in the autograd graph; c1, c2, c3: the weights
-    already in `dtype`, or None). Returns (N, d) in x's
-    dtype; the gradients come out in each input's own dtype (fp32 parameters get fp32 gradients straight from the
-    kernels' fp32 accumulators, with no bf16 round trip)."""
+    already in `dtype`, or None). Returns (N, d) in x's dtype; the gradients come out in each input's own dtype
+    (fp32 parameters get fp32 gradients straight from the kernels' fp32 accumulators, with no bf16 round trip)."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, c1, c2, c3, dtype, per_pair, save_x):
@@ -882,15 +881,14 @@ class AdamW(torch.optim.AdamW):
         self.grad_scale = None
 
     def _copies(self, groups):
-        """{id(p): bf16 copy} for the parameters about to be stepped that have a copy, each checked to be one."""
+        """[(p, its bf16 copy)] for the parameters about to be stepped that have a copy, each checked to be one."""
         copies = self.copies() if self.copies is not None else {}
-        stepped = {id(p): p for _, params in groups for p in params if id(p) in copies}
-        for key, p in stepped.items():
-            c = copies[key]
+        pairs = [(p, copies[id(p)]) for _, params in groups for p in params if id(p) in copies]
+        for p, c in pairs:
             if not (c.dtype == torch.bfloat16 and c.shape == p.shape and c.device == p.device and c.is_contiguous()):
                 raise ValueError(f"AdamW copies: a {c.dtype} {tuple(c.shape)} copy for a {tuple(p.shape)} parameter "
                                  f"on {p.device}: a working copy must be bf16, contiguous, of its parameter's shape")
-        return {key: copies[key] for key in stepped}
+        return pairs
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -908,10 +906,8 @@ class AdamW(torch.optim.AdamW):
                 return self._torch_step(closure)
             finally:
                 self._hold_moments()
-                for _, params in groups:
-                    for p in params:
-                        if id(p) in copies:
-                            copies[id(p)].copy_(p)
+                for p, c in copies:
+                    c.copy_(p)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -928,10 +924,11 @@ class AdamW(torch.optim.AdamW):
         self._hold_moments()
         if steps:
             torch._foreach_add_(steps, 1.0)
+        copy_at = {id(p): c.data_ptr() for p, c in copies}
         for group, params in groups:
             # size, 6 addresses (the copy's 0 where there is none)
-            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] +
-                       [copies[id(p)].data_ptr() if id(p) in copies else 0] for p in params]
+            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] + [copy_at.get(id(p), 0)]
+                       for p in params]
             kinds = [(all(c % 16 == 0 for c in column), column[-1] != 0) for column in columns]
             for kind in sorted(set(kinds)):  # a launch per (aligned, with a copy) kind present
                 self._launch(group, [c for c, k in zip(columns, kinds) if k == kind], *kind, params[0].device)

@@ -93,7 +93,7 @@ class Experts(nn.Module):
 
     def copies(self):
         """(w1_bf16, w2_bf16, w3_bf16), or None where there are none."""
-        return None if self.w1_bf16 is None else (self.w1_bf16, self.w2_bf16, self.w3_bf16)
+        return None if self.w1_bf16 is None else tuple(getattr(self, name) for name in self.COPIES)
 
     def drop_copies(self):
         for name in self.COPIES:
