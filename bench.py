@@ -13,7 +13,7 @@ which measure loss rather than speed (load balancing, multi-token prediction, th
     python bench.py --sections=train,profile --compile=True   # the MoE training step vs dense, and its kernels
     python bench.py --sections=train --compile=True --train_config=config/study_gpu.py --train_vocab=8192 \
         --train_batch=64 --train_seq=512            # the same at the claims study's size
-    python bench.py --sections=train,profile --compile=True --train_vocab=2048 --train_accum=2
+    python bench.py --sections=train,profile --compile=True --train_vocab=2048 --train_batch=32
                                                      # the step train.py config/train_small.py takes on data/shakespeare
     python bench.py --sections=tune                  # time tile variants of the Triton kernels on this GPU
 

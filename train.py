@@ -746,8 +746,11 @@ while True:
             load_window.zero_()
 
 if master:
+    peak_memory = ""
+    if device_type == "cuda":
+        peak_memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     say(f"done: {iter_num} iters in {fmt_time(time.time() - t_start)}, best val loss {best_val_loss:.4f} "
-        f"(unigram entropy {unigram_entropy:.4f}); checkpoint {ckpt_path}")
+        f"(unigram entropy {unigram_entropy:.4f}){peak_memory}; checkpoint {ckpt_path}")
     log_file.close()
 if ddp:
     dist.destroy_process_group()
