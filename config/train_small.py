@@ -9,8 +9,9 @@ eval_interval = 250
 eval_iters = 50
 batch_size = 32                      # one micro-batch of 32 x 1024 = 32,768 tokens per step, rather than two of 16:
 gradient_accumulation_steps = 1      # no second backward adding its expert gradients into the first (12 bytes per
-                                     # parameter, 4x the dense model's), twice the rows per expert GEMM (README,
-                                     # "Training step"); short of memory, halve batch_size and double this
+                                     # parameter; 4-6x the dense model's parameters, by vocabulary), twice the rows
+                                     # per expert GEMM (README, "Training step"); short of memory, halve batch_size
+                                     # and double this
 # model: what differs from ModelConfig's (CPU) defaults
 block_size = 1024
 n_layer = 12
