@@ -36,9 +36,9 @@ gathered by token (x, dy) and the other weight tiles stay pointer loads.
 AdamW: the step streams each parameter, its gradient and its two moments once, in fp32 (Loshchilov & Hutter's
 decoupled weight decay, Adam's bias corrections from the step count on the device, the clip as a divisor of the
 gradient): 28 bytes per parameter, 20 with the moments stored in bf16 (moments_dtype, DeepSeek-V3 §3.3.3). torch's
-fused AdamW also writes every gradient back after dividing it by the clip (32 bytes), and the MoE model has 4x the
-dense model's parameters (README, "Training step"). It also writes the routed experts' bf16 working copies
-(moe.Experts) with their weights, 2 bytes more each, so that no forward casts the expert weights.
+fused AdamW also writes every gradient back after dividing it by the clip (32 bytes), and the MoE model has 4-6x
+the dense model's parameters, by vocabulary (README, "Training step"). It also writes the routed experts' bf16
+working copies (moe.Experts) with their weights, 2 bytes more each, so that no forward casts the expert weights.
 
 MLA decode (flash-decoding): each program takes one sequence, a tile of its (query token, head) rows and one
 split of the keys; it reads every latent row [c_kv ; k_pe] once for all heads (MQA), keeps an online softmax in

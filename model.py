@@ -360,8 +360,9 @@ def clipped_step(optimizer, params, max_norm):
     torch.nn.utils.clip_grad_norm_ and then the step. gpu_kernels.AdamW, or torch's fused AdamW, on plain tensors takes
     the clip as its grad_scale, the divisor GradScaler hands fused optimizers: the kernel divides each gradient as it
     reads it (torch's also writes it back divided), so the separate pass that rescaled every gradient, a read and a
-    write of 4 bytes per parameter, is gone; the MoE model has 4x the dense model's parameters (README, "Training
-    step"). Elsewhere (foreach, DTensor gradients under FSDP2) it is clip_grad_norm_ then step. No host sync."""
+    write of 4 bytes per parameter, is gone; the MoE model has 4-6x the dense model's parameters, by vocabulary
+    (README, "Training step"). Elsewhere (foreach, DTensor gradients under FSDP2) it is clip_grad_norm_ then step. No
+    host sync."""
     params = [p for p in params if p.grad is not None]
     if max_norm <= 0:
         optimizer.step()
