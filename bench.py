@@ -89,6 +89,7 @@ train_moments = ""               # AdamW's moments, "float32" or "bfloat16"; "":
 train_steps = 10                 # timed steps (after train_warmup)
 train_warmup = 3
 compile = False                  # torch.compile the models of the train section
+profile_rows = 25                # profile: how many of each training step's kernels to list (the families sum them all)
 decode_cases = ((1, 64, 128), (128, 960, 64))  # (batch, prompt, new tokens) through generate.generate_stream
 decode_long = (64, 4096)         # (batch, context): latent vs MHA cache at a long context
 decode_context = 8192            # the context of the largest-batch comparison
@@ -761,7 +762,7 @@ def bench_profile():
         step, _ = make_train_step(cfg)
         n_moe = cfg.n_layer - cfg.n_dense_layers
         gemm = 2 * train_accum * train_batch * train_seq * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim * n_moe
-        steps[name] = kernel_groups(show(f"training step, {name}", step, rows=25, flops=moe_flops(gemm)))
+        steps[name] = kernel_groups(show(f"training step, {name}", step, rows=profile_rows, flops=moe_flops(gemm)))
         del step
         torch.cuda.empty_cache()
     (moe_name, moe), (dense_name, dense) = steps.items()
