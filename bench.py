@@ -19,9 +19,10 @@ which measure loss rather than speed (load balancing, multi-token prediction, th
 
 Sections:
   moe    the "small" config's routed experts (64 experts, top-6, 768 -> 384 SwiGLU) at several token counts,
-         forward and forward + backward: gpu_kernels.fused_moe vs moe.experts_reference (per-expert loop) vs
-         torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active FLOPs (hidden 6 * 384);
-         with moe_layouts, other (experts, top_k, width) layouts against their dense SwiGLU, as CUDA-graph replays
+         forward and forward + backward: gpu_kernels.fused_moe (with the working copies a training forward hands
+         it: W13, W1's and W3's rows interleaved, one dot in the up projection) vs moe.experts_reference
+         (per-expert loop) vs torch._grouped_mm (its permutation timed too) vs a dense SwiGLU of the same active
+         FLOPs (hidden 6 * 384); with moe_layouts, other (experts, top_k, width) layouts against their dense SwiGLU, as CUDA-graph replays
   mla    one decoding step (one query token) against a long latent cache: gpu_kernels.mla_decode vs
          mla.latent_attention (the PyTorch absorbed path) vs the naive path (K and V materialized, SDPA), as ms and
          GB/s of cache read against the GPU's peak bandwidth (and a measured device copy)
@@ -199,6 +200,12 @@ def moe_inputs(N, cfg, dtype=torch.bfloat16):
     return x, topk_ids, topk_weights, w(E, I, d), w(E, d, I), w(E, I, d), torch.randn(N, d, device=device, dtype=dtype)
 
 
+def working_copies(w1, w2, w3):
+    """The bf16 working copies a training forward hands fused_moe (moe.Experts): W13, W1's and W3's rows
+    interleaved, and W2."""
+    return gpu_kernels.w13_of(w1, w3), w2.detach().bfloat16().contiguous()
+
+
 def bench_moe():
     cfg = small_config()
     E, K, d, I = cfg.n_experts, cfg.top_k, cfg.n_embd, cfg.moe_inter_dim
@@ -207,11 +214,13 @@ def bench_moe():
     rows, out = [], []
     for N in moe_tokens:
         x, ids, gates, w1, w2, w3, dy = moe_inputs(N, cfg)
+        copies = working_copies(w1, w2, w3)
         wd1 = (torch.randn(K * I, d, device=device) * 0.02).bfloat16().requires_grad_()
         wd3 = (torch.randn(K * I, d, device=device) * 0.02).bfloat16().requires_grad_()
         wd2 = (torch.randn(d, K * I, device=device) * 0.02).bfloat16().requires_grad_()
         methods = {
-            "triton fused_moe": (lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3]),
+            "triton fused_moe": (lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies),
+                                 [x, gates, w1, w2, w3]),
             "moe.py reference (per-expert loop)": (lambda: experts_reference(x, ids, gates, w1, w2, w3),
                                                    [x, gates, w1, w2, w3]),
         }
@@ -253,9 +262,11 @@ def bench_moe():
     lay_rows = []
     for (E, K, I), N in itertools.product(moe_layouts, moe_tokens):
         x, ids, gates, w1, w2, w3, dy = moe_inputs(N, small_config(n_experts=E, top_k=K, moe_inter_dim=I))
+        copies = working_copies(w1, w2, w3)
         wd = [(torch.randn(*shape, device=device) * 0.02).bfloat16().requires_grad_()
               for shape in ((K * I, d), (d, K * I), (K * I, d))]
-        fused = lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3), [x, gates, w1, w2, w3], dy)
+        fused = lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies),
+                                            [x, gates, w1, w2, w3], dy)
         dense = lambda: torch.autograd.grad(F.linear(F.silu(F.linear(x, wd[0])) * F.linear(x, wd[2]), wd[1]),
                                             [x, *wd], dy)
         ms_fused, ms_dense = timeit_graph(fused, inner=3), timeit_graph(dense, inner=3)
@@ -636,7 +647,8 @@ def bench_tune():
         "wgrad": ("_moe_wgrad_kernel", "bwd", [wg(128, 128, 32, 8, 4), wg(128, 128, 64, 8, 4), wg(128, 256, 64, 8, 3),
                                                wg(256, 128, 64, 8, 3), wg(128, 128, 64, 8, 3), wg(128, 64, 64, 4, 4)]),
     }
-    fwd = lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    copies = working_copies(w1, w2, w3)
+    fwd = lambda: gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies)
     log, best = [], {}
     print(f"\n## Tile search, fused_moe at {N} tokens: GPU ms per kernel (wgrad: its three launches)")
     for i in range(max(len(c) for _, _, c in cands.values())):
@@ -747,8 +759,9 @@ def bench_profile():
         return dict(_moe_up_kernel=2 * gemm, _moe_mm_kernel=3 * gemm, _moe_down_bwd_kernel=gemm,
                     _moe_wgrad_kernel=3 * gemm)
 
-    show(f"fused_moe fwd+bwd, {N} tokens", lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3),
-                                                                      params, dy),
+    copies = working_copies(w1, w2, w3)
+    show(f"fused_moe fwd+bwd, {N} tokens",
+         lambda: torch.autograd.grad(gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies), params, dy),
          flops=moe_flops(2 * N * cfg.top_k * cfg.n_embd * cfg.moe_inter_dim))
     print("\nfused_moe's kernels as compiled so far (a thread's registers, bytes spilled: what limits the tiles)\n")
     print(table(["kernel", "num_warps", "registers", "spilled bytes", "shared KiB"], [

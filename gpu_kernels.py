@@ -219,8 +219,9 @@ def _tile(n_cols, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M: tl
 
 @triton.jit
 def _w_tile(w_ptr, w_desc, w_off, w_mask, w_row, k, W_DESC: tl.constexpr):
-    """The up projection's W^T tile (BLOCK_K, BLOCK_N): by pointer (w_ptr + w_off under w_mask), or through w_desc
-    over the (E*I, d) view of W: BLOCK_N rows from w_row, BLOCK_K columns from k, transposed for the dot."""
+    """The up projection's W^T tile (BLOCK_K, BLOCK_N; W13: 2 BLOCK_N): by pointer (w_ptr + w_off under w_mask), or
+    through w_desc over the (E*I, d) view of W (W13: (E*2I, d)): its rows from w_row, BLOCK_K columns from k,
+    transposed for the dot."""
     if W_DESC:
         wt = tl.trans(w_desc.load([w_row, k]))
     else:
@@ -231,7 +232,8 @@ def _w_tile(w_ptr, w_desc, w_off, w_mask, w_row, k, W_DESC: tl.constexpr):
 def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, gate_ptr, h_ptr, ga_ptr, xs_ptr, sorted_pair_ptr,
                    block_expert_ptr, n_pairs, top_k, D, I, stride_x, stride_we, stride_wn, stride_h, stride_ga,
                    ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, W_DESC: tl.constexpr, PRECISION: tl.constexpr):
+                   PER_PAIR: tl.constexpr, SAVE_X: tl.constexpr, W_DESC: tl.constexpr, W13: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """h1 = x[tok] W1_e^T, h3 = x[tok] W3_e^T (one tile of I each), a = silu(h1) * h3. h: (rows, 2I) = [h1, h3].
     ga = g a, the pair's gate applied here (V3 eq. 12: g_i FFN_i(u), and the down projection is linear): it is
     the down projection's input, and the backward's dW2 reads it as it stands. SAVE_X: the row tile's programs
@@ -239,25 +241,43 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, gate_ptr, h_ptr, ga_
     gradients, which then read both sides in order, without a gather. W_DESC: W1 and W3 come through the TMA
     descriptors w1_desc, w3_desc (w1_ptr, w3_ptr None), unmasked: a tile's rows past I are the next expert's
     (zeros past the last), and they only make output columns >= I, which are never stored; columns past d are
-    zeros at the tensor's edge. The x rows are gathered by token, by pointer."""
+    zeros at the tensor's edge. The x rows are gathered by token, by pointer. W13: w1 is W13, W1 and W3 with their
+    rows interleaved (W1_e[0], W3_e[0], W1_e[1], ...: moe.Experts' working copy, (E, 2I, d)), w3 unused: one dot
+    of x with 2 BLOCK_N rows of it per k-step, split into h1 and h3 after the loop, where two dots each read the x
+    tile from shared memory."""
     expert, rows, pair, valid, tok, offs_n = _tile(I, sorted_pair_ptr, block_expert_ptr, n_pairs, top_k, ALIGN_M,
                                                    BLOCK_M, BLOCK_N, PER_PAIR)
     if expert < 0:
         return
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]  # gather: the prologue permutes
-    w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
-    w_row = expert * I + tl.program_id(0) % tl.cdiv(I, BLOCK_N) * BLOCK_N  # the tile's first row of W_e, as (E*I, d)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k
-        xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & (offs_n[None, :] < I)
-        acc1 = _dot(xt, _w_tile(w1_ptr, w1_desc, w_off, w_mask, w_row, k, W_DESC), acc1, PRECISION)
-        acc3 = _dot(xt, _w_tile(w3_ptr, w3_desc, w_off, w_mask, w_row, k, W_DESC), acc3, PRECISION)
-        x_ptrs += BLOCK_K
-        w_off += BLOCK_K
+    pid_n = tl.program_id(0) % tl.cdiv(I, BLOCK_N)
+    if W13:  # the tile's 2 BLOCK_N rows of W13_e: h1's and h3's columns of this tile, interleaved
+        offs_w = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        w_off = expert.to(tl.int64) * stride_we + offs_w[None, :] * stride_wn + offs_k[:, None]  # (BK, 2 BN)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            k_ok = offs_k < D - k
+            xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & (offs_w[None, :] < 2 * I)
+            acc = _dot(xt, _w_tile(w1_ptr, w1_desc, w_off, w_mask, expert * 2 * I + pid_n * 2 * BLOCK_N, k, W_DESC),
+                       acc, PRECISION)
+            x_ptrs += BLOCK_K
+            w_off += BLOCK_K
+        acc1, acc3 = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # W^T tile (BK, BN)
+        w_row = expert * I + pid_n * BLOCK_N  # the tile's first row of W_e, as (E*I, d)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            k_ok = offs_k < D - k
+            xt = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & (offs_n[None, :] < I)
+            acc1 = _dot(xt, _w_tile(w1_ptr, w1_desc, w_off, w_mask, w_row, k, W_DESC), acc1, PRECISION)
+            acc3 = _dot(xt, _w_tile(w3_ptr, w3_desc, w_off, w_mask, w_row, k, W_DESC), acc3, PRECISION)
+            x_ptrs += BLOCK_K
+            w_off += BLOCK_K
     ga = acc1 * tl.sigmoid(acc1) * acc3 * tl.load(gate_ptr + pair, mask=valid, other=0.0)[:, None]
     n_ok = (offs_n < I)[None, :]  # padding rows get zeros (x and g loaded as 0): dW2 reads ga's whole run
     if PER_PAIR:  # the padding lanes share row m with lane 0: they write nothing
@@ -456,8 +476,10 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     (beta^t = 2^(t log2 beta)). The gradient is read, never written. BF16_MOMENTS: the moments are stored in bf16
     (DeepSeek-V3 §3.3.3), loaded into fp32, updated and used in fp32, and rounded to bf16 only as they are stored.
     All the group's tensors in one launch (a launch per tensor left the GPU waiting on Python's launch cost: 167 of
-    them in the small MoE model): table is (8, n_tensors) int64, per tensor its first program, its size, and the
-    addresses of the parameter, gradient, exp_avg, exp_avg_sq, step and bf16 working copy; each program finds its
+    them in the small MoE model): table is (10, n_tensors) int64, per tensor its first program, its size, the
+    addresses of the parameter, gradient, exp_avg, exp_avg_sq, step and bf16 working copy, and the copy's row
+    length and row stride (its rows of the parameter's last dimension may lie apart: W1's and W3's rows interleaved
+    in moe.Experts' W13); each program finds its
     tensor by a binary search over the first programs. ALIGNED: every address a multiple of 16 bytes and every size
     a multiple of 16 (all the models' tensors are), said so, so that the loads and stores are 16-byte vectors:
     without it they went one element at a time, as the compiler cannot see the alignment of an address or a mask
@@ -492,7 +514,11 @@ def _adamw_kernel(table_ptr, n_tensors, n_search, scale_ptr, lr, beta1, beta2, l
     p = p - step_size * m / (tl.sqrt(v) / tl.sqrt(1.0 - tl.exp2(t * log2_beta2)) + eps)
     tl.store(p_ptr + offs, p, mask=ok)
     if COPY:
-        tl.store(_address(column + 7 * n_tensors, ALIGNED, True) + offs, _round_bf16(p), mask=ok)
+        row, row_stride = tl.load(column + 8 * n_tensors), tl.load(column + 9 * n_tensors)
+        at = offs + offs // row * (row_stride - row)  # element offs of the parameter's copy
+        if ALIGNED:  # row and row_stride multiples of 16 too: runs of 16 elements stay in one row
+            at = tl.max_contiguous(tl.multiple_of(at, 16), 16)
+        tl.store(_address(column + 7 * n_tensors, ALIGNED, True) + at, _round_bf16(p), mask=ok)
     if BF16_MOMENTS:
         m, v = _round_bf16(m), _round_bf16(v)
     tl.store(m_ptr + offs, m, mask=ok)
@@ -673,20 +699,22 @@ def _launch_wgrad(left, right, out, pad_start, pad_end, tiles, prec, out2=None):
 
 class _FusedMoE(torch.autograd.Function):
     """x (N, d), topk_ids (N, K), topk_weights (N, K) fp32, w1, w3 (E, I, d), w2 (E, d, I); the matmuls run in
-    `dtype` (x and the weights are cast inside, so no cast sits in the autograd graph; c1, c2, c3: the weights
-    already in `dtype`, or None). Returns (N, d) in x's dtype; the gradients come out in each input's own dtype
-    (fp32 parameters get fp32 gradients straight from the kernels' fp32 accumulators, with no bf16 round trip)."""
+    `dtype` (x and the weights are cast inside, so no cast sits in the autograd graph; c13, c2: the weights already
+    in `dtype`, W1 and W3 as W13 (rows interleaved, (E, 2I, d)), or None). Returns (N, d) in x's dtype; the
+    gradients come out in each input's own dtype (fp32 parameters get fp32 gradients straight from the kernels'
+    fp32 accumulators, with no bf16 round trip)."""
 
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, c1, c2, c3, dtype, per_pair, save_x):
+    def forward(ctx, x, topk_ids, topk_weights, w1, w2, w3, c13, c2, dtype, per_pair, save_x):
         N, D = x.shape
         K = topk_ids.shape[1]
         E, I, _ = w1.shape
         n_pairs = N * K
         tiles, prec = _tiles(x, n_pairs), _precision(dtype)
         xc = x.to(dtype).contiguous()
-        if c1 is not None:  # the working copies: no cast
-            w1c, w2c, w3c = c1, c2, c3
+        w13 = c13 is not None
+        if w13:  # the working copies: no cast; W1 and W3 as strided views of W13 for the backward's dx
+            w1c, w2c, w3c = c13.view(E, I, 2, D)[:, :, 0], c2, c13.view(E, I, 2, D)[:, :, 1]
         else:
             w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
         if per_pair:  # no sort: tile m is pair m, its expert read from the flat topk_ids (see _tile)
@@ -702,11 +730,17 @@ class _FusedMoE(torch.autograd.Function):
         xs = torch.empty(rows, D, device=x.device, dtype=dtype) if save_x else None  # x[tok], sorted: for dW1, dW3
         t = tiles["up"]
         grid = (m_tiles * triton.cdiv(I, t["BLOCK_N"]),)
-        # W1, W3 through TMA: each expert's (I, d) rows one after another, as an (E*I, d) matrix
-        w_ptrs, w_descs, w_tma = _tma_args([w1c.view(E * I, D), w3c.view(E * I, D)], [[t["BLOCK_N"], t["BLOCK_K"]]] * 2)
+        # W1, W3 (or W13) through TMA: each expert's (I, d) (or (2I, d)) rows one after another, as one matrix
+        if w13:
+            (w_ptr,), (w_desc,), w_tma = _tma_args([c13.view(E * 2 * I, D)], [[2 * t["BLOCK_N"], t["BLOCK_K"]]])
+            w_ptrs, w_descs, w_strides = [w_ptr, None], [w_desc, None], c13.stride()[:2]
+        else:
+            w_ptrs, w_descs, w_tma = _tma_args([w1c.view(E * I, D), w3c.view(E * I, D)],
+                                               [[t["BLOCK_N"], t["BLOCK_K"]]] * 2)
+            w_strides = w1c.stride()[:2]
         _moe_up_kernel[grid](xc, *w_ptrs, *w_descs, gate, h, ga, xs, sorted_pair, block_expert, n_pairs, K, D,
-                             I, xc.stride(0), w1c.stride(0), w1c.stride(1), h.stride(0), ga.stride(0),
-                             ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, SAVE_X=save_x, W_DESC=w_tma,
+                             I, xc.stride(0), *w_strides, h.stride(0), ga.stride(0),
+                             ALIGN_M=tiles["ALIGN_M"], PER_PAIR=per_pair, SAVE_X=save_x, W_DESC=w_tma, W13=w13,
                              PRECISION=prec, **t)
         out = torch.empty(n_pairs, D, device=x.device, dtype=dtype)  # (g a) W2_e: g * expert output, one row per pair
         # W2_e is (d, I): element [k over I, n over d] at k * 1 + n * I
@@ -754,13 +788,19 @@ class _FusedMoE(torch.autograd.Function):
             dw1 = torch.empty(w1.shape, device=xs.device, dtype=w1_dtype)
             dw3 = torch.empty(w3.shape, device=xs.device, dtype=w3_dtype)
             _launch_wgrad(dh, xs, dw1, pad_start, pad_end, tiles, prec, out2=dw3)
-        return dx, None, dg, dw1, dw2, dw3, None, None, None, None, None, None
+        return dx, None, dg, dw1, dw2, dw3, None, None, None, None, None
 
 
 def _tiles(x, n_pairs):
     if not x.is_cuda:
         return INTERPRET_TILES
     return SMALL_TILES if n_pairs <= SMALL_PAIRS else MOE_TILES
+
+
+def w13_of(w1, w3, dtype=torch.bfloat16):
+    """W13 (E, 2I, d): the rows of w1 and w3 (E, I, d) interleaved, W1_e[0], W3_e[0], W1_e[1], ..., in dtype, as
+    fused_moe's copies take them (moe.Experts keeps one, which gpu_kernels.AdamW writes)."""
+    return torch.stack((w1.detach(), w3.detach()), dim=2).flatten(1, 2).to(dtype).contiguous()
 
 
 # No torch.compiler.disable here: torch.compile traces the autograd.Function and the Triton launches, so a compiled
@@ -772,14 +812,16 @@ def fused_moe(x, topk_ids, topk_weights, w1, w2, w3, copies=None):
     Returns (N, d) in x's dtype. The matmuls run in x's dtype, or in the autocast dtype where autocast is on (as
     nn.Linear's would), with fp32 accumulation. Without gradients and with no more (token, expert) pairs than
     experts (decoding), each pair is its own tile: no sort and no alignment pass, three launches in all.
-    copies: (w1, w2, w3) already in that dtype, contiguous (moe.Experts' working copies), read instead of a cast of
-    the weights; the gradients still go to w1, w2, w3 in their own dtype. Ignored where the dtype differs."""
+    copies: (W13, w2) already in that dtype, contiguous (moe.Experts' working copies), W13 (E, 2I, d) holding the
+    rows of w1 and w3 interleaved (W1_e[0], W3_e[0], W1_e[1], ...), read instead of a cast of the weights; the
+    gradients still go to w1, w2, w3 in their own dtype. Ignored where the dtype or a shape differs."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2, w3))
     per_pair = not needs_grad and topk_ids.numel() <= w1.shape[0]  # at most one pair per expert on average
-    if copies is None or not all(c.dtype == dtype and c.shape == w.shape and c.is_contiguous()
-                                 for c, w in zip(copies, (w1, w2, w3))):
-        copies = (None, None, None)
+    E, I, D = w1.shape
+    if copies is None or not all(c.dtype == dtype and c.shape == shape and c.is_contiguous()
+                                 for c, shape in zip(copies, ((E, 2 * I, D), w2.shape))):
+        copies = (None, None)
     return _FusedMoE.apply(x, topk_ids, topk_weights, w1, w2, w3, *copies, dtype, per_pair, needs_grad)
 
 
@@ -881,13 +923,18 @@ class AdamW(torch.optim.AdamW):
         self.grad_scale = None
 
     def _copies(self, groups):
-        """[(p, its bf16 copy)] for the parameters about to be stepped that have a copy, each checked to be one."""
+        """[(p, its bf16 copy)] for the parameters about to be stepped that have a copy, each checked to be one: bf16,
+        of p's shape, its rows (p's last dimension) contiguous, one row stride apart (a contiguous tensor, or a
+        view of every other row of one, as moe.Experts' W13 gives for W1 and W3)."""
         copies = self.copies() if self.copies is not None else {}
         pairs = [(p, copies[id(p)]) for _, params in groups for p in params if id(p) in copies]
         for p, c in pairs:
-            if not (c.dtype == torch.bfloat16 and c.shape == p.shape and c.device == p.device and c.is_contiguous()):
+            rows_apart = c.dim() < 2 or all(c.stride(i) == c.stride(i + 1) * c.shape[i + 1] for i in range(c.dim() - 2))
+            if not (c.dtype == torch.bfloat16 and c.shape == p.shape and c.device == p.device
+                    and (c.is_contiguous() or c.stride(-1) == 1 and rows_apart)):
                 raise ValueError(f"AdamW copies: a {c.dtype} {tuple(c.shape)} copy for a {tuple(p.shape)} parameter "
-                                 f"on {p.device}: a working copy must be bf16, contiguous, of its parameter's shape")
+                                 f"on {p.device}: a working copy must be bf16, of its parameter's shape, its rows "
+                                 f"contiguous and one stride apart")
         return pairs
 
     @torch.no_grad()
@@ -924,12 +971,14 @@ class AdamW(torch.optim.AdamW):
         self._hold_moments()
         if steps:
             torch._foreach_add_(steps, 1.0)
-        copy_at = {id(p): c.data_ptr() for p, c in copies}
+        # the copy's address, row length and row stride; a contiguous copy is one row, its offsets not remapped
+        copy_at = {id(p): [c.data_ptr(), max(1, c.numel()), max(1, c.numel())] if c.is_contiguous()
+                   else [c.data_ptr(), c.shape[-1], c.stride(-2)] for p, c in copies}
         for group, params in groups:
-            # size, 6 addresses (the copy's 0 where there is none)
-            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] + [copy_at.get(id(p), 0)]
+            # size, 6 addresses (the copy's 0 where there is none), the copy's row length and row stride
+            columns = [[p.numel()] + [t.data_ptr() for t in self._tensors(p)] + copy_at.get(id(p), [0, 16, 16])
                        for p in params]
-            kinds = [(all(c % 16 == 0 for c in column), column[-1] != 0) for column in columns]
+            kinds = [(all(c % 16 == 0 for c in column), column[6] != 0) for column in columns]
             for kind in sorted(set(kinds)):  # a launch per (aligned, with a copy) kind present
                 self._launch(group, [c for c, k in zip(columns, kinds) if k == kind], *kind, params[0].device)
         return loss
@@ -963,7 +1012,8 @@ class AdamW(torch.optim.AdamW):
 
     def _launch(self, group, columns, aligned, copy, device):
         """One _adamw_kernel launch over the tensors of columns (each: size, then the parameter's, gradient's,
-        moments', step's and copy's addresses), with their table; copy: every one of them has a copy."""
+        moments', step's and copy's addresses, the copy's row length and row stride), with their table; copy: every
+        one of them has a copy."""
         BLOCK = ADAMW_TILES["BLOCK"]
         blocks = [(c[0] + BLOCK - 1) // BLOCK for c in columns]
         first = list(itertools.accumulate(blocks, initial=0))

@@ -303,8 +303,7 @@ class Model(nn.Module):
     def expert_copies(self):
         """{id(weight): its bf16 working copy} of every routed expert weight that has one: what
         gpu_kernels.AdamW writes as it steps the weights (configure_optimizers)."""
-        return {id(w): c for m in self.moe_layers() if m.experts.copies() is not None
-                for w, c in zip(m.experts.weights(), m.experts.copies())}
+        return {id(w): c for m in self.moe_layers() for w, c in m.experts.weight_copies()}
 
     # -------------------------------------------------------------------------
     # counting

@@ -64,15 +64,17 @@ class Experts(nn.Module):
     """N_r fine-grained routed SwiGLU experts, weights stacked so one grouped GEMM can run them all.
 
     Working copies: in training under bf16 autocast on the kernels, fused_moe reads bf16 copies of the three fp32
-    weights (the non-persistent buffers w1_bf16, w2_bf16, w3_bf16) instead of casting all of them at every
-    micro-batch, a read of 4 bytes and a write of 2 per expert weight (README, "Training step"). gpu_kernels.AdamW
+    weights (the non-persistent buffers w13_bf16, w2_bf16) instead of casting all of them at every micro-batch, a
+    read of 4 bytes and a write of 2 per expert weight (README, "Training step"). w13_bf16 (E, 2I, d) holds W1's
+    and W3's rows interleaved (W1_e[0], W3_e[0], W1_e[1], ...), so that the up projection multiplies by both in
+    one dot; weight_copies() gives each weight its part of them, a view. gpu_kernels.AdamW
     writes the copies as it writes the weights (Model.configure_optimizers hands it Model.expert_copies), so they
     are cast only where a weight changed another way: refresh_copies(), which Model.forward calls in training,
     recasts them when a weight's version (which every torch in-place op bumps: load_state_dict, torch's optimizer
     step, an edit under no_grad) or storage is not the one they were cast from. An edit through .data bumps no
     version: call drop_copies() after one. eval() drops them, freeing their memory."""
 
-    COPIES = ("w1_bf16", "w2_bf16", "w3_bf16")
+    COPIES = ("w13_bf16", "w2_bf16")
 
     def __init__(self, n_experts, dim, inter_dim, use_kernels=True):
         super().__init__()
@@ -92,8 +94,17 @@ class Experts(nn.Module):
         return self.w1, self.w2, self.w3
 
     def copies(self):
-        """(w1_bf16, w2_bf16, w3_bf16), or None where there are none."""
-        return None if self.w1_bf16 is None else tuple(getattr(self, name) for name in self.COPIES)
+        """(w13_bf16, w2_bf16), what fused_moe reads, or None where there are none."""
+        return None if self.w13_bf16 is None else tuple(getattr(self, name) for name in self.COPIES)
+
+    def weight_copies(self):
+        """((w1, its copy), (w2, ...), (w3, ...)): each weight with the part of the copies that holds its bf16 cast
+        (W1's and W3's every other row of w13_bf16), or () where there are none."""
+        if self.w13_bf16 is None:
+            return ()
+        E, I, d = self.w1.shape
+        w13 = self.w13_bf16.view(E, I, 2, d)
+        return (self.w1, w13[:, :, 0]), (self.w2, self.w2_bf16), (self.w3, w13[:, :, 1])
 
     def drop_copies(self):
         for name in self.COPIES:
@@ -110,11 +121,12 @@ class Experts(nn.Module):
         now = tuple((w._version, w.data_ptr()) for w in self.weights())
         if self.copies() is not None and now == self.copied_from:
             return
-        for name, w in zip(self.COPIES, self.weights()):
+        E, I, d = self.w1.shape
+        for name, shape in zip(self.COPIES, ((E, 2 * I, d), self.w2.shape)):
             c = getattr(self, name)
-            if c is None or c.shape != w.shape or c.device != w.device:
-                c = torch.empty(w.shape, dtype=torch.bfloat16, device=w.device)
-                setattr(self, name, c)
+            if c is None or c.shape != shape or c.device != self.w1.device:
+                setattr(self, name, torch.empty(shape, dtype=torch.bfloat16, device=self.w1.device))
+        for w, c in self.weight_copies():
             c.copy_(w)
         self.copied_from = now
 

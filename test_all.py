@@ -1051,6 +1051,22 @@ def test_fused_moe_gpu(N, w_dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("tma", [True, False])
+def test_fused_moe_with_copies_gpu(tma, monkeypatch):
+    """The path training takes: the working copies, W13 through one dot in the up projection (by TMA or by pointer),
+    at the small config's sizes, against the float64 reference; and the same output as without the copies."""
+    monkeypatch.setattr(gpu_kernels, "TMA", tma)
+    with_copies = lambda x, ids, g, w1, w2, w3: gpu_kernels.fused_moe(x, ids, g, w1, w2, w3,
+                                                                       (gpu_kernels.w13_of(w1, w3), w2.detach()))
+    check_fused_moe(N=8192, K=6, E=64, d=768, I=384, dtype=torch.bfloat16, device="cuda", tol=1e-2, empty_expert=7,
+                    fn=with_copies)
+    x, ids, gates, w1, w2, w3, _ = moe_inputs(8192, 6, 64, 768, 384, torch.bfloat16, "cuda", None)
+    with torch.no_grad():
+        a, b = with_copies(x, ids, gates, w1, w2, w3), gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
+    assert rel_err("W13 vs two dots", a, b) < 1e-3
+
+
+@needs_cuda
 def test_fused_moe_takes_tma_on_hopper_gpu(monkeypatch):
     """On sm_90 and later every tile that may come through a TMA descriptor does, at the real sizes (the GPU twins
     above would pass just as well on the pointer path)."""
@@ -1259,12 +1275,18 @@ def check_adamw_copies(device, kernel):
     """gpu_kernels.AdamW's bf16 working copies: after each step a parameter with a copy has its copy equal to its
     own bf16 rounding, bit for bit (on the kernel, which writes it, and on torch's step, after which it is cast),
     and the parameters step exactly as they do without copies; a parameter without a copy is untouched by them.
-    Sizes aligned and not; a parameter with a copy but no gradient keeps both."""
+    Sizes aligned and not; a parameter with a copy but no gradient keeps both. Two parameters' copies are the even
+    and the odd rows of one buffer (moe.Experts' W13), one of them with rows of a length no multiple of 16; the
+    buffer's every element is then written."""
     g = torch.Generator().manual_seed(3)
-    shapes = [(4, 40, 24), (37, 129), (5000,), (48,)]
+    shapes = [(4, 40, 24), (37, 129), (5000,), (48,), (3, 8, 32), (3, 8, 32), (5, 7, 20), (5, 7, 20)]
     params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
     plain = [p.detach().clone().requires_grad_() for p in params]
     copies = {id(p): torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params[:3]}
+    for i in (4, 6):
+        E, I, d = shapes[i]
+        rows = torch.full((E, 2 * I, d), float("nan"), dtype=torch.bfloat16, device=device).view(E, I, 2, d)
+        copies[id(params[i])], copies[id(params[i + 1])] = rows[:, :, 0], rows[:, :, 1]
     opt = gpu_kernels.AdamW(params, lr=1e-2, weight_decay=0.1, kernel=kernel, copies=lambda: copies)
     ref = gpu_kernels.AdamW(plain, lr=1e-2, weight_decay=0.1, kernel=kernel)
     for step in range(3):
@@ -1279,9 +1301,12 @@ def check_adamw_copies(device, kernel):
             if id(p) in copies:
                 want = before if step == 1 and i == 1 else p.detach().bfloat16()
                 assert torch.equal(copies[id(p)], want), (step, i)
-    bad = gpu_kernels.AdamW(params, kernel=kernel, copies=lambda: {id(params[0]): torch.zeros(3, device=device)})
-    with pytest.raises(ValueError, match="working copy must be bf16"):
-        bad.step()
+    for i in (4, 6):
+        assert not copies[id(params[i])]._base.isnan().any(), "an element of the interleaved buffer was not written"
+    for wrong in (torch.zeros(3, device=device), torch.zeros(4, 24, 40, dtype=torch.bfloat16, device=device).transpose(1, 2)):
+        bad = gpu_kernels.AdamW(params, kernel=kernel, copies=lambda: {id(params[0]): wrong})
+        with pytest.raises(ValueError, match="working copy must be bf16"):
+            bad.step()
 
 
 def test_adamw_copies_torch_step():
@@ -1298,18 +1323,23 @@ def test_expert_copies_follow_the_weights():
     """moe.Experts' working copies are the weights' bf16 casts whenever refresh_copies() returns: cast once, not
     again while the weights are unchanged (as after gpu_kernels.AdamW's kernel, which bumps no version), again after
     anything torch changes them with (an in-place edit, load_state_dict, torch's optimizer step, a move); none for
-    bf16 weights, none after eval(). Model.expert_copies hands them to the optimizer by weight."""
+    bf16 weights, none after eval(). W13 holds W1's and W3's rows interleaved. Model.expert_copies hands each
+    weight's part of them to the optimizer by weight."""
     torch.manual_seed(0)
     experts = Experts(4, 16, 8)
     for w in experts.weights():
         torch.nn.init.normal_(w)
 
     def fresh():
-        return all(torch.equal(c, w.detach().bfloat16()) for c, w in zip(experts.copies(), experts.weights()))
+        return all(torch.equal(c, w.detach().bfloat16()) for w, c in experts.weight_copies())
 
-    assert experts.copies() is None
+    assert experts.copies() is None and experts.weight_copies() == ()
     experts.refresh_copies()
     assert fresh() and all(c.dtype == torch.bfloat16 and c.is_contiguous() for c in experts.copies())
+    w13 = experts.w13_bf16
+    assert w13.shape == (4, 16, 16) and torch.equal(w13[:, 0], experts.w1[:, 0].detach().bfloat16())
+    assert torch.equal(w13[:, 1], experts.w3[:, 0].detach().bfloat16())
+    assert torch.equal(w13[:, 15], experts.w3[:, 7].detach().bfloat16())
     held = experts.copies()
     experts.w2_bf16.zero_()  # a stand-in for a copy the optimizer wrote: unchanged weights, so not recast
     experts.refresh_copies()
@@ -1339,8 +1369,8 @@ def test_expert_copies_follow_the_weights():
     layers[0].experts.refresh_copies()
     layers[2].experts.refresh_copies()  # the MTP block's
     got = model.expert_copies()
-    assert len(got) == 6 and all(got[id(w)] is c for m in (layers[0], layers[2])
-                                 for w, c in zip(m.experts.weights(), m.experts.copies()))
+    assert len(got) == 6 and all(got[id(w)].data_ptr() == c.data_ptr() and got[id(w)].stride() == c.stride()
+                                 for m in (layers[0], layers[2]) for w, c in m.experts.weight_copies())
     model.train()
     _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert model.expert_copies() == {}  # on the CPU (no kernels, no bf16 autocast) the forward drops them
@@ -1348,12 +1378,17 @@ def test_expert_copies_follow_the_weights():
 
 @needs_triton
 @interpreted
-def test_fused_moe_reads_the_copies_interpreted():
+@pytest.mark.parametrize("tma", [True, False])
+def test_fused_moe_reads_the_copies_interpreted(tma, monkeypatch):
     """fused_moe with working copies computes with the copies, not a cast of the weights (copies of 2 W2 give the
-    output of 2 W2), and sends the weights' gradients to the fp32 weights; copies equal to the cast give the cast's
-    output and gradients bit for bit. Copies of another dtype than the matmuls' are ignored."""
+    output of 2 W2, and so on for W1 and W3 in W13's interleaved rows, forward and dx), and sends the weights'
+    gradients to the fp32 weights; copies equal to the cast give the cast's output and gradients bit for bit (the
+    up projection's one dot over W13 against its two dots over W1 and W3). Copies of another dtype than the matmuls'
+    are ignored. tma: W13 through a TMA descriptor, or by pointer."""
+    monkeypatch.setattr(gpu_kernels, "TMA", tma)
     x, ids, gates, w1, w2, w3, dy = moe_inputs(70, 2, 4, 32, 48, torch.bfloat16, "cpu", w_dtype=torch.float32)
-    cast = tuple(w.detach().bfloat16() for w in (w1, w2, w3))
+    w13 = gpu_kernels.w13_of  # rows interleaved
+    cast = (w13(w1, w3), w2.detach().bfloat16())
     args = [x, gates, w1, w2, w3]
     want = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3)
     want_grads = torch.autograd.grad(want, args, dy)
@@ -1361,9 +1396,13 @@ def test_fused_moe_reads_the_copies_interpreted():
     got_grads = torch.autograd.grad(got, args, dy)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got_grads, want_grads))
-    doubled = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=(cast[0], cast[1] * 2, cast[2]))
-    twice = gpu_kernels.fused_moe(x, ids, gates, w1, (w2 * 2).detach(), w3)
-    assert torch.equal(doubled, twice)
+    for copies, weights in [((cast[0], cast[1] * 2), (w1, w2 * 2, w3)),  # W2, W1 and W3 each read from the copies
+                            ((w13(w1 * 2, w3), cast[1]), (w1 * 2, w2, w3)), ((w13(w1, -w3), cast[1]), (w1, w2, -w3))]:
+        y = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=copies)
+        want_y = gpu_kernels.fused_moe(x, ids, gates, *(w.detach() for w in weights))
+        assert torch.equal(y, want_y)
+        dx, dx_want = (torch.autograd.grad(y_, x, dy)[0] for y_ in (y, want_y))
+        assert torch.equal(dx, dx_want)  # dx reads W1 and W3 from W13's rows as well
     ignored = gpu_kernels.fused_moe(x, ids, gates, w1, w2, w3, copies=tuple(c.half() * 2 for c in cast))
     assert torch.equal(ignored, want)
 
