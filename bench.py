@@ -632,9 +632,9 @@ def bench_tune():
     wg = lambda p, q, k, w, s: dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=k, num_warps=w, num_stages=s)
     sw = lambda r, c, w: dict(BLOCK_R=r, BLOCK_C=c, num_warps=w)
     cands = {  # kernel key: (profiler name, pass, candidates); the first of each is the current default
-        "up": ("_moe_up_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 4, 3), mm(128, 64, 64, 4, 4),
+        "up": ("_moe_up_kernel", "fwd", [mm(128, 64, 64, 8, 3), mm(128, 64, 64, 4, 3), mm(128, 64, 64, 4, 4),
                                          mm(64, 128, 64, 4, 3), mm(128, 64, 64, 8, 4), mm(128, 128, 32, 8, 4),
-                                         mm(128, 64, 64, 8, 3)]),
+                                         mm(128, 128, 64, 8, 3)]),
         "down": ("_moe_mm_kernel", "fwd", [mm(128, 128, 64, 8, 3), mm(128, 128, 64, 4, 4), mm(128, 256, 32, 8, 4),
                                            mm(64, 256, 64, 8, 3), mm(128, 256, 64, 8, 3), mm(128, 256, 128, 8, 2)]),
         "down_bwd": ("_moe_down_bwd_kernel", "bwd", [mm(128, 128, 64, 8, 3), mm(128, 64, 64, 4, 3),

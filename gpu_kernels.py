@@ -614,7 +614,7 @@ def _mla_combine_kernel(o_ptr, lse_ptr, out_ptr, n_splits, M, stride_ob, stride_
 # 128-row tiles would be nearly all padding: 16-row tiles, narrow N tiles so enough programs stream the weights.
 # The interpreter gets small ones so the CPU tests cross several tiles, experts and splits.
 MOE_TILES = dict(ALIGN_M=128,
-                 up=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                 up=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
                  down=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                  down_bwd=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                  swiglu_bwd=dict(BLOCK_R=16, BLOCK_C=128, num_warps=4),
