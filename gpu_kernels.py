@@ -640,7 +640,10 @@ def moe_align(topk_ids, n_experts, align_m):
     padded length (at most N*K experts get a pair, each adds under align_m rows of padding), so nothing waits for
     the GPU; one sort and one small kernel."""
     n_pairs = topk_ids.numel()
-    sorted_e, order = topk_ids.flatten().to(torch.int32).sort(stable=True)  # stable: tokens ascend in each run
+    # the narrowest key that holds an expert id: a radix sort makes a pass per 8 bits of its key's type, so up to
+    # 256 experts (DeepSeek-V3's count) take one pass where int32 took four. Stable: tokens ascend in each run.
+    key = torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2 ** 15 else torch.int32
+    sorted_e, order = topk_ids.flatten().to(key).sort(stable=True)
     n_blocks = triton.cdiv(n_pairs, align_m) + min(n_experts, n_pairs)
     sorted_pair = torch.full((n_blocks * align_m,), n_pairs, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=topk_ids.device)

@@ -912,11 +912,13 @@ def test_no_launch_passes_one_tensor_twice(tma, monkeypatch):
 
 @needs_triton
 @interpreted
-def test_moe_align_interpreted():
-    """Every pair sits in exactly one padded row, inside its expert's run; tiles carry the right expert."""
+@pytest.mark.parametrize("E", [6, 300])  # sorted on uint8 keys; on int16 keys past 256 experts
+def test_moe_align_interpreted(E):
+    """Every pair sits in exactly one padded row, inside its expert's run, the pairs of a run in ascending order
+    (the sort is stable); tiles carry the right expert."""
     torch.manual_seed(0)
-    E, bm = 6, 32
-    ids = torch.randint(0, E - 1, (29, 3))  # expert 5 empty
+    bm = 32
+    ids = torch.cat([torch.randint(0, 5, (29, 3)), torch.tensor([[E - 2, 0, E - 2]])])  # expert E - 1 empty
     sorted_pair, block_expert, pad_start, pad_end = gpu_kernels.moe_align(ids, E, bm)
     real = sorted_pair[sorted_pair < ids.numel()].long()
     assert real.sort().values.tolist() == list(range(ids.numel()))
@@ -924,7 +926,11 @@ def test_moe_align_interpreted():
     experts = ids.flatten()[sorted_pair[rows].long()]
     assert (block_expert[rows // bm].long() == experts).all()
     assert ((pad_start[experts] <= rows) & (rows < pad_end[experts])).all()
-    assert ((pad_end - pad_start) % bm == 0).all() and pad_end[5] == pad_start[5]
+    assert ((pad_end - pad_start) % bm == 0).all() and pad_end[E - 1] == pad_start[E - 1]
+    for e in experts.unique().tolist():
+        run = sorted_pair[pad_start[e]:pad_end[e]]
+        run = run[run < ids.numel()]
+        assert (run[1:] > run[:-1]).all() and len(run) == (ids == e).sum()
 
 
 def check_mla_decode(B, S, T, H, C, R, start_pos, dtype, device, tol, n_splits=None, seed=0):
