@@ -717,7 +717,7 @@ class _FusedMoE(torch.autograd.Function):
         xc = x.to(dtype).contiguous()
         w13 = c13 is not None
         if w13:  # the working copies: no cast; W1 and W3 as strided views of W13 for the backward's dx
-            w1c, w2c, w3c = c13.view(E, I, 2, D)[:, :, 0], c2, c13.view(E, I, 2, D)[:, :, 1]
+            (w1c, w3c), w2c = w13_parts(c13), c2
         else:
             w1c, w2c, w3c = (w.to(dtype).contiguous() for w in (w1, w2, w3))
         if per_pair:  # no sort: tile m is pair m, its expert read from the flat topk_ids (see _tile)
@@ -804,6 +804,13 @@ def w13_of(w1, w3, dtype=torch.bfloat16):
     """W13 (E, 2I, d): the rows of w1 and w3 (E, I, d) interleaved, W1_e[0], W3_e[0], W1_e[1], ..., in dtype, as
     fused_moe's copies take them (moe.Experts keeps one, which gpu_kernels.AdamW writes)."""
     return torch.stack((w1.detach(), w3.detach()), dim=2).flatten(1, 2).to(dtype).contiguous()
+
+
+def w13_parts(w13):
+    """(W1, W3) of W13 (E, 2I, d), each (E, I, d): views of its every other row, w13_of's inverse."""
+    E, I2, d = w13.shape
+    rows = w13.view(E, I2 // 2, 2, d)
+    return rows[:, :, 0], rows[:, :, 1]
 
 
 # No torch.compiler.disable here: torch.compile traces the autograd.Function and the Triton launches, so a compiled

@@ -102,9 +102,8 @@ class Experts(nn.Module):
         (W1's and W3's every other row of w13_bf16), or () where there are none."""
         if self.w13_bf16 is None:
             return ()
-        E, I, d = self.w1.shape
-        w13 = self.w13_bf16.view(E, I, 2, d)
-        return (self.w1, w13[:, :, 0]), (self.w2, self.w2_bf16), (self.w3, w13[:, :, 1])
+        c1, c3 = gpu_kernels.w13_parts(self.w13_bf16)
+        return (self.w1, c1), (self.w2, self.w2_bf16), (self.w3, c3)
 
     def drop_copies(self):
         for name in self.COPIES:
