@@ -211,9 +211,10 @@ class MoE(nn.Module):
         if self.on_route is not None:
             self.on_route(topk_ids, topk_weights)
         if self.training:  # count only training forward passes: the trainer's bias update reads these
-            # index_add_, not bincount: bincount on CUDA syncs with the host once per layer
-            ids = topk_ids.flatten()
-            self.tokens_per_expert.index_add_(0, ids, torch.ones_like(ids, dtype=self.tokens_per_expert.dtype))
+            # a compare and a column sum: bincount on CUDA syncs with the host once per layer, and index_add_'s
+            # atomics, all into n_experts counters, serialize (README, "Training step")
+            experts = torch.arange(self.n_experts, device=topk_ids.device)
+            self.tokens_per_expert += (topk_ids.reshape(-1, 1) == experts).sum(0)
         self.aux_loss = None
         if self.training and (self.seq_aux_alpha > 0 or self.aux_alpha > 0):
             probs = scores / scores.sum(dim=-1, keepdim=True)  # a no-op for softmax, normalizes sigmoid

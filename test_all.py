@@ -625,9 +625,14 @@ def test_counts_only_training_forward_passes():
     layer(x)
     assert layer.tokens_per_expert.sum() == 0
     layer.train()
+    routed = []
+    layer.on_route = lambda ids, _: routed.append(ids)
     layer(x)
     layer(x)
     assert layer.tokens_per_expert.sum() == 2 * 16 * 2  # two passes, 16 tokens, top-2
+    # each expert's count is the pairs routed to it, over both passes
+    expect = torch.bincount(torch.cat(routed).flatten(), minlength=layer.n_experts).float()
+    assert torch.equal(layer.tokens_per_expert, expect) and expect.count_nonzero() > 1
 
 
 def test_bias_update_balances_a_skewed_router():
