@@ -128,25 +128,17 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 # p = token * K + k (n_pairs for padding), block_expert[r // BLOCK_M] the tile's expert (-1: past the end).
 
 @triton.jit
-def _moe_align_kernel(sorted_e_ptr, order_ptr, sorted_pair_ptr, block_expert_ptr, pad_ptr, n_pairs, n_blocks,
-                      n_search, E, ALIGN_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
-    """From the stably sorted expert ids: each expert's run of rows padded to ALIGN_M, the padded row of
-    every pair (sorted_pair), the expert of every block of ALIGN_M rows, pad_start / pad_end. Every program
-    finds the E run boundaries itself (a vectorized binary search), then places BLOCK pairs and BLOCK blocks."""
+def _moe_align_kernel(sorted_e_ptr, order_ptr, counts_ptr, sorted_pair_ptr, block_expert_ptr, pad_ptr, n_pairs,
+                      n_blocks, E, ALIGN_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """From the stably sorted expert ids and each expert's count: each expert's run of rows padded to ALIGN_M, the
+    padded row of every pair (sorted_pair), the expert of every block of ALIGN_M rows, pad_start / pad_end. Every
+    program takes the E runs from the counts (a cumulative sum), then places BLOCK pairs and BLOCK blocks."""
     pid = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
-    lo, lo_next = tl.zeros((BLOCK_E,), tl.int32), tl.zeros((BLOCK_E,), tl.int32)
-    hi, hi_next = tl.zeros((BLOCK_E,), tl.int32) + n_pairs, tl.zeros((BLOCK_E,), tl.int32) + n_pairs
-    for _ in range(n_search):  # lower bounds of e and e + 1 in sorted_e
-        mid = (lo + hi) // 2
-        less = tl.load(sorted_e_ptr + mid, mask=lo < hi, other=0) < e
-        lo, hi = tl.where((lo < hi) & less, mid + 1, lo), tl.where((lo < hi) & ~less, mid, hi)
-        mid = (lo_next + hi_next) // 2
-        less = tl.load(sorted_e_ptr + mid, mask=lo_next < hi_next, other=0) < e + 1
-        lo_next = tl.where((lo_next < hi_next) & less, mid + 1, lo_next)
-        hi_next = tl.where((lo_next < hi_next) & ~less, mid, hi_next)
+    counts = tl.load(counts_ptr + e, mask=e < E, other=0)
+    lo = tl.cumsum(counts, axis=0) - counts  # each expert's first position in sorted_e
     is_expert = e < E
-    padded = tl.where(is_expert, (lo_next - lo + ALIGN_M - 1) // ALIGN_M * ALIGN_M, 0)
+    padded = tl.where(is_expert, (counts + ALIGN_M - 1) // ALIGN_M * ALIGN_M, 0)
     pad_end = tl.cumsum(padded, axis=0)
     pad_start = pad_end - padded
     if pid == 0:
@@ -638,12 +630,17 @@ def moe_align(topk_ids, n_experts, align_m):
     padding); block_expert (n_blocks,) int32: the expert of each block of align_m rows (-1 past the end);
     pad_start, pad_end (E,) int32: each expert's rows. n_blocks = cdiv(N*K, align_m) + min(E, N*K) bounds the
     padded length (at most N*K experts get a pair, each adds under align_m rows of padding), so nothing waits for
-    the GPU; one sort and one small kernel."""
+    the GPU; one sort, a count and one small kernel."""
     n_pairs = topk_ids.numel()
+    flat = topk_ids.flatten()
+    # each expert's pairs, by a compare and a column sum (a reduction under torch.compile): the kernel reads the
+    # runs from them rather than searching the sorted ids, which took each of its programs ~2 log2(N K)
+    # dependent loads (README, "Training step"); bincount would sync with the host, index_add_'s atomics serialize
+    counts = (flat[:, None] == torch.arange(n_experts, device=flat.device)).sum(0, dtype=torch.int32)
     # the narrowest key that holds an expert id: a radix sort makes a pass per 8 bits of its key's type, so up to
     # 256 experts (DeepSeek-V3's count) take one pass where int32 took four. Stable: tokens ascend in each run.
     key = torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2 ** 15 else torch.int32
-    sorted_e, order = topk_ids.flatten().to(key).sort(stable=True)
+    sorted_e, order = flat.to(key).sort(stable=True)
     n_blocks = triton.cdiv(n_pairs, align_m) + min(n_experts, n_pairs)
     sorted_pair = torch.full((n_blocks * align_m,), n_pairs, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=topk_ids.device)
@@ -651,8 +648,8 @@ def moe_align(topk_ids, n_experts, align_m):
     BLOCK_E = triton.next_power_of_2(n_experts)
     BLOCK = max(16, 8192 // BLOCK_E)  # the (BLOCK, BLOCK_E) one-hot tiles stay small
     _moe_align_kernel[(triton.cdiv(max(n_pairs, n_blocks), BLOCK),)](
-        sorted_e, order, sorted_pair, block_expert, pad, n_pairs=n_pairs, n_blocks=n_blocks,
-        n_search=n_pairs.bit_length(), E=n_experts, ALIGN_M=align_m, BLOCK_E=BLOCK_E, BLOCK=BLOCK,
+        sorted_e, order, counts, sorted_pair, block_expert, pad, n_pairs=n_pairs, n_blocks=n_blocks, E=n_experts,
+        ALIGN_M=align_m, BLOCK_E=BLOCK_E, BLOCK=BLOCK,
         **({"num_warps": 8} if topk_ids.is_cuda else {}))
     return sorted_pair, block_expert, pad[0], pad[1]
 
